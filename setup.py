@@ -1,0 +1,26 @@
+"""Packaging for metal-defect (src layout). `pip install -e .` gives the `metal-defect` command."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def _requirements() -> list[str]:
+    lines = (HERE / "requirements.txt").read_text().splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip() and not line.startswith("-")]
+
+
+setup(
+    name="metal-defect",
+    version="0.1.0",
+    description="Train, judge and serve a steel surface defect classifier (NEU and your own images).",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    install_requires=_requirements(),
+    entry_points={"console_scripts": ["metal-defect=metal_defect.cli:main"]},
+)

@@ -1,0 +1,264 @@
+"""Run ids, manifests, content fingerprints, atomic writes and the served-model pointer.
+
+Layout under `paths.artifacts`:
+
+    stages/<stage>/<fingerprint>/     finished stage outputs (moved in whole, never edited)
+    stages/<stage>/.tmp-*             outputs being written; ignored and swept later
+    work/<stage>/<fingerprint>/       partial state of an interrupted long stage
+    runs/<run_id>/                    config.yaml, run.log, manifest.json, stage links
+    served.json                       which run's model the app and `predict` use
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from metal_defect.errors import ArtifactError
+
+STAGE_RECORD = "_stage.json"
+MANIFEST = "manifest.json"
+SERVED_POINTER = "served.json"
+TRACKED_LIBRARIES = ("tensorflow", "keras", "keras-tuner", "numpy", "pillow", "scikit-learn", "pyyaml", "metal-defect")
+
+
+# ----------------------------------------------------------------------------- hashing
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of one file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_tree(root: Path, skip: Iterable[str] = (STAGE_RECORD,)) -> str:
+    """sha256 over every file below `root`: relative path and content, in sorted order."""
+    skip = set(skip)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in skip):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(b"\0")
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def hash_strings(*parts: str) -> str:
+    """sha256 of several strings, unambiguously joined."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- atomic I/O
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{path}: not found") from exc
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc}); delete it or re-run the stage that writes it") from exc
+
+
+@contextlib.contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final`; on success move it into place.
+
+    A crash, kill or Ctrl-C inside the block leaves only a `.tmp-*` folder that nothing
+    trusts (swept by `sweep_stale_tmp`). An existing `final` is replaced only after the
+    new output is complete.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name[:16]}-{os.getpid()}-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Atomically move folder `new` to `final`, replacing whatever was there."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name[:16]}-{secrets.token_hex(4)}")
+        os.rename(final, old)
+    os.rename(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sweep_stale_tmp(root: Path) -> int:
+    """Remove `.tmp-*`/`.old-*` folders left by killed processes (pid no longer alive)."""
+    removed = 0
+    if not root.exists():
+        return 0
+    for path in root.glob("*/.tmp-*-*-*"):
+        pid = path.name.split("-")[-2] if path.name.count("-") >= 3 else ""
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    for path in root.glob("*/.old-*"):
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------- runs
+def new_run_id(now: dt.datetime | None = None) -> str:
+    """Sortable, unique: 20261125-183000-a1b2."""
+    now = now or dt.datetime.now()
+    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def git_state(cwd: Path) -> dict[str, Any]:
+    """Commit and dirty flag of the checkout holding `cwd` (None outside git)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return {"commit": None, "dirty": None}
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in TRACKED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def host_info() -> dict[str, Any]:
+    return {"hostname": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(), "pid": os.getpid()}
+
+
+class ArtifactStore:
+    """Paths and records under the artifacts root; the one place that builds them."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    # stage outputs ------------------------------------------------------------
+    def stage_dir(self, stage: str, fingerprint: str) -> Path:
+        return self.root / "stages" / stage / fingerprint
+
+    def work_dir(self, stage: str, fingerprint: str) -> Path:
+        return self.root / "work" / stage / fingerprint
+
+    def finished_record(self, stage: str, fingerprint: str) -> dict[str, Any] | None:
+        """The record of a finished stage output, or None if there is none to trust."""
+        record = self.stage_dir(stage, fingerprint) / STAGE_RECORD
+        if not record.is_file():
+            return None
+        try:
+            return read_json(record)
+        except ArtifactError:
+            return None
+
+    # runs ---------------------------------------------------------------------
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / run_id
+
+    def manifest(self, run_id: str) -> dict[str, Any]:
+        path = self.run_dir(run_id) / MANIFEST
+        if not path.is_file():
+            known = ", ".join(self.run_ids()[-5:]) or "none yet"
+            raise ArtifactError(f"run '{run_id}' not found under {self.runs_dir} (recent runs: {known}); `python main.py runs` lists them")
+        return read_json(path)
+
+    def run_ids(self) -> list[str]:
+        if not self.runs_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.runs_dir.iterdir() if (p / MANIFEST).is_file())
+
+    def mark_dead_runs_failed(self) -> list[str]:
+        """Runs still marked 'running' whose process is gone (SIGKILL, power loss) become failed."""
+        fixed = []
+        for run_id in self.run_ids():
+            path = self.run_dir(run_id) / MANIFEST
+            try:
+                data = read_json(path)
+            except ArtifactError:
+                continue
+            host = data.get("host", {})
+            if data.get("status") != "running" or host.get("hostname") != socket.gethostname():
+                continue
+            if not pid_alive(int(host.get("pid", -1))):
+                data["status"] = "failed"
+                data["error"] = "the process died without finishing (killed or crashed); marked failed by a later run"
+                data.setdefault("ended", None)
+                write_json_atomic(path, data)
+                fixed.append(run_id)
+        return fixed
+
+    # served model -------------------------------------------------------------
+    @property
+    def served_pointer(self) -> Path:
+        return self.root / SERVED_POINTER
+
+    def served(self) -> dict[str, Any] | None:
+        if not self.served_pointer.is_file():
+            return None
+        return read_json(self.served_pointer)
+
+    def set_served(self, pointer: dict[str, Any]) -> None:
+        write_json_atomic(self.served_pointer, pointer)

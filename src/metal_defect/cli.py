@@ -1,0 +1,161 @@
+"""Command line: `python main.py [run|runs|promote|evaluate|bench] ...` (also `metal-defect`).
+
+Errors a user can act on print one line and exit non-zero (2 config, 3 data, 4 artifact);
+the traceback goes to the log file only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from metal_defect.errors import MetalDefectError
+
+log = logging.getLogger("metal_defect.cli")
+
+LOG_FILE = "metal_defect.log"
+EPILOG = """\
+examples:
+  python main.py                              run every stage (reusing finished ones)
+  python main.py run --stages 1-2             ingestion and preprocessing only
+  python main.py run --force data_preprocessing base.image_size=96
+  python main.py run --config ~/my-dataset-config data_loader.batch_size=64
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; each subcommand's --help explains itself."""
+    from metal_defect.pipeline import STAGES
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", metavar="DIR", type=Path, default=None,
+        help="folder holding params.yaml, schema.yaml and config/config.yaml (default: the checkout's top level); "
+        "relative paths inside them resolve against it",
+    )
+    parser = argparse.ArgumentParser(
+        prog="main.py",
+        description="metal-defect: train, judge and serve a steel surface defect classifier.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from metal_defect import __version__
+
+    parser.add_argument("--version", action="version", version=f"metal-defect {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    stage_list = "\n".join(f"  {i}. {s.name:<20} {s.description}" for i, s in enumerate(STAGES, 1))
+    run = sub.add_parser(
+        "run", parents=[common], help="run the pipeline stages (the default command)",
+        description="Run pipeline stages in order, reusing every finished stage whose inputs, params and code are unchanged.",
+        epilog=f"stages:\n{stage_list}\n\noverrides: KEY=VALUE sets any key of the three YAML files, e.g. base.seed=43 "
+        "train.epochs=5; relative paths in overrides resolve against the current directory.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--stages", metavar="SEL", help="stages to run: names, numbers or ranges, e.g. 2, 1-2, data_ingestion,train (default: all); "
+                     "stages they need are reused or run too")
+    run.add_argument("--force", metavar="STAGE", action="append", default=[], help="re-run this stage (name, number or 'all') even if a finished output exists; repeatable")
+    run.add_argument("--source", metavar="PATH|URL", help="data source (same as data_ingestion.source=...): folder, .zip/.tar.gz or http(s) URL")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
+    return parser
+
+
+def _normalise_argv(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`main.py` and `main.py key=value ...` mean `main.py run ...`."""
+    argv = list(argv)
+    commands = set(_subcommands(parser))
+    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "run")
+    return argv
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices)
+    return []
+
+
+def setup_logging(console_level: str = "INFO") -> logging.Handler:
+    """Console handler on the package logger; file handlers are added once paths are known."""
+    logger = logging.getLogger("metal_defect")
+    logger.setLevel(logging.DEBUG)
+    for handler in list(logger.handlers):
+        if getattr(handler, "_metal_defect_console", False):
+            logger.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(console_level)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    console._metal_defect_console = True  # type: ignore[attr-defined]
+    logger.addHandler(console)
+    logger.propagate = False
+    return console
+
+
+def attach_log_file(logs_dir: Path) -> Path:
+    """Append everything (DEBUG, tracebacks) to logs/metal_defect.log."""
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    path = logs_dir / LOG_FILE
+    logger = logging.getLogger("metal_defect")
+    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in logger.handlers):
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setLevel(logging.DEBUG)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    return path
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for `python main.py` and the `metal-defect` command; returns the exit code."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = build_parser()
+    args = parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv, parser))
+    console = setup_logging()
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    log_file: Path | None = None
+    try:
+        from metal_defect.config import default_config_dir, load_config
+
+        config_dir = args.config or default_config_dir()
+        log_file = attach_log_file(Path(config_dir) / "logs") if Path(config_dir).is_dir() else None
+        overrides = list(getattr(args, "overrides", []) or [])
+        if getattr(args, "source", None):
+            overrides.append(f"data_ingestion.source={args.source}")
+        config = load_config(args.config, overrides)
+        console.setLevel(config.logging.level)
+        log_file = attach_log_file(config.paths.logs)
+        return _dispatch(args, config)
+    except MetalDefectError as exc:
+        log.debug("error details", exc_info=True)
+        log.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.debug("interrupted", exc_info=True)
+        log.error("interrupted; finished stages are kept, partial state is resumed by the same command")
+        return 130
+    except Exception as exc:
+        log.debug("unexpected error", exc_info=True)
+        where = f"; traceback in {log_file}" if log_file else ""
+        log.error("unexpected error (a bug, please report it): %s: %s%s", type(exc).__name__, exc, where)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace, config: object) -> int:
+    from metal_defect.pipeline import Runner
+
+    if args.command == "run":
+        manifest = Runner(config, command="run").run(args.stages, args.force)  # type: ignore[arg-type]
+        return 0 if manifest["status"] == "succeeded" else 1
+    raise AssertionError(f"unhandled command {args.command}")  # argparse only lets known commands through
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

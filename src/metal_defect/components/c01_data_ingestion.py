@@ -1,0 +1,433 @@
+"""c01 data ingestion: find labelled images in a folder, an archive or a URL.
+
+Recognised layouts (after an archive is extracted and a lone top folder is entered):
+
+* class folders      root/<class>/**/image
+* pre-split tree     root/{train, valid|val|validation, test}/<class>/**/image (split kept)
+* flat, prefixed     root/Cr_1.bmp, root/PS_12.bmp (class = file name before the number)
+
+Folder and prefix names map onto schema classes through the schema aliases (case-
+insensitive, '-', '_' and ' ' alike). Nothing is decoded here: this stage lists files
+and says why each skipped file was skipped; c02 decodes and checks them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import stat
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from metal_defect.artifacts import hash_strings, sha256_file, write_json_atomic
+from metal_defect.config import DataIngestionParams, SchemaConfig
+from metal_defect.errors import DataError
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+REPORT_FILE = "ingestion_report.json"
+EXTRACT_DIR = "extracted"
+SPLIT_NAMES = {"train": "train", "training": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test", "testing": "test"}
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+IGNORED_DIRS = {"__MACOSX", ".git", ".ipynb_checkpoints"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One labelled image file found in the source."""
+
+    path: str  # absolute, or relative to the stage output when extracted from an archive
+    label: str  # schema class name
+    split: str | None  # train/valid/test for a pre-split source, else None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+# ----------------------------------------------------------------------------- fingerprint
+def source_fingerprint(data_ingestion: DataIngestionParams, schema: SchemaConfig) -> str:
+    """Content fingerprint of the source: every file's relative path and bytes, or the archive."""
+    source = data_ingestion.source
+    if _is_url(source):
+        return hash_strings("url", source, data_ingestion.sha256 or "")
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"data source {path} does not exist; set data_ingestion.source in params.yaml or pass --source PATH")
+    if path.is_file():
+        return hash_strings("file", sha256_file(path))
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- the stage
+def run_stage(io: Any, *, data_ingestion: DataIngestionParams, schema: SchemaConfig) -> dict[str, Any]:
+    """Runner entry: resolve the source, list images, write index.json and the report."""
+    items, skipped, meta = ingest(data_ingestion, schema, io.out_dir, io.cache_dir)
+    return write_outputs(items, skipped, meta, io.out_dir)
+
+
+def ingest(params: DataIngestionParams, schema: SchemaConfig, out_dir: Path, cache_dir: Path) -> tuple[list[Item], list[Skipped], dict[str, Any]]:
+    """Find every labelled image of `params.source`; archives are extracted into out_dir."""
+    source = params.source
+    kind = "url" if _is_url(source) else "archive" if Path(source).is_file() else "folder"
+    if kind == "url":
+        archive = download(source, cache_dir, params.sha256)
+    elif kind == "archive":
+        archive = Path(source)
+        if params.sha256 and sha256_file(archive) != params.sha256:
+            raise DataError(f"{archive}: sha256 does not match data_ingestion.sha256; the file is not the one expected")
+    else:
+        archive = None
+        if not Path(source).is_dir():
+            raise DataError(f"data source {source} does not exist; set data_ingestion.source in params.yaml or pass --source PATH")
+    if archive is not None:
+        root = safe_extract(archive, out_dir / EXTRACT_DIR, params)
+        display_root = out_dir
+    else:
+        root = Path(source)
+        display_root = None
+    root = _enter_lone_folder(root)
+    layout, items, skipped = scan(root, schema)
+    if display_root is not None:  # archive members are addressed relative to the stage output
+        items = [Item(str(Path(i.path).relative_to(display_root)), i.label, i.split) for i in items]
+    classes = list(schema.classes) if schema.classes != "auto" else sorted({i.label for i in items})
+    meta = {"source": source, "source_kind": kind, "root": str(root), "layout": layout, "classes": classes}
+    return items, skipped, meta
+
+
+def write_outputs(items: list[Item], skipped: list[Skipped], meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """index.json (what c02 reads) and ingestion_report.json (what a person reads)."""
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    for (split, label), n in sorted(Counter((i.split or "all", i.label) for i in items).items()):
+        counts[split][label] = n
+    reasons = Counter(_reason_kind(s.reason) for s in skipped)
+    report = {
+        **meta,
+        "images_found": len(items),
+        "counts": counts,
+        "skipped_count": len(skipped),
+        "skipped_by_reason": dict(reasons),
+        "skipped": [asdict(s) for s in skipped],
+    }
+    write_json_atomic(out_dir / INDEX_FILE, {"classes": report["classes"], "layout": meta["layout"], "items": [asdict(i) for i in items]})
+    write_json_atomic(out_dir / REPORT_FILE, report)
+    log.info("ingestion: %d images in %d classes (%s layout, %s source); %d files skipped", len(items), len(report["classes"]),
+             meta["layout"], meta["source_kind"], len(skipped))
+    for split, per_class in counts.items():
+        log.info("  %-5s %s", split, ", ".join(f"{c}={n}" for c, n in per_class.items()))
+    for reason, n in reasons.most_common():
+        example = next(s for s in skipped if _reason_kind(s.reason) == reason)
+        log.warning("  skipped %d file(s): %s (e.g. %s)", n, reason, example.path)
+    return {"images_found": len(items), "classes": report["classes"], "layout": meta["layout"], "skipped": len(skipped)}
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0]
+
+
+# ----------------------------------------------------------------------------- layouts
+def normalise_name(name: str) -> str:
+    """'Rolled-In Scale' -> 'rolled_in_scale': how folder names are compared with aliases."""
+    return re.sub(r"[\s\-_]+", "_", name.strip().lower())
+
+
+class ClassResolver:
+    """Maps folder names and file prefixes to schema classes (or collects them for `auto`)."""
+
+    def __init__(self, schema: SchemaConfig):
+        self.auto = schema.classes == "auto"
+        self.lookup: dict[str, str] = {}
+        names = list(schema.aliases) if self.auto else list(schema.classes)
+        for name in names:
+            self.lookup[normalise_name(name)] = name
+            for alias in schema.aliases.get(name, []):
+                self.lookup[normalise_name(alias)] = name
+
+    def resolve(self, name: str) -> str | None:
+        found = self.lookup.get(normalise_name(name))
+        if found is None and self.auto:
+            return name
+        return found
+
+    def known(self) -> list[str]:
+        return sorted(set(self.lookup.values()))
+
+
+def scan(root: Path, schema: SchemaConfig) -> tuple[str, list[Item], list[Skipped]]:
+    """Detect the layout below `root` and list labelled images and skipped files."""
+    resolver = ClassResolver(schema)
+    extensions = {e.lower() for e in schema.extensions}
+    subdirs = [d for d in sorted(root.iterdir()) if d.is_dir() and not _hidden(d.name) and d.name not in IGNORED_DIRS]
+    split_dirs = {d: SPLIT_NAMES[d.name.lower()] for d in subdirs if d.name.lower() in SPLIT_NAMES}
+    items: list[Item] = []
+    skipped: list[Skipped] = []
+    if split_dirs and any(s == "train" for s in split_dirs.values()):
+        layout = "pre-split"
+        for d in subdirs:
+            if d not in split_dirs:
+                skipped.extend(Skipped(str(p), f"not in a split folder: '{d.name}' is not train/valid/test") for p in _files(d))
+        for d, split in split_dirs.items():
+            _scan_class_folders(d, split, resolver, extensions, items, skipped)
+        for p in _files(root, recursive=False):
+            skipped.append(Skipped(str(p), "not in a split folder: file at the top level of a pre-split tree"))
+    elif subdirs:
+        layout = "class-folders"
+        _scan_class_folders(root, None, resolver, extensions, items, skipped)
+    else:
+        layout = "flat-prefixed"
+        for p in _files(root, recursive=False):
+            reason = _file_problem(p, extensions)
+            if reason:
+                skipped.append(Skipped(str(p), reason))
+                continue
+            match = re.match(r"^(.*?)[\s_\-]*\(?\d+\)?$", p.stem)
+            prefix = match.group(1) if match and match.group(1) else p.stem
+            label = resolver.resolve(prefix)
+            if label is None:
+                skipped.append(Skipped(str(p), f"unknown class: file-name prefix '{prefix}' is not a class or alias in the schema"))
+            else:
+                items.append(Item(str(p), label, None))
+    _check_against_schema(root, layout, items, schema, resolver)
+    return layout, items, skipped
+
+
+def _scan_class_folders(root: Path, split: str | None, resolver: ClassResolver, extensions: set[str], items: list[Item], skipped: list[Skipped]) -> None:
+    for p in _files(root, recursive=False):
+        skipped.append(Skipped(str(p), "not in a class folder: file at the top level"))
+    for d in sorted(root.iterdir()):
+        if not d.is_dir():
+            continue
+        if _hidden(d.name) or d.name in IGNORED_DIRS:
+            skipped.extend(Skipped(str(p), "hidden file: inside a hidden or system folder") for p in _files(d))
+            continue
+        label = resolver.resolve(d.name)
+        if label is None:
+            skipped.extend(Skipped(str(p), f"unknown class: folder '{d.name}' is not a class or alias in the schema") for p in _files(d))
+            continue
+        for p in _files(d):
+            reason = _file_problem(p, extensions)
+            if reason:
+                skipped.append(Skipped(str(p), reason))
+            else:
+                items.append(Item(str(p), label, split))
+
+
+def _check_against_schema(root: Path, layout: str, items: list[Item], schema: SchemaConfig, resolver: ClassResolver) -> None:
+    found = Counter(i.label for i in items)
+    if not items:
+        raise DataError(f"no labelled images found in {root} ({layout} layout); expected class folders, a train/valid/test tree or "
+                        f"files named like Cr_1.bmp, with classes {resolver.known()} and extensions {schema.extensions}")
+    if schema.classes != "auto":
+        missing = [c for c in schema.classes if c not in found]
+        if missing:
+            raise DataError(f"{root}: no images for schema class(es) {missing}; found {dict(found)}. "
+                            "Add an alias in schema.yaml if the folders are named differently")
+    elif len(found) < 2:
+        raise DataError(f"{root}: schema.classes is 'auto' but only {len(found)} class was found ({dict(found)}); a classifier needs at least 2")
+
+
+def _files(root: Path, recursive: bool = True) -> list[Path]:
+    if not recursive:
+        return [p for p in sorted(root.iterdir()) if p.is_file() or p.is_symlink()]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        found.extend(Path(dirpath) / f for f in sorted(filenames))
+    return found
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in {"Thumbs.db", "desktop.ini"}
+
+
+def _file_problem(path: Path, extensions: set[str]) -> str | None:
+    parts = path.parts
+    if any(_hidden(part) for part in parts[-3:]) or any(part in IGNORED_DIRS for part in parts):
+        return "hidden file: name starts with '.' or is a system file"
+    if path.suffix.lower() not in extensions:
+        return f"unsupported extension: '{path.suffix or '(none)'}' is not one of {sorted(extensions)}"
+    if path.is_symlink() and not path.exists():
+        return "broken link: the file it points to does not exist"
+    return None
+
+
+def _enter_lone_folder(root: Path) -> Path:
+    """Archives often wrap everything in one top folder (NEU-DET/...); look inside it."""
+    for _ in range(3):
+        entries = [p for p in root.iterdir() if not _hidden(p.name) and p.name not in IGNORED_DIRS]
+        if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() not in SPLIT_NAMES:
+            inner = [p for p in entries[0].iterdir() if p.is_dir()]
+            if inner:
+                root = entries[0]
+                continue
+        break
+    return root
+
+
+# ----------------------------------------------------------------------------- download
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def download(url: str, cache_dir: Path, sha256: str | None) -> Path:
+    """Fetch `url` once into `cache_dir` (progress bar), verify `sha256` when given."""
+    from tqdm import tqdm
+
+    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    if not name.lower().endswith(ARCHIVE_SUFFIXES):
+        raise DataError(f"{url}: a URL source must point to a .zip, .tar.gz, .tgz or .tar archive")
+    target = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
+    if target.is_file() and (sha256 is None or sha256_file(target) == sha256):
+        log.info("using cached download %s", target)
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + f".part-{os.getpid()}")
+    log.info("downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=name, leave=False) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        partial.unlink(missing_ok=True)
+        raise DataError(f"could not download {url}: {exc}; check the address or download it yourself and pass --source FILE") from exc
+    if sha256 and sha256_file(partial) != sha256:
+        actual = sha256_file(partial)
+        partial.unlink(missing_ok=True)
+        raise DataError(f"{url}: downloaded file has sha256 {actual}, expected {sha256} (data_ingestion.sha256)")
+    os.replace(partial, target)
+    return target
+
+
+# ----------------------------------------------------------------------------- extraction
+def safe_extract(archive: Path, dest: Path, params: DataIngestionParams) -> Path:
+    """Extract a .zip/.tar(.gz) into `dest`, refusing anything that could escape or explode.
+
+    Refused (DataError naming the entry): absolute paths, '..' components, links, device
+    files, more than `max_archive_members` entries, more than `max_extracted_mb` in total,
+    or a member whose size / compressed size exceeds `max_compression_ratio`. Sizes are
+    counted while writing, not trusted from headers. On refusal `dest` is removed.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    limit = int(params.max_extracted_mb * 1024 * 1024)
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, dest, params, limit)
+        elif tarfile.is_tarfile(archive):
+            _extract_tar(archive, dest, params, limit)
+        else:
+            raise DataError(f"{archive}: not a .zip or .tar(.gz) archive")
+    except DataError:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise DataError(f"{archive}: corrupt or unreadable archive ({exc})") from exc
+    return dest
+
+
+def _safe_member_path(archive: Path, name: str, dest: Path) -> Path:
+    posix = PurePosixPath(name.replace("\\", "/"))
+    if posix.is_absolute() or re.match(r"^[A-Za-z]:", name) or name.startswith(("/", "\\")):
+        raise DataError(f"{archive}: refused entry '{name}': absolute path")
+    if ".." in posix.parts:
+        raise DataError(f"{archive}: refused entry '{name}': '..' would write outside the extraction folder")
+    target = (dest / Path(*posix.parts)).resolve() if posix.parts else dest
+    if not str(target).startswith(str(dest.resolve()) + os.sep):
+        raise DataError(f"{archive}: refused entry '{name}': it resolves outside the extraction folder")
+    return target
+
+
+def _copy_limited(src: Any, target: Path, written: int, limit: int, archive: Path, name: str, ratio_cap: float | None) -> int:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    member_bytes = 0
+    with open(target, "wb") as out:
+        while chunk := src.read(1 << 20):
+            member_bytes += len(chunk)
+            written += len(chunk)
+            if written > limit:
+                raise DataError(f"{archive}: refused: extracting '{name}' passes data_ingestion.max_extracted_mb "
+                                f"({limit // (1024 * 1024)} MB); possible decompression bomb")
+            if ratio_cap is not None and member_bytes > ratio_cap:
+                raise DataError(f"{archive}: refused entry '{name}': it expands past data_ingestion.max_compression_ratio; possible decompression bomb")
+            out.write(chunk)
+    return written
+
+
+def _extract_zip(archive: Path, dest: Path, params: DataIngestionParams, limit: int) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        if len(infos) > params.max_archive_members:
+            raise DataError(f"{archive}: refused: {len(infos)} entries exceed data_ingestion.max_archive_members ({params.max_archive_members})")
+        for info in infos:
+            target = _safe_member_path(archive, info.filename, dest)
+            kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the archiver stored no type
+            if kind == stat.S_IFLNK:
+                raise DataError(f"{archive}: refused entry '{info.filename}': symbolic link")
+            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                raise DataError(f"{archive}: refused entry '{info.filename}': device or special file")
+            if info.file_size and info.file_size / max(info.compress_size, 1) > params.max_compression_ratio:
+                raise DataError(f"{archive}: refused entry '{info.filename}': compression ratio "
+                                f"{info.file_size / max(info.compress_size, 1):.0f} exceeds data_ingestion.max_compression_ratio "
+                                f"({params.max_compression_ratio:g}); possible decompression bomb")
+        written = 0
+        for info in infos:
+            target = _safe_member_path(archive, info.filename, dest)
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            cap = max(info.compress_size, 1) * params.max_compression_ratio
+            with zf.open(info) as src:
+                written = _copy_limited(src, target, written, limit, archive, info.filename, cap)
+
+
+def _extract_tar(archive: Path, dest: Path, params: DataIngestionParams, limit: int) -> None:
+    packed = archive.stat().st_size
+    with tarfile.open(archive) as tf:
+        members = []
+        for count, member in enumerate(tf, 1):
+            if count > params.max_archive_members:
+                raise DataError(f"{archive}: refused: more than data_ingestion.max_archive_members ({params.max_archive_members}) entries")
+            _safe_member_path(archive, member.name, dest)
+            if member.issym() or member.islnk():
+                raise DataError(f"{archive}: refused entry '{member.name}': link to '{member.linkname}'")
+            if not (member.isfile() or member.isdir()):
+                raise DataError(f"{archive}: refused entry '{member.name}': device, FIFO or special file")
+            members.append(member)
+        # a tar stream has no per-member compressed size: bound the whole archive's ratio
+        total_cap = min(limit, int(max(packed, 1) * params.max_compression_ratio))
+        written = 0
+        for member in members:
+            target = _safe_member_path(archive, member.name, dest)
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            src = tf.extractfile(member)
+            if src is None:
+                continue
+            with src:
+                try:
+                    written = _copy_limited(src, target, written, total_cap, archive, member.name, None)
+                except DataError as exc:
+                    if total_cap < limit:
+                        raise DataError(f"{archive}: refused entry '{member.name}': the archive expands more than "
+                                        f"data_ingestion.max_compression_ratio ({params.max_compression_ratio:g}) times; possible decompression bomb") from exc
+                    raise

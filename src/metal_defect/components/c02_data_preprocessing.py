@@ -1,0 +1,393 @@
+"""c02 data preprocessing: decode and check every image, de-duplicate, split, store, EDA.
+
+`to_model_input` is THE conversion from an image file to model input (decode, EXIF
+orientation, mode conversion, resize). Training data is prepared with it here and the
+predictor calls the same function, so serving cannot drift from training. It is a pure
+function: no stage state, importable on its own.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import logging
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from metal_defect.artifacts import read_json, write_json_atomic
+from metal_defect.components.c01_data_ingestion import INDEX_FILE
+from metal_defect.config import BaseParams, DataPreprocessingParams, SchemaConfig, SplitParams
+from metal_defect.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+IMAGES_DIR = "images"
+RECORDS_FILE = "records.json"
+CLASS_LABELS_FILE = "class_labels.json"
+PREPROCESSOR_FILE = "pre_processor.joblib"
+REPORT_FILE = "preprocessing_report.json"
+EDA_DIR = "eda"
+DEFAULT_MAX_PIXELS = 40_000_000
+RESAMPLE = Image.Resampling.BILINEAR  # antialiased when shrinking (Pillow resizes with support scaling)
+
+
+class ImageProblem(ValueError):
+    """This file cannot be used as an image; the message says why (for skip lists)."""
+
+
+# ----------------------------------------------------------------------------- conversion
+def decode_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> Image.Image:
+    """Open and fully decode an image, returning it in mode 'L' or 'RGB'.
+
+    Handles any Pillow mode (1, L, LA, P, PA, RGB, RGBA, CMYK, I;16, I, F, ...): alpha is
+    flattened onto white, 16/32-bit and float images are scaled to 8 bits, EXIF rotation
+    is applied, multi-frame files use their first frame. Raises ImageProblem with a reason.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        data = _read_bytes(source, max_bytes)
+        try:
+            image = Image.open(_io.BytesIO(data))
+        except UnidentifiedImageError as exc:
+            raise ImageProblem("not an image: Pillow cannot identify the file format") from exc
+        except Image.DecompressionBombError as exc:
+            raise ImageProblem(f"too many pixels: {exc}") from exc
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageProblem(f"empty image: {width}x{height} pixels")
+    if width * height > max_pixels:
+        raise ImageProblem(f"too many pixels: {width}x{height} is more than data_preprocessing.max_image_pixels ({max_pixels})")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageProblem(f"truncated or corrupt: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # pragma: no cover - caught by the size check above
+        raise ImageProblem(f"too many pixels: {exc}") from exc
+    return _to_8bit_l_or_rgb(image)
+
+
+def _read_bytes(source: str | os.PathLike | bytes | BinaryIO, max_bytes: int | None) -> bytes:
+    if isinstance(source, bytes):
+        data = source
+    elif hasattr(source, "read"):
+        data = source.read()  # type: ignore[union-attr]
+    else:
+        path = Path(source)
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise ImageProblem(f"too large: {size / 1e6:.1f} MB is more than data_preprocessing.max_file_mb ({max_bytes / 1e6:g} MB)")
+        data = path.read_bytes()
+    if not data:
+        raise ImageProblem("empty file: 0 bytes")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageProblem(f"too large: {len(data) / 1e6:.1f} MB is more than data_preprocessing.max_file_mb ({max_bytes / 1e6:g} MB)")
+    return data
+
+
+def _to_8bit_l_or_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode in ("L", "RGB"):
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 1.0 if mode == "F" and arr.max(initial=0) <= 1.0 else 65535.0 if arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB" if mode != "LA" else "L")
+    if mode in ("1", "L;16"):
+        return image.convert("L")
+    return image.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV, RGBX...
+
+
+def to_model_input(source: str | os.PathLike | bytes | BinaryIO | Image.Image, image_size: int, color_mode: str,
+                   max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> np.ndarray:
+    """Image file (path, bytes, file object or PIL image) -> uint8 array (size, size, 1|3).
+
+    The one conversion used for training data and for serving. Raises ImageProblem.
+    """
+    image = decode_image(source, max_pixels=max_pixels, max_bytes=max_bytes)
+    return convert_decoded(image, image_size, color_mode)
+
+
+def convert_decoded(image: Image.Image, image_size: int, color_mode: str) -> np.ndarray:
+    """The mode-conversion and resize half of `to_model_input` (for an already decoded image)."""
+    image = image.convert("L" if color_mode == "grayscale" else "RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), RESAMPLE)
+    arr = np.asarray(image, dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+@dataclass(frozen=True)
+class ImagePreprocessor:
+    """The input contract saved as pre_processor.joblib: call it on a file to get model input."""
+
+    image_size: int
+    color_mode: str
+    class_names: tuple[str, ...]
+    resample: str = "bilinear"
+    dtype: str = "uint8"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "grayscale" else 3
+
+    def __call__(self, source: str | os.PathLike | bytes | BinaryIO | Image.Image) -> np.ndarray:
+        return to_model_input(source, self.image_size, self.color_mode, max_pixels=self.max_pixels)
+
+
+# ----------------------------------------------------------------------------- the stage
+@dataclass
+class _Decoded:
+    index: int
+    ok: bool
+    reason: str = ""
+    content_hash: str = ""
+    colourful: bool = False
+    original_size: tuple[int, int] = (0, 0)
+    pending: str = ""
+    stats: tuple[float, float] = (0.0, 0.0)
+    histogram: np.ndarray | None = field(default=None, repr=False)
+
+
+def run_stage(io: Any, *, base: BaseParams, data_preprocessing: DataPreprocessingParams, schema: SchemaConfig) -> dict[str, Any]:
+    """Runner entry: read c01's index and prepare the images into io.out_dir."""
+    ingested = io.inputs["data_ingestion"]
+    index = read_json(ingested / INDEX_FILE)
+    items = [dict(item, path=str(ingested / item["path"]) if not os.path.isabs(item["path"]) else item["path"]) for item in index["items"]]
+    return prepare(items, index["classes"], base, data_preprocessing, schema, io.out_dir)
+
+
+def prepare(items: list[dict[str, Any]], classes: list[str], base: BaseParams, params: DataPreprocessingParams,
+            schema: SchemaConfig, out_dir: Path) -> dict[str, Any]:
+    """Decode, check, de-duplicate, split and store `items` ({path, label, split}) in out_dir."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    items = sorted(items, key=lambda i: (classes.index(i["label"]), i["path"]))
+    pending_dir = out_dir / "_pending"
+    pending_dir.mkdir(parents=True)
+    max_bytes = int(params.max_file_mb * 1e6)
+
+    def work(position: int) -> _Decoded:
+        return _decode_one(position, items[position]["path"], base, params, schema, pending_dir, max_bytes)
+
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        decoded = list(tqdm(pool.map(work, range(len(items))), total=len(items), desc="preprocessing", unit="img", leave=False))
+    elapsed_decode = time.perf_counter() - started
+
+    skipped = [{"path": items[d.index]["path"], "reason": d.reason} for d in decoded if not d.ok]
+    usable = [d for d in decoded if d.ok]
+    kept, duplicates = _deduplicate(usable, items)
+    labels = [items[d.index]["label"] for d in kept]
+    counts = Counter(labels)
+    short = {c: counts.get(c, 0) for c in classes if counts.get(c, 0) < schema.min_images_per_class}
+    if short:
+        raise DataError(f"too few usable images: {short} (schema.min_images_per_class = {schema.min_images_per_class}); "
+                        f"{len(skipped)} files were unusable, see the log")
+    splits = assign_splits([items[d.index] for d in kept], params.split, base.seed)
+
+    records = []
+    used_names: set[str] = set()
+    for d, split in zip(kept, splits):
+        item = items[d.index]
+        stem = Path(item["path"]).stem
+        name = f"{stem}.png"
+        rel = f"{IMAGES_DIR}/{split}/{item['label']}/{name}"
+        if rel in used_names:
+            rel = f"{IMAGES_DIR}/{split}/{item['label']}/{stem}-{d.content_hash[:8]}.png"
+        used_names.add(rel)
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(d.pending, out_dir / rel)
+        records.append({"file": rel, "label": item["label"], "label_index": classes.index(item["label"]), "split": split,
+                        "source": item["path"], "sha256": d.content_hash, "original_size": list(d.original_size)})
+    shutil.rmtree(pending_dir)
+
+    split_counts = {s: {c: sum(1 for r in records if r["split"] == s and r["label"] == c) for c in classes} for s in SPLITS}
+    colour = [items[d.index]["path"] for d in usable if d.colourful] if schema.color_mode == "grayscale" else []
+    write_json_atomic(out_dir / RECORDS_FILE, {"classes": classes, "image_size": base.image_size, "color_mode": base.color_mode, "records": records})
+    write_json_atomic(out_dir / CLASS_LABELS_FILE, {"classes": classes, "index_of": {c: i for i, c in enumerate(classes)}})
+    import joblib
+
+    joblib.dump(ImagePreprocessor(base.image_size, base.color_mode, tuple(classes), max_pixels=params.max_image_pixels), out_dir / PREPROCESSOR_FILE)
+
+    from metal_defect import plots
+
+    eda = out_dir / EDA_DIR
+    eda.mkdir()
+    write_json_atomic(eda / "class_counts.json", split_counts)
+    plots.class_counts(split_counts, eda / "class_counts.png")
+    samples = _samples_per_class(out_dir, records, classes, params.eda_samples_per_class)
+    plots.sample_grid(samples, eda / "sample_grid.png")
+    stats = _intensity_stats(kept, items, classes)
+    write_json_atomic(eda / "intensity_stats.json", stats)
+    plots.intensity_histograms({c: np.asarray(s["histogram"]) for c, s in stats.items()}, eda / "intensity_histograms.png")
+
+    elapsed = time.perf_counter() - started
+    report = {
+        "images_in": len(items),
+        "images_prepared": len(records),
+        "image_size": base.image_size,
+        "color_mode": base.color_mode,
+        "split_fractions": asdict(params.split),
+        "presplit": any(i.get("split") for i in items),
+        "counts": split_counts,
+        "skipped": skipped,
+        "duplicates": duplicates,
+        "colour_in_grayscale_dataset": colour,
+        "seconds": round(elapsed, 3),
+        "images_per_second": round(len(items) / max(elapsed_decode, 1e-9), 1),
+    }
+    write_json_atomic(out_dir / REPORT_FILE, report)
+    _log_report(report)
+    return {"images_prepared": len(records), "split_sizes": {s: sum(v.values()) for s, v in split_counts.items()},
+            "skipped": len(skipped), "duplicates_dropped": sum(len(d["dropped"]) for d in duplicates),
+            "images_per_second": report["images_per_second"]}
+
+
+def _decode_one(position: int, path: str, base: BaseParams, params: DataPreprocessingParams, schema: SchemaConfig,
+                pending_dir: Path, max_bytes: int) -> _Decoded:
+    import hashlib
+
+    try:
+        image = decode_image(path, max_pixels=params.max_image_pixels, max_bytes=max_bytes)
+    except ImageProblem as exc:
+        return _Decoded(position, False, str(exc))
+    except OSError as exc:
+        return _Decoded(position, False, f"unreadable: {exc.strerror or exc}")
+    colourful = False
+    if image.mode == "RGB" and schema.color_mode == "grayscale":
+        rgb = np.asarray(image, dtype=np.int16)
+        colourful = float(np.abs(rgb[..., 0] - rgb[..., 1]).mean() + np.abs(rgb[..., 1] - rgb[..., 2]).mean()) > 4.0
+    # duplicates are judged on the picture (decoded pixels), not the container bytes
+    content = np.asarray(image)
+    content_hash = hashlib.sha256(f"{image.mode}{image.size}".encode() + content.tobytes()).hexdigest()
+    arr = convert_decoded(image, base.image_size, base.color_mode)
+    pending = pending_dir / f"{position}.png"
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(pending, format="PNG", compress_level=1)
+    scaled = arr.astype(np.float32) / 255.0
+    histogram = np.bincount(arr.reshape(-1), minlength=256)
+    return _Decoded(position, True, "", content_hash, colourful, image.size, str(pending), (float(scaled.mean()), float(scaled.std())), histogram)
+
+
+def _deduplicate(usable: list[_Decoded], items: list[dict[str, Any]]) -> tuple[list[_Decoded], list[dict[str, Any]]]:
+    """Keep one copy of each picture: in the highest split (train > valid > test), first by path.
+
+    A picture labelled with two different classes is dropped entirely: no label is trusted.
+    """
+    groups: dict[str, list[_Decoded]] = defaultdict(list)
+    for d in usable:
+        groups[d.content_hash].append(d)
+    rank = {"train": 0, "valid": 1, "test": 2, None: 0}
+    dropped_ids: set[int] = set()
+    report = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        labels = sorted({items[d.index]["label"] for d in group})
+        paths = [items[d.index]["path"] for d in group]
+        if len(labels) > 1:
+            dropped_ids.update(d.index for d in group)
+            report.append({"kept": None, "dropped": paths, "reason": f"the same picture is labelled {labels}: all copies dropped"})
+            continue
+        ordered = sorted(group, key=lambda d: (rank[items[d.index].get("split")], items[d.index]["path"]))
+        keep, drop = ordered[0], ordered[1:]
+        dropped_ids.update(d.index for d in drop)
+        where = {items[d.index].get("split") for d in group}
+        reason = "exact duplicate" + (f" across splits {sorted(where)}: kept the {items[keep.index].get('split')} copy" if len(where) > 1 else "")
+        report.append({"kept": items[keep.index]["path"], "dropped": [items[d.index]["path"] for d in drop], "reason": reason})
+    for d in usable:
+        if d.index in dropped_ids:
+            Path(d.pending).unlink(missing_ok=True)
+    return [d for d in usable if d.index not in dropped_ids], report
+
+
+def assign_splits(items: list[dict[str, Any]], fractions: SplitParams, seed: int) -> list[str]:
+    """Split names for `items` (in their order): a pre-split source keeps its split, else stratified.
+
+    Same items, fractions and seed -> same split. A pre-split source missing valid or test
+    has them carved out of its train part, stratified.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.array([i["label"] for i in items])
+    given = [i.get("split") for i in items]
+    result = np.array([s or "train" for s in given], dtype=object)
+    presplit = any(given)
+    carve = [s for s in ("valid", "test") if not presplit or s not in given]
+    pool = np.flatnonzero(result == "train")
+    remaining = fractions.train + sum(getattr(fractions, s) for s in carve)
+    for split in carve:
+        fraction = getattr(fractions, split) / remaining
+        remaining -= getattr(fractions, split)
+        if fraction <= 0:
+            continue
+        try:
+            pool, chosen = train_test_split(pool, test_size=fraction, stratify=labels[pool], random_state=seed)
+        except ValueError as exc:
+            raise DataError(f"cannot split {len(pool)} images into a stratified {split} part of {fraction:.0%}: {exc}. "
+                            "Lower data_preprocessing.split or add images") from exc
+        result[chosen] = split
+    return result.tolist()
+
+
+def _samples_per_class(out_dir: Path, records: list[dict[str, Any]], classes: list[str], n: int) -> dict[str, list[np.ndarray]]:
+    samples: dict[str, list[np.ndarray]] = {c: [] for c in classes}
+    for record in records:
+        bucket = samples[record["label"]]
+        if len(bucket) < n:
+            bucket.append(np.asarray(Image.open(out_dir / record["file"])))
+    return samples
+
+
+def _intensity_stats(kept: Iterable[_Decoded], items: list[dict[str, Any]], classes: list[str]) -> dict[str, dict[str, Any]]:
+    per_class: dict[str, list[_Decoded]] = {c: [] for c in classes}
+    for d in kept:
+        per_class[items[d.index]["label"]].append(d)
+    stats = {}
+    for label, group in per_class.items():
+        hist = np.sum([d.histogram for d in group], axis=0) if group else np.zeros(256, dtype=np.int64)
+        levels = np.arange(256) / 255.0
+        total = max(int(hist.sum()), 1)
+        mean = float((hist * levels).sum() / total)
+        std = float(np.sqrt((hist * (levels - mean) ** 2).sum() / total))
+        cdf = np.cumsum(hist) / total
+        image_stds = np.array([d.stats[1] for d in group]) if group else np.zeros(1)
+        stats[label] = {
+            "images": len(group), "mean": round(mean, 4), "std": round(std, 4),
+            "p01": round(float(np.searchsorted(cdf, 0.01)) / 255, 4), "median": round(float(np.searchsorted(cdf, 0.5)) / 255, 4),
+            "p99": round(float(np.searchsorted(cdf, 0.99)) / 255, 4),
+            "per_image_std_mean": round(float(image_stds.mean()), 4), "per_image_std_min": round(float(image_stds.min()), 4),
+            "histogram": hist.astype(int).tolist(),
+        }
+    return stats
+
+
+def _log_report(report: dict[str, Any]) -> None:
+    log.info("preprocessing: %d of %d images prepared at %d px %s in %.1f s (%.0f images/s)", report["images_prepared"], report["images_in"],
+             report["image_size"], report["color_mode"], report["seconds"], report["images_per_second"])
+    for split, per_class in report["counts"].items():
+        log.info("  %-5s %4d  %s", split, sum(per_class.values()), ", ".join(f"{c}={n}" for c, n in per_class.items()))
+    for dup in report["duplicates"]:
+        log.warning("  duplicate: %s; dropped %s (%s)", dup["kept"], ", ".join(dup["dropped"]), dup["reason"])
+    for skip in report["skipped"]:
+        log.warning("  skipped %s: %s", skip["path"], skip["reason"])
+    if report["colour_in_grayscale_dataset"]:
+        log.warning("  %d image(s) carry colour although schema.color_mode is grayscale, e.g. %s", len(report["colour_in_grayscale_dataset"]),
+                    report["colour_in_grayscale_dataset"][0])

@@ -1,0 +1,163 @@
+"""c03 dataset loader: tf.data pipelines over c02's prepared images.
+
+Batches are (uint8 images [B, H, W, C], int32 labels [B]): the model does its own
+normalisation, so training and serving feed it the same raw pixels. Training data is
+shuffled (seeded) and augmented; validation and test are neither. A split is cached in
+memory after decoding only if it fits under `cache_max_mb`; otherwise it streams from
+disk every epoch, so memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metal_defect.artifacts import read_json
+from metal_defect.components.c02_data_preprocessing import RECORDS_FILE, SPLITS
+from metal_defect.config import AugmentationParams, DataLoaderParams
+from metal_defect.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+MB = 1024 * 1024
+
+
+@dataclass
+class SplitData:
+    """One split: its pipeline and what it holds."""
+
+    dataset: Any  # tf.data.Dataset of (uint8 images, int32 labels) batches
+    files: list[Path]
+    labels: np.ndarray
+    cached: bool
+
+    @property
+    def size(self) -> int:
+        return len(self.files)
+
+
+@dataclass
+class Datasets:
+    """train/valid/test pipelines plus the label encoding and input shape."""
+
+    splits: dict[str, SplitData]
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+    batch_size: int
+
+    def __getitem__(self, split: str) -> SplitData:
+        if split not in self.splits:
+            raise ArtifactError(f"the prepared data has no '{split}' split (it has {sorted(self.splits)})")
+        return self.splits[split]
+
+    def steps(self, split: str) -> int:
+        return math.ceil(self[split].size / self.batch_size)
+
+
+def read_records(prepared_dir: Path) -> dict[str, Any]:
+    """c02's records.json: classes, image size, colour mode and one record per image."""
+    return read_json(Path(prepared_dir) / RECORDS_FILE)
+
+
+def build_datasets(prepared_dir: Path, params: DataLoaderParams, seed: int, splits: tuple[str, ...] = SPLITS) -> Datasets:
+    """Pipelines for the requested splits of a c02 output folder (empty splits are left out)."""
+    prepared_dir = Path(prepared_dir)
+    data = read_records(prepared_dir)
+    channels = 1 if data["color_mode"] == "grayscale" else 3
+    shape = (data["image_size"], data["image_size"], channels)
+    result: dict[str, SplitData] = {}
+    for split in splits:
+        rows = [r for r in data["records"] if r["split"] == split]
+        if not rows:
+            continue
+        files = [prepared_dir / r["file"] for r in rows]
+        labels = np.array([r["label_index"] for r in rows], dtype=np.int32)
+        result[split] = make_split(files, labels, shape, params, seed, training=split == "train")
+    return Datasets(result, list(data["classes"]), shape, params.batch_size)
+
+
+def make_split(files: list[Path], labels: np.ndarray, shape: tuple[int, int, int], params: DataLoaderParams, seed: int, training: bool) -> SplitData:
+    """One tf.data pipeline: decode, cache if it fits, shuffle + augment when training, batch."""
+    import tensorflow as tf
+
+    decoded_mb = len(files) * int(np.prod(shape)) / MB
+    cache = decoded_mb <= params.cache_max_mb
+    ds = tf.data.Dataset.from_tensor_slices(([str(f) for f in files], labels))
+    if training and not cache:  # shuffle the file names (cheap) before decoding
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(lambda path, label: (_decode_png(path, shape), label), num_parallel_calls=tf.data.AUTOTUNE)
+    if cache:
+        ds = ds.cache()
+        if training:
+            ds = ds.shuffle(min(params.shuffle_buffer, len(files)), seed=seed, reshuffle_each_iteration=True)
+    if training and augmentation_enabled(params.augmentation):
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda pair, s: (augment(pair[0], s, params.augmentation), pair[1]), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    ds = ds.batch(params.batch_size).prefetch(tf.data.AUTOTUNE)
+    log.debug("dataset: %d images, %.0f MB decoded, %s, %s", len(files), decoded_mb, "cached in memory" if cache else "streamed from disk",
+              "augmented" if training else "not augmented")
+    return SplitData(ds, files, labels, cache)
+
+
+def _decode_png(path: Any, shape: tuple[int, int, int]) -> Any:
+    import tensorflow as tf
+
+    image = tf.io.decode_png(tf.io.read_file(path), channels=shape[-1])
+    image.set_shape(shape)
+    return image
+
+
+def augmentation_enabled(aug: AugmentationParams) -> bool:
+    return any([aug.flip_horizontal, aug.flip_vertical, aug.rotate90, aug.rotation_degrees, aug.brightness, aug.contrast, aug.noise_std])
+
+
+def augment(image: Any, seed: Any, aug: AugmentationParams) -> Any:
+    """Random label-preserving changes to one uint8 image; deterministic given `seed` ([2] int64)."""
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=7)
+    if aug.flip_horizontal:
+        image = tf.image.stateless_random_flip_left_right(image, seeds[0])
+    if aug.flip_vertical:
+        image = tf.image.stateless_random_flip_up_down(image, seeds[1])
+    if aug.rotate90:
+        k = tf.random.stateless_uniform([], seeds[2], 0, 4, dtype=tf.int32)
+        image = tf.image.rot90(image, k)
+    photometric = aug.rotation_degrees or aug.brightness or aug.contrast or aug.noise_std
+    if not photometric:
+        return image
+    x = tf.cast(image, tf.float32)
+    if aug.rotation_degrees:
+        angle = tf.random.stateless_uniform([], seeds[3], -aug.rotation_degrees, aug.rotation_degrees) * (math.pi / 180.0)
+        x = _rotate(x, angle)
+    if aug.brightness:
+        x = x + tf.random.stateless_uniform([], seeds[4], -aug.brightness, aug.brightness) * 255.0
+    if aug.contrast:
+        factor = tf.random.stateless_uniform([], seeds[5], 1.0 - aug.contrast, 1.0 + aug.contrast)
+        mean = tf.reduce_mean(x)
+        x = (x - mean) * factor + mean
+    if aug.noise_std:
+        x = x + tf.random.stateless_normal(tf.shape(x), seeds[6], stddev=aug.noise_std * 255.0)
+    return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+
+
+def _rotate(x: Any, angle: Any) -> Any:
+    """Rotate a float image [H, W, C] about its centre, reflecting at the borders."""
+    import tensorflow as tf
+
+    height = tf.cast(tf.shape(x)[0], tf.float32)
+    width = tf.cast(tf.shape(x)[1], tf.float32)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    # maps output (x, y) to input coordinates: inverse rotation about the centre
+    transform = tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=x[None], transforms=transform[None], output_shape=tf.shape(x)[:2], fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT"
+    )
+    return out[0]

@@ -1,0 +1,59 @@
+"""Small synthetic image sets in the layouts c01 recognises (tests and benchmarks).
+
+Each class is a distinct, learnable texture: stripes of a class-specific frequency and
+mean brightness, with random phase, orientation (0/90 degrees) and noise, so flips and
+90-degree rotations keep the label, as they do for the real defects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLASSES = ("crazing", "inclusion", "patches")
+PRESPLIT_FOLDERS = {"crazing": "Crazing", "inclusion": "Inclusion", "patches": "Patches", "pitted_surface": "Pitted",
+                    "rolled-in_scale": "Rolled", "scratches": "Scratches"}
+PREFIXES = {"crazing": "Cr", "inclusion": "In", "patches": "Pa", "pitted_surface": "PS", "rolled-in_scale": "RS", "scratches": "Sc"}
+
+
+def texture(label_index: int, n_classes: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A uint8 grayscale image [size, size] for class `label_index`."""
+    frequency = 2 + 3 * label_index
+    y, x = np.mgrid[0:size, 0:size] / size
+    axis = x if rng.random() < 0.5 else y
+    stripes = np.sin(2 * np.pi * frequency * axis + rng.uniform(0, 2 * np.pi))
+    mean = 60 + 130 * label_index / max(n_classes - 1, 1)
+    image = mean + 40 * stripes + rng.normal(0, 8, (size, size))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_dataset(root: Path, classes: tuple[str, ...] = CLASSES, per_class: int = 12, size: int = 32, layout: str = "class-folders",
+                 ext: str = ".png", seed: int = 0, split_counts: dict[str, int] | None = None) -> Path:
+    """Write `per_class` images per class under `root` in `layout`; returns root.
+
+    layouts: class-folders (root/<class>/<class>_<n>.ext), pre-split
+    (root/{train,valid,test}/<Folder>/..., counts per split from `split_counts`),
+    flat (root/<Prefix>_<n>.ext, as NEU-CLS).
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for k, label in enumerate(classes):
+        if layout == "pre-split":
+            counts = split_counts or {"train": per_class - 4, "valid": 2, "test": 2}
+            targets = [(root / split / PRESPLIT_FOLDERS.get(label, label), n) for split, n in counts.items()]
+        elif layout == "flat":
+            targets = [(root, per_class)]
+        elif layout == "class-folders":
+            targets = [(root / label, per_class)]
+        else:
+            raise ValueError(f"unknown layout {layout}")
+        number = 0
+        for folder, count in targets:
+            folder.mkdir(parents=True, exist_ok=True)
+            for _ in range(count):
+                number += 1
+                name = f"{PREFIXES.get(label, label)}_{number}{ext}" if layout != "class-folders" else f"{label}_{number}{ext}"
+                Image.fromarray(texture(k, len(classes), size, rng)).save(folder / name)
+    return root

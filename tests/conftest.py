@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny config folder, synthetic datasets in every layout, the NEU path."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from metal_defect import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+NEU_IMAGES = (REPO.parent / "shared" / "datasets" / "neu" / "images").resolve()
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def write_config(folder: Path, params: dict | None = None, schema: dict | None = None, config: dict | None = None) -> Path:
+    """Copy the repository's three YAML files into `folder`, deep-merging the given changes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config").mkdir(exist_ok=True)
+    pairs = [("config/config.yaml", config), ("params.yaml", params), ("schema.yaml", schema)]
+    for name, extra in pairs:
+        data = yaml.safe_load((REPO / name).read_text())
+        (folder / name).write_text(yaml.safe_dump(_deep_merge(data, extra or {}), sort_keys=False))
+    return folder
+
+
+TINY_PARAMS = {
+    "base": {"image_size": 32},
+    "data_preprocessing": {"eda_samples_per_class": 2},
+    "data_loader": {"batch_size": 8},
+}
+TINY_SCHEMA = {"classes": list(synthetic.CLASSES), "min_images_per_class": 3}
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path):
+    """A config folder over a 3-class synthetic set (12 images per class, 32 px)."""
+
+    def make(params: dict | None = None, schema: dict | None = None, layout: str = "class-folders", per_class: int = 12, **kwargs: Any) -> Path:
+        data = synthetic.make_dataset(tmp_path / "data", layout=layout, per_class=per_class, **kwargs)
+        merged = _deep_merge(_deep_merge(TINY_PARAMS, {"data_ingestion": {"source": str(data)}}), params or {})
+        return write_config(tmp_path / "cfg", merged, _deep_merge(TINY_SCHEMA, schema or {}))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def neu_images() -> Path:
+    if not NEU_IMAGES.is_dir():
+        pytest.fail(f"the NEU images are expected at {NEU_IMAGES} (../shared beside the checkout)")
+    return NEU_IMAGES

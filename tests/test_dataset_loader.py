@@ -1,0 +1,123 @@
+"""c03: batch contract, augmentation on train only, seeded shuffling, the memory bound."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+from PIL import Image
+
+from metal_defect.components import c03_dataset_loader as c03
+from metal_defect.config import load_config
+
+
+def _prepared(folder: Path, n: int, size: int = 16, channels: int = 1) -> Path:
+    """A minimal c02 output: n PNGs split 60/20/20 over 2 classes."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        split = "train" if i % 5 < 3 else "valid" if i % 5 == 3 else "test"
+        label = i % 2
+        rel = f"images/{split}/c{label}/{i}.png"
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shape = (size, size) if channels == 1 else (size, size, 3)
+        base = np.clip(rng.normal(60 + 120 * label, 20, shape), 0, 255).astype(np.uint8)
+        Image.fromarray(base).save(folder / rel, compress_level=1)
+        records.append({"file": rel, "label": f"c{label}", "label_index": label, "split": split})
+    color = "grayscale" if channels == 1 else "rgb"
+    (folder / "records.json").write_text(json.dumps({"classes": ["c0", "c1"], "image_size": size, "color_mode": color, "records": records}))
+    return folder
+
+
+def _loader(*overrides: str):
+    return load_config(REPO, ["data_loader.batch_size=4", *overrides]).data_loader
+
+
+def _epoch(dataset) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in dataset])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_batches_are_uint8_images_and_int_labels(tmp_path):
+    data = c03.build_datasets(_prepared(tmp_path, 20), _loader(), seed=1)
+    x, y = next(iter(data["train"].dataset))
+    assert x.shape == (4, 16, 16, 1) and x.dtype.name == "uint8" and y.dtype.name == "int32"
+    assert data.class_names == ["c0", "c1"] and data.image_shape == (16, 16, 1)
+    assert data["train"].size == 12 and data["valid"].size == 4 and data.steps("train") == 3
+
+
+def test_augmentation_only_on_train_and_eval_splits_are_exact(tmp_path):
+    folder = _prepared(tmp_path, 40)
+    data = c03.build_datasets(folder, _loader("data_loader.augmentation.noise_std=0.05"), seed=1)
+    valid_x, valid_y = _epoch(data["valid"].dataset)
+    expected = np.stack([np.asarray(Image.open(f))[..., None] for f in data["valid"].files])
+    assert np.array_equal(valid_x, expected) and np.array_equal(valid_y, data["valid"].labels)  # unshuffled, unchanged
+    train_x, _ = _epoch(data["train"].dataset)
+    originals = {np.asarray(Image.open(f)).tobytes() for f in data["train"].files}
+    assert not any(img[..., 0].tobytes() in originals for img in train_x)  # every training image was altered
+
+
+def test_each_augmentation_can_be_switched_off(tmp_path):
+    folder = _prepared(tmp_path, 20)
+    off = ["data_loader.augmentation.flip_horizontal=false", "data_loader.augmentation.flip_vertical=false", "data_loader.augmentation.rotate90=false"]
+    data = c03.build_datasets(folder, _loader(*off), seed=1)
+    train_x, _ = _epoch(data["train"].dataset)
+    originals = {np.asarray(Image.open(f)).tobytes() for f in data["train"].files}
+    assert all(img[..., 0].tobytes() in originals for img in train_x)
+    for option in ("rotation_degrees=15", "brightness=0.2", "contrast=0.3", "noise_std=0.05"):
+        altered = c03.build_datasets(folder, _loader(*off, f"data_loader.augmentation.{option}"), seed=1)
+        x, _ = _epoch(altered["train"].dataset)
+        assert not all(img[..., 0].tobytes() in originals for img in x), option
+
+
+def test_shuffling_is_seeded_and_reshuffles_each_epoch(tmp_path):
+    folder = _prepared(tmp_path, 40)
+    off = ["data_loader.augmentation.flip_horizontal=false", "data_loader.augmentation.flip_vertical=false", "data_loader.augmentation.rotate90=false"]
+    a = c03.build_datasets(folder, _loader(*off), seed=7)["train"].dataset
+    b = c03.build_datasets(folder, _loader(*off), seed=7)["train"].dataset
+    first_a, first_b = _epoch(a)[0], _epoch(b)[0]
+    assert np.array_equal(first_a, first_b)
+    assert not np.array_equal(first_a, _epoch(a)[0])  # epoch 2 has another order
+
+
+def test_cache_decision_follows_cache_max_mb(tmp_path):
+    folder = _prepared(tmp_path, 20)
+    assert c03.build_datasets(folder, _loader(), seed=1)["train"].cached
+    assert not c03.build_datasets(folder, _loader("data_loader.cache_max_mb=0"), seed=1)["train"].cached
+
+
+MEASURE = textwrap.dedent("""
+    import resource, sys
+    from pathlib import Path
+    from metal_defect.components import c03_dataset_loader as c03
+    from metal_defect.config import load_config
+    cfg = load_config(sys.argv[2], ["data_loader.cache_max_mb=" + sys.argv[3], "data_loader.batch_size=32"]).data_loader
+    data = c03.build_datasets(Path(sys.argv[1]), cfg, seed=1, splits=("train",))
+    for _ in range(2):
+        for x, y in data["train"].dataset:
+            pass
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+""")
+
+
+def _peak_mb(folder: Path, cache_mb: str) -> int:
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(folder), str(REPO), cache_mb], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_when_the_data_is_larger_than_the_cache(tmp_path):
+    # 96x96 RGB: 5,000 images are ~130 MB decoded; cache_max_mb=50 forces streaming from disk
+    small = _prepared(tmp_path / "small", 500, size=96, channels=3)
+    large = _prepared(tmp_path / "large", 5000, size=96, channels=3)
+    streamed_small, streamed_large = _peak_mb(small, "50"), _peak_mb(large, "50")
+    assert streamed_large - streamed_small < 300, (streamed_small, streamed_large)
+    cached_large = _peak_mb(large, "100000")  # the same data cached: memory really grows, so the bound above is meaningful
+    assert cached_large - streamed_large > 40, (streamed_large, cached_large)
