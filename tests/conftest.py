@@ -35,7 +35,10 @@ def write_config(folder: Path, params: dict | None = None, schema: dict | None =
     pairs = [("config/config.yaml", config), ("params.yaml", params), ("schema.yaml", schema)]
     for name, extra in pairs:
         data = yaml.safe_load((REPO / name).read_text())
-        (folder / name).write_text(yaml.safe_dump(_deep_merge(data, extra or {}), sort_keys=False))
+        merged = _deep_merge(data, extra or {})
+        if name == "schema.yaml" and extra and "aliases" in extra:
+            merged["aliases"] = extra["aliases"]  # replaced whole: aliases must name listed classes
+        (folder / name).write_text(yaml.safe_dump(merged, sort_keys=False))
     return folder
 
 
@@ -44,7 +47,8 @@ TINY_PARAMS = {
     "data_preprocessing": {"eda_samples_per_class": 2},
     "data_loader": {"batch_size": 8},
 }
-TINY_SCHEMA = {"classes": list(synthetic.CLASSES), "min_images_per_class": 3}
+TINY_SCHEMA = {"classes": list(synthetic.CLASSES), "min_images_per_class": 3,
+               "aliases": {"crazing": ["Crazing", "Cr"], "inclusion": ["Inclusion", "In"], "patches": ["Patches", "Pa"]}}
 
 
 @pytest.fixture
@@ -64,3 +68,28 @@ def neu_images() -> Path:
     if not NEU_IMAGES.is_dir():
         pytest.fail(f"the NEU images are expected at {NEU_IMAGES} (../shared beside the checkout)")
     return NEU_IMAGES
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    """Tests never download: any Keras weights download fails as it would offline."""
+    import urllib.error
+
+    def refuse(url, *args, **kwargs):
+        raise urllib.error.URLError(f"network disabled in tests (tried {url})")
+
+    try:
+        from keras.src.utils import file_utils
+    except ImportError:  # pragma: no cover - Keras layout changed; then nothing can download through it either
+        return
+    monkeypatch.setattr(file_utils, "urlretrieve", refuse)
+
+
+def tiny_training_params(epochs: int = 8) -> dict:
+    """Params for a fast, still meaningful training on the synthetic set (2 CPU cores)."""
+    return _deep_merge(TINY_PARAMS, {
+        "model": {"custom_cnn": {"filters": [8, 16], "dense_units": 16, "bn_momentum": 0.5}},
+        "train": {"epochs": epochs, "verbose": 0, "learning_rate": 0.003},
+        "callbacks": {"tensorboard": True, "early_stopping": {"patience": 50}},
+        "evaluation": {"bootstrap_samples": 100, "misclassified_max": 6},
+    })

@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from metal_defect.errors import MetalDefectError
 
@@ -61,6 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", metavar="STAGE", action="append", default=[], help="re-run this stage (name, number or 'all') even if a finished output exists; repeatable")
     run.add_argument("--source", metavar="PATH|URL", help="data source (same as data_ingestion.source=...): folder, .zip/.tar.gz or http(s) URL")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
+
+    runs = sub.add_parser("runs", parents=[common], help="list runs with their status and key metrics",
+                          description="List runs (newest last) with status, duration, chosen model and metrics; * marks the served run.")
+    runs.add_argument("--limit", type=int, default=20, help="show the last N runs (default 20)")
+
+    promote = sub.add_parser("promote", parents=[common], help="serve the model of another run (roll back or forward)",
+                             description="Point the served model at the evaluated model of RUN_ID (see `runs`).")
+    promote.add_argument("run_id", metavar="RUN_ID")
+
+    evaluate = sub.add_parser("evaluate", parents=[common], help="evaluate the served model on a labelled folder",
+                              description="Evaluate the served model (or --model RUN_ID) on any labelled folder or archive in a layout "
+                              "ingestion recognises; writes metrics.json and plots under artifacts/evaluations/.")
+    evaluate.add_argument("folder", metavar="DIR", type=Path, help="labelled images: class folders, train/valid/test tree or Cr_1.bmp names")
+    evaluate.add_argument("--model", metavar="RUN_ID", help="the run whose model to evaluate (default: the served model)")
+    evaluate.add_argument("--out", metavar="DIR", type=Path, help="where to write the results (default: artifacts/evaluations/<id>)")
+
+    bench = sub.add_parser("bench", parents=[common], help="measure accuracy, time and overhead; writes JSON under artifacts/bench/",
+                           description="Benchmarks (not tests): `bench data` times ingestion + preprocessing and its throughput at 1x and "
+                           "10x synthetic size; `bench train` runs the pipeline for several seeds and compares the training loop "
+                           "with a bare model.fit.")
+    bench.add_argument("what", choices=("data", "train"))
+    bench.add_argument("--seeds", default="42,43,44", help="train: seeds for the full pipeline runs (default 42,43,44)")
+    bench.add_argument("--repeats", type=int, default=3, help="train: alternating repeats of the loop-overhead comparison (default 3)")
+    bench.add_argument("--epochs", type=int, default=5, help="train: epochs per overhead measurement (default 5)")
+    bench.add_argument("--skip", default="", help="train: parts to skip, comma-separated: seeds, overhead")
     return parser
 
 
@@ -148,12 +174,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _dispatch(args: argparse.Namespace, config: object) -> int:
-    from metal_defect.pipeline import Runner
+def _dispatch(args: argparse.Namespace, config: Any) -> int:
+    from metal_defect import commands
 
     if args.command == "run":
-        manifest = Runner(config, command="run").run(args.stages, args.force)  # type: ignore[arg-type]
+        from metal_defect.pipeline import Runner
+
+        manifest = Runner(config, command="run").run(args.stages, args.force)
         return 0 if manifest["status"] == "succeeded" else 1
+    if args.command == "runs":
+        print(commands.list_runs(config, args.limit))
+        return 0
+    if args.command == "promote":
+        print(commands.promote(config, args.run_id))
+        return 0
+    if args.command == "evaluate":
+        print(commands.evaluate(config, args.folder, args.model, args.out))
+        return 0
+    if args.command == "bench":
+        from metal_defect import bench
+
+        print(bench.run(config, args))
+        return 0
     raise AssertionError(f"unhandled command {args.command}")  # argparse only lets known commands through
 
 

@@ -113,6 +113,94 @@ class DataLoaderParams:
     augmentation: AugmentationParams = _f()
 
 
+@dataclass(frozen=True)
+class CustomCnnParams:
+    """The in-house CNN: one conv block (conv-BN-ReLU x convs, max-pool) per `filters` entry."""
+
+    filters: list[int] = _f(min_len=1)
+    convs_per_block: int = _f(ge=1, le=4)
+    kernel_size: int = _f(ge=1, le=11)
+    bn_momentum: float = _f(ge=0, lt=1)
+    dropout: float = _f(ge=0, lt=1)
+    dense_units: int = _f(ge=0)
+    input_normalization: Literal["dataset", "per_image", "scale"] = _f()
+
+
+@dataclass(frozen=True)
+class TransferParams:
+    """Backbones from keras.applications (VGG16, ResNet50, MobileNetV2, EfficientNetB0, ...)."""
+
+    weights: str = _f(path_like=True, keywords=("imagenet", "none"))
+    offline_fallback: Literal["random", "error"] = _f()
+    dropout: float = _f(ge=0, lt=1)
+    dense_units: int = _f(ge=0)
+    fine_tune_layers: int = _f(ge=0)
+    fine_tune_epochs: int = _f(ge=0)
+    fine_tune_learning_rate: float = _f(gt=0)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    custom_cnn: CustomCnnParams
+    transfer: TransferParams
+
+
+@dataclass(frozen=True)
+class EarlyStoppingParams:
+    enabled: bool
+    monitor: Literal["val_loss", "val_accuracy"]
+    patience: int = _f(ge=1)
+
+
+@dataclass(frozen=True)
+class PlateauParams:
+    factor: float = _f(gt=0, lt=1)
+    patience: int = _f(ge=1)
+    min_lr: float = _f(ge=0)
+
+
+@dataclass(frozen=True)
+class CallbacksParams:
+    checkpoint_monitor: Literal["val_loss", "val_accuracy"]
+    early_stopping: EarlyStoppingParams
+    lr_schedule: Literal["cosine", "plateau", "constant"]
+    warmup_epochs: int = _f(ge=0)
+    plateau: PlateauParams = _f()
+    tensorboard: bool = _f()
+    csv_logger: bool = _f()
+    backup_and_restore: bool = _f()
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    models: list[str] = _f(min_len=1)
+    epochs: int = _f(ge=1)
+    optimizer: Literal["adamw", "adam", "sgd"] = _f()
+    learning_rate: float = _f(gt=0, le=1)
+    weight_decay: float = _f(ge=0)
+    label_smoothing: float = _f(ge=0, lt=1)
+    class_weights: bool = _f()
+    strategy: Literal["auto", "one_device", "mirrored"] = _f()
+    mixed_precision: bool = _f()
+    verbose: Literal[0, 1, 2] = _f()
+
+
+@dataclass(frozen=True)
+class EvaluationParams:
+    select_metric: Literal["macro_f1", "accuracy"]
+    calibration_bins: int = _f(ge=2, le=100)
+    bootstrap_samples: int = _f(ge=100)
+    temperature_min: float = _f(gt=0)
+    temperature_max: float = _f(gt=0)
+    misclassified_max: int = _f(ge=0, le=200)
+    batch_size: int = _f(ge=1)
+
+    def check(self, key: str) -> list[str]:
+        if self.temperature_min >= self.temperature_max:
+            return [f"{key}: temperature_min ({self.temperature_min}) must be below temperature_max ({self.temperature_max})"]
+        return []
+
+
 # ----------------------------------------------------------------------------- schema.yaml
 @dataclass(frozen=True)
 class SchemaConfig:
@@ -157,6 +245,10 @@ class Config:
     data_ingestion: DataIngestionParams
     data_preprocessing: DataPreprocessingParams
     data_loader: DataLoaderParams
+    model: ModelParams
+    callbacks: CallbacksParams
+    train: TrainParams
+    evaluation: EvaluationParams
     schema: SchemaConfig
     config_dir: Path = field(default=Path("."), metadata={"internal": True})
 
@@ -179,6 +271,10 @@ SECTION_FILES: dict[str, str] = {
     "data_ingestion": PARAMS_FILE,
     "data_preprocessing": PARAMS_FILE,
     "data_loader": PARAMS_FILE,
+    "model": PARAMS_FILE,
+    "callbacks": PARAMS_FILE,
+    "train": PARAMS_FILE,
+    "evaluation": PARAMS_FILE,
     "schema": SCHEMA_FILE,
 }
 

@@ -52,7 +52,8 @@ class Stage:
     sections: tuple[str, ...] = ()
     upstream: tuple[str, ...] = ()
     code: tuple[str, ...] = ()  # further modules whose source is part of the fingerprint
-    external: str | None = None  # "module:function(config) -> str": fingerprint of outside inputs
+    external: str | None = None  # "module:function(**sections) -> str": fingerprint of outside inputs
+    publish: str | None = None  # "module:function(store, run_id, output)": run after success (e.g. serve the model)
     description: str = ""
 
     def resolve(self, target: str | None = None) -> Callable[..., Any]:
@@ -89,6 +90,24 @@ STAGES: tuple[Stage, ...] = (
         sections=("base", "data_preprocessing", "schema"),
         upstream=("data_ingestion",),
         description="decode, check, de-duplicate, resize and split the images; EDA plots",
+    ),
+    Stage(
+        "train",
+        "metal_defect.components.c06_training:run_stage",
+        sections=("base", "data_loader", "model", "callbacks", "train"),
+        upstream=("data_preprocessing",),
+        code=("metal_defect.components.c03_dataset_loader", "metal_defect.components.c04_model_builder",
+              "metal_defect.components.c05_callbacks"),
+        description="train the base models in train.models (c03 loader, c04 builder, c05 callbacks)",
+    ),
+    Stage(
+        "evaluation",
+        "metal_defect.components.c06_evaluation:run_stage",
+        sections=("evaluation",),
+        upstream=("data_ingestion", "data_preprocessing", "train"),
+        code=("metal_defect.metrics", "metal_defect.plots", "metal_defect.inference"),
+        publish="metal_defect.components.c06_evaluation:publish",
+        description="metrics, plots, calibration and model card; the best model on validation becomes the served model",
     ),
 )
 
@@ -251,6 +270,9 @@ class Runner:
                 manifest["metrics"].update(outcome.summary.get("metrics", {}))
                 self._save(run_dir, manifest)
                 _link(run_dir / "stages" / stage.name, outcome.output)
+                if stage.publish:
+                    manifest["served"] = stage.resolve(stage.publish)(self.store, run_id, outcome.output)
+                    self._save(run_dir, manifest)
         except BaseException as exc:
             manifest["status"] = "failed"
             manifest["error"] = "interrupted (Ctrl-C or SIGTERM)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"

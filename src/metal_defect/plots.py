@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -65,4 +66,83 @@ def intensity_histograms(histograms: Mapping[str, np.ndarray], path: Path) -> Pa
     ax.set_ylabel("fraction of pixels")
     ax.set_title("Pixel intensity per class")
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def confusion_matrices(cm: np.ndarray, class_names: Sequence[str], caption: str, title: str, path: Path) -> Path:
+    """Counts and row-normalised confusion matrices side by side."""
+    import seaborn as sns
+
+    cm = np.asarray(cm)
+    normalised = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    size = max(5, 0.9 * len(class_names) + 2)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size * 0.85))
+    sns.heatmap(cm, annot=True, fmt="d", cmap="Blues", cbar=False, ax=axes[0], xticklabels=class_names, yticklabels=class_names)
+    sns.heatmap(normalised, annot=True, fmt=".2f", cmap="Blues", vmin=0, vmax=1, cbar=False, ax=axes[1],
+                xticklabels=class_names, yticklabels=class_names)
+    for ax, sub in zip(axes, ("counts", "normalised by true class")):
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(sub)
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"{title}\n{caption}")
+    return _save(fig, path)
+
+
+def training_curves(history: Sequence[Mapping[str, float]], title: str, caption: str, path: Path) -> Path:
+    """Loss and accuracy per epoch, train and validation (phases marked)."""
+    epochs = [row.get("global_epoch", i + 1) for i, row in enumerate(history)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = [row.get(prefix + metric, np.nan) for row in history]
+            ax.plot(epochs, values, style, label=f"{'validation' if prefix else 'train'} {metric}")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    phases = [row.get("phase") for row in history]
+    for i in range(1, len(phases)):
+        if phases[i] != phases[i - 1]:
+            for ax in axes:
+                ax.axvline(epochs[i] - 0.5, color="grey", linestyle=":")
+    fig.suptitle(f"{title}\nbest model on validation: {caption}")
+    return _save(fig, path)
+
+
+def reliability_diagram(table: Sequence[Mapping[str, float]], ece: float, ece_ci: tuple[float, float], caption: str, title: str, path: Path) -> Path:
+    """Accuracy vs confidence per bin, with bin counts; the gap to the diagonal is miscalibration."""
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5.5, 6.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    centres = [(row["lower"] + row["upper"]) / 2 for row in table]
+    width = table[0]["upper"] - table[0]["lower"] if table else 0.1
+    accuracy = [row["accuracy"] if row["count"] else 0 for row in table]
+    ax.bar(centres, accuracy, width=width * 0.95, edgecolor="black", alpha=0.7, label="accuracy in bin")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    conf = [row["confidence"] for row in table if row["count"]]
+    acc = [row["accuracy"] for row in table if row["count"]]
+    ax.plot(conf, acc, "o", color="tab:red", label="mean confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{title}\nECE {ece:.4f} (95% bootstrap CI {ece_ci[0]:.4f}–{ece_ci[1]:.4f})\n{caption}", fontsize=9)
+    ax_count.bar(centres, [row["count"] for row in table], width=width * 0.95, color="grey")
+    ax_count.set_yscale("symlog")
+    ax_count.set_xlabel("confidence")
+    ax_count.set_ylabel("images")
+    return _save(fig, path)
+
+
+def misclassified_gallery(images: Sequence[np.ndarray], captions: Sequence[str], title: str, path: Path, columns: int = 6) -> Path:
+    """The wrongly classified images with true class, prediction and confidence."""
+    count = max(len(images), 1)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    if not images:
+        axes[0][0].text(0, 0.5, "no misclassified images", fontsize=12)
+    for ax, image, text in zip(axes.flat, images, captions):
+        ax.imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None, vmin=0, vmax=255)
+        ax.set_title(text, fontsize=7)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)

@@ -82,8 +82,13 @@ def run_stage(io: Any, *, data_ingestion: DataIngestionParams, schema: SchemaCon
     return write_outputs(items, skipped, meta, io.out_dir)
 
 
-def ingest(params: DataIngestionParams, schema: SchemaConfig, out_dir: Path, cache_dir: Path) -> tuple[list[Item], list[Skipped], dict[str, Any]]:
-    """Find every labelled image of `params.source`; archives are extracted into out_dir."""
+def ingest(params: DataIngestionParams, schema: SchemaConfig, out_dir: Path, cache_dir: Path,
+           require_all_classes: bool = True) -> tuple[list[Item], list[Skipped], dict[str, Any]]:
+    """Find every labelled image of `params.source`; archives are extracted into out_dir.
+
+    With `require_all_classes` (training) every schema class must have images; evaluating a
+    folder only needs some.
+    """
     source = params.source
     kind = "url" if _is_url(source) else "archive" if Path(source).is_file() else "folder"
     if kind == "url":
@@ -103,7 +108,7 @@ def ingest(params: DataIngestionParams, schema: SchemaConfig, out_dir: Path, cac
         root = Path(source)
         display_root = None
     root = _enter_lone_folder(root)
-    layout, items, skipped = scan(root, schema)
+    layout, items, skipped = scan(root, schema, require_all_classes)
     if display_root is not None:  # archive members are addressed relative to the stage output
         items = [Item(str(Path(i.path).relative_to(display_root)), i.label, i.split) for i in items]
     classes = list(schema.classes) if schema.classes != "auto" else sorted({i.label for i in items})
@@ -169,7 +174,7 @@ class ClassResolver:
         return sorted(set(self.lookup.values()))
 
 
-def scan(root: Path, schema: SchemaConfig) -> tuple[str, list[Item], list[Skipped]]:
+def scan(root: Path, schema: SchemaConfig, require_all_classes: bool = True) -> tuple[str, list[Item], list[Skipped]]:
     """Detect the layout below `root` and list labelled images and skipped files."""
     resolver = ClassResolver(schema)
     extensions = {e.lower() for e in schema.extensions}
@@ -203,7 +208,7 @@ def scan(root: Path, schema: SchemaConfig) -> tuple[str, list[Item], list[Skippe
                 skipped.append(Skipped(str(p), f"unknown class: file-name prefix '{prefix}' is not a class or alias in the schema"))
             else:
                 items.append(Item(str(p), label, None))
-    _check_against_schema(root, layout, items, schema, resolver)
+    _check_against_schema(root, layout, items, schema, resolver, require_all_classes)
     return layout, items, skipped
 
 
@@ -228,11 +233,13 @@ def _scan_class_folders(root: Path, split: str | None, resolver: ClassResolver, 
                 items.append(Item(str(p), label, split))
 
 
-def _check_against_schema(root: Path, layout: str, items: list[Item], schema: SchemaConfig, resolver: ClassResolver) -> None:
+def _check_against_schema(root: Path, layout: str, items: list[Item], schema: SchemaConfig, resolver: ClassResolver, require_all: bool) -> None:
     found = Counter(i.label for i in items)
     if not items:
         raise DataError(f"no labelled images found in {root} ({layout} layout); expected class folders, a train/valid/test tree or "
                         f"files named like Cr_1.bmp, with classes {resolver.known()} and extensions {schema.extensions}")
+    if not require_all:
+        return
     if schema.classes != "auto":
         missing = [c for c in schema.classes if c not in found]
         if missing:

@@ -1,0 +1,165 @@
+"""Benchmarks (run by a command and recorded, not timed tests). Results go to artifacts/bench/.
+
+* `bench data`: ingestion + preprocessing of the configured source (NEU by default), and
+  throughput (images/s) on synthetic sets of the same size and 10x larger.
+* `bench train`: the full pipeline (every stage forced) once per seed: wall time, test and
+  validation accuracy / macro F1; then the training loop's cost against a bare `model.fit`
+  of the same model on the same tf.data input (median epoch time of epochs 2..N, the two
+  run one after the other, alternating order over the repeats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from metal_defect import artifacts as art
+from metal_defect.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+
+def run(config: Config, args: Any) -> str:
+    out = Path(config.paths.artifacts) / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}"
+    result = bench_data(config) if args.what == "data" else bench_train(config, args)
+    result["machine"] = machine()
+    result["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    path = out / f"{args.what}-{stamp}.json"
+    art.write_json_atomic(path, result)
+    art.write_json_atomic(out / f"{args.what}-latest.json", result)
+    return json.dumps(result.get("headline", {}), indent=2) + f"\nfull results: {path}"
+
+
+def machine() -> dict[str, Any]:
+    import tensorflow as tf
+
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "gpus": [d.name for d in tf.config.list_logical_devices("GPU")], "tensorflow": tf.__version__, "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------- data
+def _time_data_stages(config: Config, source: str, workdir: Path) -> dict[str, Any]:
+    from metal_defect.pipeline import Runner
+
+    overrides = [f"data_ingestion.source={source}", f"paths.artifacts={workdir}"]
+    cfg = load_config(config.config_dir, overrides)
+    started = time.perf_counter()
+    manifest = Runner(cfg, command="bench").run("1-2", force=["all"])
+    seconds = time.perf_counter() - started
+    images = manifest["stages"]["data_ingestion"]["summary"]["images_found"]
+    return {"images": images, "seconds": round(seconds, 2), "images_per_second": round(images / seconds, 1),
+            "stage_seconds": {k: v["duration_s"] for k, v in manifest["stages"].items()},
+            "decode_images_per_second": manifest["stages"]["data_preprocessing"]["summary"]["images_per_second"]}
+
+
+def bench_data(config: Config) -> dict[str, Any]:
+    from metal_defect import synthetic
+
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        tmp_path = Path(tmp)
+        real = _time_data_stages(config, config.data_ingestion.source, tmp_path / "real")
+        classes = tuple(synthetic.PREFIXES)
+        results = {"source": real}
+        for scale in (1, 10):
+            root = synthetic.make_dataset(tmp_path / f"synthetic{scale}", classes=classes, per_class=280 * scale, size=200, ext=".jpg")
+            results[f"synthetic_{scale}x"] = _time_data_stages(config, str(root), tmp_path / f"s{scale}")
+            shutil.rmtree(root)
+    flat = results["synthetic_10x"]["images_per_second"] / results["synthetic_1x"]["images_per_second"]
+    results["headline"] = {
+        "source_images": real["images"], "source_seconds": real["seconds"],
+        "synthetic_1x_images_per_second": results["synthetic_1x"]["images_per_second"],
+        "synthetic_10x_images_per_second": results["synthetic_10x"]["images_per_second"],
+        "throughput_ratio_10x_over_1x": round(flat, 3),
+    }
+    return results
+
+
+# ----------------------------------------------------------------------------- train
+def bench_train(config: Config, args: Any) -> dict[str, Any]:
+    from metal_defect.pipeline import Runner
+
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    root = Path(config.paths.artifacts) / "bench" / f"train-runs-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    results: dict[str, Any] = {"params": {"epochs": config.train.epochs, "models": config.train.models, "image_size": config.base.image_size}}
+    prepared_dir = None
+    if "seeds" not in skip:
+        per_seed = {}
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            cfg = load_config(config.config_dir, [f"base.seed={seed}", f"paths.artifacts={root}"])
+            started = time.perf_counter()
+            manifest = Runner(cfg, command="bench").run(None, force=["all"])
+            metrics = manifest["metrics"]
+            per_seed[seed] = {"run_id": manifest["run_id"], "pipeline_seconds": round(time.perf_counter() - started, 1),
+                              "stage_seconds": {k: v["duration_s"] for k, v in manifest["stages"].items()},
+                              **{k: metrics.get(k) for k in ("best_model", "valid_accuracy", "valid_macro_f1", "test_accuracy",
+                                                             "test_macro_f1", "test_errors", "test_n", "test_ece")}}
+            log.info("bench seed %d: test accuracy %.4f, macro F1 %.4f, %.0f s", seed, metrics["test_accuracy"], metrics["test_macro_f1"],
+                     per_seed[seed]["pipeline_seconds"])
+            prepared_dir = prepared_dir or Path(manifest["stages"]["data_preprocessing"]["output"])
+        results["seeds"] = per_seed
+        results["mean_test_accuracy"] = statistics.mean(v["test_accuracy"] for v in per_seed.values())
+        results["mean_test_macro_f1"] = statistics.mean(v["test_macro_f1"] for v in per_seed.values())
+        results["max_pipeline_seconds"] = max(v["pipeline_seconds"] for v in per_seed.values())
+    if "overhead" not in skip:
+        if prepared_dir is None:
+            cfg = load_config(config.config_dir, [f"paths.artifacts={root}"])
+            prepared_dir = Path(Runner(cfg, command="bench").run("1-2")["stages"]["data_preprocessing"]["output"])
+        results["loop_overhead"] = loop_overhead(config, prepared_dir, args.epochs, args.repeats)
+    results["headline"] = {k: results[k] for k in ("mean_test_accuracy", "mean_test_macro_f1", "max_pipeline_seconds") if k in results}
+    if "seeds" in results:
+        results["headline"]["per_seed_test_accuracy"] = {s: v["test_accuracy"] for s, v in results["seeds"].items()}
+        results["headline"]["per_seed_test_macro_f1"] = {s: v["test_macro_f1"] for s, v in results["seeds"].items()}
+    if "loop_overhead" in results:
+        results["headline"]["loop_over_bare_fit"] = results["loop_overhead"]["median_ratio"]
+    return results
+
+
+def loop_overhead(config: Config, prepared_dir: Path, epochs: int, repeats: int) -> dict[str, Any]:
+    """Our training loop (all callbacks) vs a bare model.fit: median epoch seconds of epochs 2..N."""
+    import keras
+
+    from metal_defect.components import c04_model_builder as builder
+    from metal_defect.components.c03_dataset_loader import build_datasets
+    from metal_defect.components.c05_callbacks import EpochTimer, learning_rate
+    from metal_defect.components.c06_training import compile_model, pixel_statistics, train_one
+
+    data = build_datasets(prepared_dir, config.data_loader, config.base.seed)
+    train = dataclasses.replace(config.train, epochs=epochs, models=config.train.models[:1], verbose=0)
+    name = train.models[0]
+    callbacks_params = dataclasses.replace(config.callbacks, early_stopping=dataclasses.replace(config.callbacks.early_stopping, enabled=False))
+
+    def ours() -> list[float]:
+        with tempfile.TemporaryDirectory(prefix="bench-loop-") as work:
+            train_one(name, data, config.base, config.model, callbacks_params, train, Path(work) / name)
+            history = json.loads((Path(work) / name / "history.json").read_text())
+        return [row["epoch_seconds"] for row in history]
+
+    def bare() -> list[float]:
+        keras.utils.set_random_seed(config.base.seed)
+        built = builder.build_model(name, data.image_shape, len(data.class_names), config.model, pixel_statistics(data["train"].files))
+        compile_model(built.model, train, learning_rate(config.callbacks, train.learning_rate, data.steps("train"), epochs))
+        fit = built.model.fit(data["train"].dataset, validation_data=data["valid"].dataset, epochs=epochs, callbacks=[EpochTimer()],
+                              verbose=0, shuffle=False)
+        return list(fit.history["epoch_seconds"])
+
+    pairs = []
+    for repeat in range(repeats):
+        order = (("ours", ours), ("bare", bare)) if repeat % 2 == 0 else (("bare", bare), ("ours", ours))
+        measured = {label: statistics.median(fn()[1:]) for label, fn in order}
+        pairs.append({**{k: round(v, 3) for k, v in measured.items()}, "ratio": round(measured["ours"] / measured["bare"], 4),
+                      "order": [label for label, _ in order]})
+        log.info("loop overhead repeat %d: ours %.2f s/epoch, bare %.2f s/epoch, ratio %.3f", repeat + 1, measured["ours"], measured["bare"],
+                 measured["ours"] / measured["bare"])
+    return {"model": name, "epochs": epochs, "repeats": pairs, "median_ratio": round(statistics.median(p["ratio"] for p in pairs), 4)}

@@ -1,0 +1,73 @@
+"""What `runs`, `promote` and `evaluate DIR` do (the CLI only parses and prints)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+from metal_defect import artifacts as art
+from metal_defect.config import Config
+from metal_defect.errors import ArtifactError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def list_runs(config: Config, limit: int = 20) -> str:
+    """A table of the last `limit` runs: status, duration, stages run/reused, model and metrics."""
+    store = art.ArtifactStore(config.paths.artifacts)
+    store.mark_dead_runs_failed()
+    served = (store.served() or {}).get("run_id")
+    rows = [("", "run", "status", "started", "duration", "ran/reused", "model", "val F1", "test acc", "test F1")]
+    for run_id in store.run_ids()[-limit:]:
+        try:
+            m = store.manifest(run_id)
+        except ArtifactError:
+            continue
+        stages = m.get("stages", {}).values()
+        metrics = m.get("metrics", {})
+        rows.append((
+            "*" if run_id == served else "", run_id, m.get("status", "?"), (m.get("started") or "")[:19].replace("T", " "),
+            f"{m['duration_s']:.0f} s" if m.get("duration_s") is not None else "-",
+            f"{sum(not s['reused'] for s in stages)}/{sum(s['reused'] for s in stages)}", metrics.get("best_model", "-"),
+            _fmt(metrics.get("valid_macro_f1")), _fmt(metrics.get("test_accuracy")), _fmt(metrics.get("test_macro_f1")),
+        ))
+    if len(rows) == 1:
+        return f"no runs yet under {store.runs_dir}; start one with `python main.py`"
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines) + ("\n* = served model" if served else "\nno model is served yet")
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def promote(config: Config, run_id: str) -> str:
+    """Serve the evaluated model of `run_id` (roll back or forward)."""
+    from metal_defect.components.c06_evaluation import publish
+    from metal_defect.inference import bundle_of_run
+
+    store = art.ArtifactStore(config.paths.artifacts)
+    bundle = bundle_of_run(store, run_id)
+    previous = (store.served() or {}).get("run_id")
+    pointer = publish(store, run_id, bundle.parent)
+    return f"served model: {pointer['model_name']} from run {run_id} (was: {previous or 'none'})"
+
+
+def evaluate(config: Config, folder: Path, run_id: str | None, out: Path | None) -> str:
+    """Evaluate the served model, or run `run_id`'s, on a labelled folder; returns a summary line."""
+    from metal_defect.components.c06_evaluation import evaluate_folder
+    from metal_defect.inference import Predictor
+    from metal_defect.metrics import caption
+
+    folder = Path(folder).resolve()
+    if not folder.exists():
+        raise DataError(f"evaluate: {folder} does not exist")
+    store = art.ArtifactStore(config.paths.artifacts)
+    predictor = Predictor.load(store, run_id)
+    out = out or store.root / "evaluations" / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{folder.name.replace(' ', '_')}"
+    report = evaluate_folder(folder, predictor, config, Path(out))
+    skipped = len(report["skipped_at_ingestion"]) + len(report["unreadable"])
+    return (f"{predictor.spec['model_name']} on {folder}: {caption(report['n'], report['errors'])}, macro F1 {report['macro_f1']:.4f}, "
+            f"ECE {report['calibration']['ece']:.4f}; {skipped} files skipped; results in {out}")

@@ -1,0 +1,108 @@
+"""c05 callbacks and learning-rate schedules, from params.
+
+Everything that must survive an interruption lives in the training stage's work folder:
+BackupAndRestore state (weights, optimizer, epoch), the best checkpoint and the CSV log.
+Running the same command again resumes at the last finished epoch, and the best-so-far
+threshold is restored from the CSV log so the checkpoint keeps the true best epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from metal_defect.config import CallbacksParams
+
+log = logging.getLogger(__name__)
+
+HISTORY_CSV = "history.csv"
+BEST_CHECKPOINT = "best.keras"
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Records wall-clock seconds per epoch into the logs (column `epoch_seconds`)."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self._start
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the optimizer's current learning rate to the epoch logs (column `learning_rate`)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+def learning_rate(params: CallbacksParams, base_lr: float, steps_per_epoch: int, epochs: int) -> Any:
+    """A float (constant/plateau) or a warm-up + cosine schedule over the whole run."""
+    if params.lr_schedule != "cosine":
+        return base_lr
+    total = max(steps_per_epoch * epochs, 1)
+    warmup = min(params.warmup_epochs * steps_per_epoch, total - 1)
+    if warmup > 0:
+        return keras.optimizers.schedules.CosineDecay(base_lr * 0.1, decay_steps=total - warmup, warmup_target=base_lr, warmup_steps=warmup)
+    return keras.optimizers.schedules.CosineDecay(base_lr, decay_steps=total)
+
+
+def best_so_far(csv_path: Path, monitor: str) -> float | None:
+    """The best value of `monitor` in an existing CSV log (None when there is none)."""
+    rows = read_history(csv_path)
+    values = [row[monitor] for row in rows if monitor in row]
+    if not values:
+        return None
+    return max(values) if "acc" in monitor else min(values)
+
+
+def read_history(csv_path: Path) -> list[dict[str, float]]:
+    """CSVLogger rows as floats, one per epoch (a row repeated by a resume keeps the last)."""
+    if not csv_path.is_file():
+        return []
+    by_epoch: dict[int, dict[str, float]] = {}
+    with open(csv_path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                values = {k: float(v) for k, v in row.items() if k and v not in ("", None)}
+            except ValueError:
+                continue
+            if "epoch" in values:
+                by_epoch[int(values["epoch"])] = values
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def make_callbacks(params: CallbacksParams, work_dir: Path) -> list[keras.callbacks.Callback]:
+    """The callbacks for one fit, all writing their state into `work_dir`."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    callbacks: list[keras.callbacks.Callback] = [EpochTimer(), LearningRateLogger()]
+    monitor = params.checkpoint_monitor
+    mode = "max" if "acc" in monitor else "min"
+    threshold = best_so_far(work_dir / HISTORY_CSV, monitor)
+    if threshold is not None:
+        log.info("resuming: best %s so far %.4f", monitor, threshold)
+    callbacks.append(keras.callbacks.ModelCheckpoint(str(work_dir / BEST_CHECKPOINT), monitor=monitor, mode=mode,
+                                                     save_best_only=True, initial_value_threshold=threshold))
+    if params.early_stopping.enabled:
+        es = params.early_stopping
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=es.monitor, mode="max" if "acc" in es.monitor else "min",
+                                                       patience=es.patience, restore_best_weights=False))
+    if params.lr_schedule == "plateau":
+        p = params.plateau
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=p.factor, patience=p.patience, min_lr=p.min_lr))
+    if params.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(work_dir / "tensorboard"), histogram_freq=0,
+                                                     write_graph=False, profile_batch=0))
+    if params.csv_logger:
+        callbacks.append(keras.callbacks.CSVLogger(str(work_dir / HISTORY_CSV), append=True))
+    if params.backup_and_restore:
+        # last, so that an epoch counts as finished only after everything above has recorded it
+        callbacks.append(keras.callbacks.BackupAndRestore(str(work_dir / "backup"), save_freq="epoch", double_checkpoint=True))
+    return callbacks

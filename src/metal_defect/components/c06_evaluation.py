@@ -1,0 +1,257 @@
+"""c06 evaluation stage: judge every trained model on validation, choose one, report on test.
+
+The choice uses validation only (macro F1, ties by lower validation log loss); the test
+split is touched once, for the chosen model. Every figure states n, the error count and a
+95 % Wilson interval. A temperature fitted on validation is stored with the model when it
+lowers the validation negative log-likelihood. The chosen model, its input contract,
+temperature and model card are written as a self-contained bundle (`served/`), which the
+runner then names as the served model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from metal_defect import metrics, plots
+from metal_defect.artifacts import ArtifactStore, read_json, write_json_atomic
+from metal_defect.components.c01_data_ingestion import REPORT_FILE as INGESTION_REPORT
+from metal_defect.components.c02_data_preprocessing import PREPROCESSOR_FILE, RECORDS_FILE
+from metal_defect.components.c02_data_preprocessing import REPORT_FILE as PREPROCESSING_REPORT
+from metal_defect.components.c06_training import MODEL_FILE, MODELS_DIR, TRAIN_SUMMARY
+from metal_defect.config import EvaluationParams
+from metal_defect.inference import BUNDLE_DIR, MODEL_CARD, SERVING_SPEC, Predictor, load_model, predict_probabilities
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "base_models_metrics.json"
+BEST_FILE = "best_base_model.json"
+
+
+def run_stage(io: Any, *, evaluation: EvaluationParams) -> dict[str, Any]:
+    """Runner entry: evaluate the models of the train stage on c02's valid/test splits."""
+    return evaluate_models(io.inputs["data_ingestion"], io.inputs["data_preprocessing"], io.inputs["train"], evaluation, io.out_dir)
+
+
+def load_split(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """uint8 images, labels and file names of one prepared split (read exactly, no augmentation)."""
+    records = [r for r in read_json(prepared / RECORDS_FILE)["records"] if r["split"] == split]
+    images = [np.asarray(Image.open(prepared / r["file"])) for r in records]
+    images = [im[..., None] if im.ndim == 2 else im for im in images]
+    return np.stack(images) if images else np.zeros((0, 1, 1, 1), np.uint8), np.array([r["label_index"] for r in records]), [r["source"] for r in records]
+
+
+def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: EvaluationParams, out_dir: Path) -> dict[str, Any]:
+    train_summary = read_json(trained / TRAIN_SUMMARY)
+    class_names = train_summary["class_names"]
+    x_valid, y_valid, valid_names = load_split(prepared, "valid")
+    results: dict[str, Any] = {}
+    valid_probs: dict[str, np.ndarray] = {}
+    for name, info in train_summary["models"].items():
+        model_dir = trained / MODELS_DIR / name
+        probs = predict_probabilities(load_model(model_dir / MODEL_FILE), x_valid, params.batch_size)
+        valid_probs[name] = probs
+        folder = out_dir / "models" / name
+        results[name] = {"valid": report_split(y_valid, probs, class_names, x_valid, valid_names, folder, f"{name}, validation", params),
+                         "pretrained": info["pretrained"], "schedule": info["schedule"], "epochs_run": info["epochs_run"]}
+        history = read_json(model_dir / "history.json") if (model_dir / "history.json").is_file() else []
+        if history:
+            plots.training_curves(history, f"{name}: training curves ({info['epochs_run']} epochs, {info['schedule']})",
+                                  metrics.caption(results[name]["valid"]["n"], results[name]["valid"]["errors"]), folder / "training_curves.png")
+    best = choose_best(results, params.select_metric)
+    log.info("best base model on validation: %s (%s %.4f)", best, params.select_metric, results[best]["valid"][params.select_metric])
+
+    temperature, calibration = calibrate(y_valid, valid_probs[best], params)
+    bundle = out_dir / BUNDLE_DIR
+    bundle.mkdir(parents=True)
+    shutil.copy2(trained / MODELS_DIR / best / MODEL_FILE, bundle / MODEL_FILE)
+    shutil.copy2(prepared / PREPROCESSOR_FILE, bundle / PREPROCESSOR_FILE)
+    records = read_json(prepared / RECORDS_FILE)
+    spec = {"model_name": best, "class_names": class_names, "image_size": records["image_size"], "color_mode": records["color_mode"],
+            "input_dtype": "uint8", "temperature": temperature, "pretrained": results[best]["pretrained"],
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    write_json_atomic(bundle / SERVING_SPEC, spec)
+
+    test_report = None
+    x_test, y_test, test_names = load_split(prepared, "test")
+    if len(y_test):
+        chosen = Predictor.from_bundle(bundle)
+        raw_test = chosen.raw_probabilities(x_test, params.batch_size)
+        test_report = report_split(y_test, metrics.apply_temperature(raw_test, temperature), class_names, x_test, test_names,
+                                   out_dir / "test", f"{best}, test split (chosen on validation)", params)
+        test_report["calibration_uncalibrated"] = calibration_summary(y_test, raw_test, params)
+    results[best]["calibration"] = calibration
+    write_json_atomic(out_dir / METRICS_FILE, {"selected_by": f"validation {params.select_metric}, ties by validation log loss",
+                                               "models": results})
+    best_record = {"name": best, "model": f"{BUNDLE_DIR}/{MODEL_FILE}", "bundle": BUNDLE_DIR, "temperature": temperature,
+                   "pretrained": results[best]["pretrained"], "valid": _headline(results[best]["valid"]),
+                   "test": _headline(test_report) if test_report else None, "calibration": calibration}
+    write_json_atomic(out_dir / BEST_FILE, best_record)
+    card = model_card(best, results[best], test_report, calibration, spec, ingested, prepared, train_summary["models"][best])
+    (out_dir / MODEL_CARD).write_text(card, encoding="utf-8")
+    (bundle / MODEL_CARD).write_text(card, encoding="utf-8")
+    headline = {"best_model": best, "valid_accuracy": results[best]["valid"]["accuracy"], "valid_macro_f1": results[best]["valid"]["macro_f1"]}
+    if test_report:
+        headline |= {"test_accuracy": test_report["accuracy"], "test_macro_f1": test_report["macro_f1"], "test_errors": test_report["errors"],
+                     "test_n": test_report["n"], "test_ece": test_report["calibration"]["ece"]}
+        log.info("test split (%s): %s, macro F1 %.4f", best, metrics.caption(test_report["n"], test_report["errors"]), test_report["macro_f1"])
+    return {"metrics": headline, "temperature": temperature}
+
+
+def report_split(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], images: np.ndarray, names: list[str], folder: Path,
+                 title: str, params: EvaluationParams) -> dict[str, Any]:
+    """Metrics JSON, confusion matrices, reliability diagram and misclassified gallery for one set."""
+    folder.mkdir(parents=True, exist_ok=True)
+    result = metrics.classification_metrics(y_true, probs, class_names)
+    result["calibration"] = calibration_summary(y_true, probs, params)
+    caption = metrics.caption(result["n"], result["errors"])
+    plots.confusion_matrices(np.array(result["confusion_matrix"]), class_names, caption, f"{title}: confusion matrix", folder / "confusion_matrix.png")
+    cal = result["calibration"]
+    plots.reliability_diagram(cal["bins"], cal["ece"], tuple(cal["ece_ci95"]), caption, f"{title}: reliability", folder / "reliability_diagram.png")
+    wrong = np.flatnonzero(probs.argmax(axis=1) != y_true)[: params.misclassified_max]
+    captions = [f"{Path(names[i]).name}\ntrue {class_names[y_true[i]]}\npred {class_names[probs[i].argmax()]} ({probs[i].max():.0%})" for i in wrong]
+    plots.misclassified_gallery([images[i] for i in wrong], captions, f"{title}: misclassified ({caption})", folder / "misclassified.png")
+    result["misclassified"] = [{"file": names[i], "true": class_names[y_true[i]], "predicted": class_names[probs[i].argmax()],
+                                "confidence": float(probs[i].max())} for i in np.flatnonzero(probs.argmax(axis=1) != y_true)]
+    write_json_atomic(folder / "metrics.json", result)
+    return result
+
+
+def calibration_summary(y_true: np.ndarray, probs: np.ndarray, params: EvaluationParams) -> dict[str, Any]:
+    ece, table = metrics.expected_calibration_error(y_true, probs, params.calibration_bins)
+    lo, hi = metrics.bootstrap_ece(y_true, probs, params.calibration_bins, params.bootstrap_samples)
+    return {"ece": ece, "ece_ci95": [lo, hi], "n": len(y_true), "bins": table, "nll": metrics.negative_log_likelihood(y_true, probs)}
+
+
+def calibrate(y_valid: np.ndarray, probs: np.ndarray, params: EvaluationParams) -> tuple[float, dict[str, Any]]:
+    """Fit a bounded temperature on validation; keep it only if it lowers the validation NLL."""
+    fitted = metrics.fit_temperature(y_valid, probs, params.temperature_min, params.temperature_max)
+    before = metrics.negative_log_likelihood(y_valid, probs)
+    after = metrics.negative_log_likelihood(y_valid, metrics.apply_temperature(probs, fitted))
+    helps = after < before - 1e-4
+    info = {"fitted_temperature": fitted, "used": helps, "valid_nll_before": before, "valid_nll_after": after,
+            "valid_ece_before": metrics.expected_calibration_error(y_valid, probs, params.calibration_bins)[0],
+            "valid_ece_after": metrics.expected_calibration_error(y_valid, metrics.apply_temperature(probs, fitted), params.calibration_bins)[0]}
+    log.info("temperature scaling: T=%.3f, validation NLL %.4f -> %.4f (%s)", fitted, before, after, "stored" if helps else "not stored: no gain")
+    return (fitted if helps else 1.0), info
+
+
+def choose_best(results: dict[str, Any], metric: str) -> str:
+    """Highest validation `metric`; ties broken by lower validation log loss. Never looks at test."""
+    return min(results, key=lambda n: (-round(results[n]["valid"][metric], 6), results[n]["valid"]["log_loss"]))
+
+
+def _headline(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    keys = ("n", "errors", "accuracy", "accuracy_ci95", "macro_precision", "macro_recall", "macro_f1", "log_loss")
+    return {k: report[k] for k in keys} | {"ece": report["calibration"]["ece"], "ece_ci95": report["calibration"]["ece_ci95"]}
+
+
+def model_card(name: str, result: dict[str, Any], test: dict[str, Any] | None, calibration: dict[str, Any], spec: dict[str, Any],
+               ingested: Path, prepared: Path, train_info: dict[str, Any]) -> str:
+    """A Markdown model card: data, split, model, metrics with intervals, calibration, known limits."""
+    ingestion = read_json(ingested / INGESTION_REPORT)
+    pre = read_json(prepared / PREPROCESSING_REPORT)
+    valid = result["valid"]
+
+    def line(label: str, r: dict[str, Any]) -> str:
+        lo, hi = r["accuracy_ci95"]
+        return (f"| {label} | {r['n']} | {r['errors']} | {r['accuracy']:.2%} ({lo:.1%}–{hi:.1%}) | {r['macro_f1']:.4f} | "
+                f"{r['calibration']['ece']:.4f} ({r['calibration']['ece_ci95'][0]:.4f}–{r['calibration']['ece_ci95'][1]:.4f}) |")
+
+    per_class = test["per_class"] if test else valid["per_class"]
+    rows = "\n".join(f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |" for c, v in per_class.items())
+    counts = "; ".join(f"{s}: {sum(v.values())}" for s, v in pre["counts"].items())
+    return f"""# Model card: {name}
+
+Created {spec['created']}.
+
+## Data
+- Source: `{ingestion['source']}` ({ingestion['source_kind']}, {ingestion['layout']} layout), {ingestion['images_found']} images found,
+  {ingestion['skipped_count']} files skipped at ingestion, {len(pre['skipped'])} unusable at decoding,
+  {sum(len(d['dropped']) for d in pre['duplicates'])} exact duplicates dropped.
+- Classes (label order): {', '.join(spec['class_names'])}.
+- Split ({'kept from the source' if pre['presplit'] else 'stratified, seeded'}): {counts}.
+- Input contract: {spec['image_size']}×{spec['image_size']} {spec['color_mode']}, uint8 pixels; resizing and mode conversion by
+  `to_model_input` (the same function for training and serving); normalisation inside the model.
+
+## Model
+- Architecture: `{name}`, {train_info['parameters']['total']:,} parameters.
+- Weights: {'pretrained (' + str(train_info['weights']) + ')' if train_info['pretrained'] else 'random initialisation (pretrained: false)'};
+  schedule: {train_info['schedule']} ({', '.join(train_info['phases'])}), {train_info['epochs_run']} epochs,
+  median {train_info['median_epoch_seconds']} s/epoch; strategy {train_info['strategy']} × {train_info['replicas']}.
+- Chosen on validation macro F1 (ties: validation log loss) among the trained base models; test touched once.
+
+## Metrics
+| split | n | errors | accuracy (95% Wilson CI) | macro F1 | ECE (95% bootstrap CI) |
+|---|---|---|---|---|---|
+{line('validation', valid)}
+{line('test', test) if test else '| test | - | - | (no test split) | - | - |'}
+
+Per class ({'test' if test else 'validation'}):
+
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{rows}
+
+## Calibration
+Temperature fitted on validation: T = {calibration['fitted_temperature']:.3f}
+({'stored with the model' if calibration['used'] else 'not stored: it did not lower validation NLL'});
+validation NLL {calibration['valid_nll_before']:.4f} → {calibration['valid_nll_after']:.4f},
+validation ECE {calibration['valid_ece_before']:.4f} → {calibration['valid_ece_after']:.4f}.
+Test ECE above is with the stored temperature{'' if not test else f"; without it {test['calibration_uncalibrated']['ece']:.4f}"}.
+
+## Known limits
+- Trained only on the images above: {len(spec['class_names'])} classes; an image of anything else (another defect type, another
+  material, another camera or lighting) still gets one of these labels, often with high confidence.
+- The test split is small: the interval above, not the point estimate, is what the data supports.
+- Calibration was fitted and checked on small splits; confidences near 1.0 are the least certain part of it.
+- Images are reduced to {spec['image_size']}×{spec['image_size']} {spec['color_mode']}: defects smaller than a few pixels at that scale may be missed.
+"""
+
+
+def publish(store: ArtifactStore, run_id: str, output: Path) -> dict[str, Any]:
+    """Point the served model at this evaluation's bundle (written atomically)."""
+    best = read_json(output / BEST_FILE)
+    pointer = {"run_id": run_id, "bundle": str(output / BUNDLE_DIR), "model_name": best["name"], "temperature": best["temperature"],
+               "valid": best["valid"], "test": best["test"], "promoted": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+    store.set_served(pointer)
+    log.info("served model is now %s from run %s", best["name"], run_id)
+    return pointer
+
+
+def evaluate_folder(folder: Path, predictor: Predictor, config: Any, out_dir: Path) -> dict[str, Any]:
+    """`main.py evaluate DIR`: the served (or a named) model on any labelled folder c01 recognises.
+
+    Classes map onto the model's classes through the schema aliases; every split of a
+    pre-split tree counts. Writes the same metrics and plots as the evaluation stage.
+    """
+    import dataclasses
+
+    from metal_defect.components import c01_data_ingestion as c01
+
+    class_names = predictor.class_names
+    schema = dataclasses.replace(config.schema, classes=class_names, min_images_per_class=1,
+                                 aliases={k: v for k, v in config.schema.aliases.items() if k in class_names})
+    source = dataclasses.replace(config.data_ingestion, source=str(folder), sha256=None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items, skipped, meta = c01.ingest(source, schema, out_dir / "_ingest", config.paths.download_cache, require_all_classes=False)
+    paths = [i.path if Path(i.path).is_absolute() else str(out_dir / "_ingest" / i.path) for i in items]
+    images, ok, problems = predictor.load_images(paths)
+    labels = np.array([class_names.index(items[i].label) for i in ok])
+    names = [paths[i] for i in ok]
+    probs = predictor.probabilities(images, config.evaluation.batch_size)
+    title = f"{predictor.spec['model_name']} on {Path(folder).name}"
+    report = report_split(labels, probs, class_names, images, names, out_dir, title, config.evaluation)
+    report |= {"folder": str(folder), "layout": meta["layout"], "bundle": str(predictor.bundle), "temperature": predictor.temperature,
+               "skipped_at_ingestion": [dataclasses.asdict(s) for s in skipped], "unreadable": problems}
+    write_json_atomic(out_dir / "metrics.json", report)
+    shutil.rmtree(out_dir / "_ingest", ignore_errors=True)
+    return report

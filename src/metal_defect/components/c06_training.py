@@ -1,0 +1,218 @@
+"""c06 training stage: train every base model listed in `train.models`.
+
+Custom CNN and randomly initialised backbones train end to end. Backbones with pretrained
+weights train in two phases, as the Keras transfer-learning guide does: the frozen base
+(called with training=False) under a new head, then the top layers unfrozen at a low
+learning rate with BatchNorm kept frozen, recompiled. Each model's partial state lives in
+the stage's work folder, so an interrupted run resumes at the last finished epoch of the
+model and phase it was in; finished models are not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from metal_defect.artifacts import read_json, write_json_atomic
+from metal_defect.components import c04_model_builder as builder
+from metal_defect.components.c03_dataset_loader import Datasets, build_datasets
+from metal_defect.components.c05_callbacks import BEST_CHECKPOINT, HISTORY_CSV, learning_rate, make_callbacks, read_history
+from metal_defect.config import BaseParams, CallbacksParams, DataLoaderParams, ModelParams, TrainParams
+
+log = logging.getLogger(__name__)
+
+MODELS_DIR = "models"
+MODEL_FILE = "model.keras"
+TRAIN_SUMMARY = "train_summary.json"
+SUMMARIES_FILE = "model_summaries.txt"
+
+
+@keras.saving.register_keras_serializable(package="metal_defect")
+class SparseSmoothedCrossentropy(keras.losses.Loss):
+    """Cross-entropy for integer labels with label smoothing (Keras' sparse loss has none)."""
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "sparse_smoothed_crossentropy", **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        classes = keras.ops.shape(y_pred)[-1]
+        one_hot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), classes)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def run_stage(io: Any, *, base: BaseParams, data_loader: DataLoaderParams, model: ModelParams, callbacks: CallbacksParams,
+              train: TrainParams) -> dict[str, Any]:
+    """Runner entry: train every model in train.models on c02's prepared images."""
+    data = build_datasets(io.inputs["data_preprocessing"], data_loader, base.seed)
+    return train_models(data, base, model, callbacks, train, io.work_dir, io.out_dir)
+
+
+def train_models(data: Datasets, base: BaseParams, model_params: ModelParams, callback_params: CallbacksParams, train: TrainParams,
+                 work_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Train (or pick up finished) models; copy each into out_dir/models/<name>/."""
+    summaries: dict[str, Any] = {}
+    texts = []
+    for name in train.models:
+        model_work = work_dir / name
+        done = model_work / "done.json"
+        if done.is_file():
+            log.info("%s: already trained in an earlier attempt of this stage; not training again", name)
+            info = read_json(done)
+        else:
+            info = train_one(name, data, base, model_params, callback_params, train, model_work)
+            write_json_atomic(done, info)
+        target = out_dir / MODELS_DIR / name
+        target.mkdir(parents=True)
+        shutil.copy2(model_work / MODEL_FILE, target / MODEL_FILE)
+        for extra in (HISTORY_CSV, "history.json"):
+            if (model_work / extra).is_file():
+                shutil.copy2(model_work / extra, target / extra)
+        for board in sorted(model_work.glob("*/tensorboard")):
+            shutil.copytree(board, target / "tensorboard" / board.parent.name)
+        texts.append((model_work / "summary.txt").read_text())
+        summaries[name] = info
+    (out_dir / SUMMARIES_FILE).write_text("\n\n".join(texts), encoding="utf-8")
+    write_json_atomic(out_dir / TRAIN_SUMMARY, {"models": summaries, "class_names": data.class_names, "image_shape": list(data.image_shape)})
+    return {"models": {n: {k: s[k] for k in ("pretrained", "schedule", "epochs_run", "best_val_loss", "median_epoch_seconds")} for n, s in summaries.items()}}
+
+
+def make_strategy(kind: str) -> Any:
+    """MirroredStrategy over all local GPUs (auto: when there are two or more), else the default."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if kind == "mirrored" or (kind == "auto" and len(gpus) > 1):
+        strategy = tf.distribute.MirroredStrategy()
+        log.info("MirroredStrategy over %d replica(s): %s", strategy.num_replicas_in_sync, [d.name for d in gpus] or ["CPU"])
+        return strategy
+    return tf.distribute.get_strategy()
+
+
+def pixel_statistics(files: list[Path]) -> tuple[float, float]:
+    """Mean and std of training pixels on a 0..1 scale (stored inside the model)."""
+    from PIL import Image
+
+    total = total_sq = count = 0.0
+    for path in files:
+        arr = np.asarray(Image.open(path), dtype=np.float64) / 255.0
+        total += arr.sum()
+        total_sq += np.square(arr).sum()
+        count += arr.size
+    mean = total / max(count, 1)
+    return float(mean), float(np.sqrt(max(total_sq / max(count, 1) - mean**2, 1e-12)))
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    return {int(c): float(w) for c, w in zip(present, weights)} | {c: 1.0 for c in range(n_classes) if c not in present}
+
+
+def _optimizer(train: TrainParams, lr: Any) -> keras.optimizers.Optimizer:
+    if train.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=train.weight_decay)
+    if train.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=train.weight_decay or None)
+
+
+def compile_model(model: keras.Model, train: TrainParams, lr: Any) -> None:
+    """Compile with keyword arguments (a positional metrics list would become loss weights)."""
+    model.compile(optimizer=_optimizer(train, lr), loss=SparseSmoothedCrossentropy(train.label_smoothing), metrics=["accuracy"])
+
+
+def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelParams, callback_params: CallbacksParams,
+              train: TrainParams, model_work: Path) -> dict[str, Any]:
+    """Build and fit one model; save its best-epoch weights as model_work/model.keras."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(base.seed)
+    if base.deterministic_ops:
+        tf.config.experimental.enable_op_determinism()
+    gpus = tf.config.list_logical_devices("GPU")
+    policy = keras.mixed_precision.global_policy().name
+    if train.mixed_precision:
+        if gpus:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        else:
+            log.warning("train.mixed_precision is on but there is no GPU: training in float32")
+    try:
+        strategy = make_strategy(train.strategy)
+        stats = pixel_statistics(data["train"].files)
+        with strategy.scope():
+            built = builder.build_model(name, data.image_shape, len(data.class_names), model_params, stats)
+        model_work.mkdir(parents=True, exist_ok=True)
+        (model_work / "summary.txt").write_text(f"== {name} ({'pretrained ' + built.weights if built.pretrained else 'random init'}, "
+                                               f"{built.schedule}) ==\n{builder.summary_text(built.model)}", encoding="utf-8")
+        weights = class_weights(data["train"].labels, len(data.class_names)) if train.class_weights else None
+        steps = data.steps("train")
+        if built.schedule == "two_phase":
+            t = model_params.transfer
+            phases = [("head", train.epochs, train.learning_rate), ("fine_tune", t.fine_tune_epochs, t.fine_tune_learning_rate)]
+        else:
+            phases = [("end_to_end", train.epochs, train.learning_rate)]
+        started = time.perf_counter()
+        history: list[dict[str, float]] = []
+        for phase, epochs, base_lr in phases:
+            if epochs == 0:
+                continue
+            phase_work = model_work / phase
+            with strategy.scope():
+                if phase == "head":
+                    builder.freeze_backbone(built)
+                elif phase == "fine_tune":
+                    unfrozen = builder.unfreeze_top(built, model_params.transfer.fine_tune_layers)
+                    log.info("%s: fine-tuning the top %d backbone layers with weights (BatchNorm frozen)", name, unfrozen)
+                compile_model(built.model, train, learning_rate(callback_params, base_lr, steps, epochs))
+            if (phase_work / "phase_done").is_file():
+                built.model.load_weights(phase_work / BEST_CHECKPOINT)
+                history += _tag(read_history(phase_work / HISTORY_CSV), phase, len(history))
+                continue
+            log.info("%s: phase %s, %d epochs at learning rate %g, %d steps/epoch", name, phase, epochs, base_lr, steps)
+            fit = built.model.fit(data["train"].dataset, validation_data=data["valid"].dataset, epochs=epochs,
+                                  callbacks=make_callbacks(callback_params, phase_work), class_weight=weights, verbose=train.verbose,
+                                  shuffle=False)  # the tf.data pipeline shuffles
+            if (phase_work / BEST_CHECKPOINT).is_file():
+                built.model.load_weights(phase_work / BEST_CHECKPOINT)  # the best epoch, not the last
+            rows = read_history(phase_work / HISTORY_CSV) or _rows(fit.history)
+            history += _tag(rows, phase, len(history))
+            (phase_work / "phase_done").write_text("")
+        built.model.save(model_work / MODEL_FILE)
+        (model_work / "history.json").write_text(json.dumps(history, indent=1))
+        seconds = [row["epoch_seconds"] for row in history[1:] if "epoch_seconds" in row]
+        val_losses = [row["val_loss"] for row in history if "val_loss" in row]
+        return {
+            "name": name, "pretrained": built.pretrained, "weights": built.weights, "schedule": built.schedule,
+            "phases": [p for p, e, _ in phases if e], "epochs_run": len(history),
+            "best_val_loss": round(min(val_losses), 5) if val_losses else None,
+            "median_epoch_seconds": round(statistics.median(seconds), 3) if seconds else None,
+            "train_seconds_this_attempt": round(time.perf_counter() - started, 1),
+            "parameters": builder.parameter_counts(built.model), "pixel_statistics": stats,
+            "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+            "class_weights": weights, "mixed_precision": keras.mixed_precision.global_policy().name,
+        }
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
+def _rows(history: dict[str, list[float]]) -> list[dict[str, float]]:
+    keys = list(history)
+    return [{"epoch": i, **{k: float(history[k][i]) for k in keys}} for i in range(len(history[keys[0]]))] if keys else []
+
+
+def _tag(rows: list[dict[str, Any]], phase: str, offset: int) -> list[dict[str, Any]]:
+    return [{**row, "phase": phase, "global_epoch": offset + i + 1} for i, row in enumerate(rows)]

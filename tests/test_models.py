@@ -1,0 +1,203 @@
+"""c04/c05/c06 training on tiny synthetic data: architectures, weights, phases, resume, strategy."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import REPO, tiny_training_params, write_config
+
+from metal_defect.components import c04_model_builder as builder
+from metal_defect.components import c05_callbacks, c06_training
+from metal_defect.components.c03_dataset_loader import build_datasets
+from metal_defect.config import load_config
+from metal_defect.errors import ConfigError, DataError
+from metal_defect.inference import load_model
+
+SHAPE = (32, 32, 1)
+
+
+def _params(tmp_path: Path, **extra):
+    folder = write_config(tmp_path / "cfg", _merge(tiny_training_params(), extra))
+    return load_config(folder)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    from conftest import _deep_merge
+
+    return _deep_merge(a, b)
+
+
+def _batch(n: int = 8, shape=SHAPE, classes: int = 3):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, classes, n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["custom_cnn", "VGG16", "ResNet50", "MobileNetV2", "EfficientNetB0"])
+def test_each_architecture_builds_and_trains_a_step_from_uint8(tmp_path, name):
+    config = _params(tmp_path, model={"transfer": {"weights": "none"}})
+    built = builder.build_model(name, SHAPE, 3, config.model)
+    assert built.pretrained is False and built.schedule == "end_to_end"
+    assert built.model.input.dtype == "uint8"
+    c06_training.compile_model(built.model, config.train, 1e-3)
+    x, y = _batch()
+    history = built.model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    probs = built.model.predict(x, verbose=0)
+    assert probs.shape == (8, 3) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_unknown_architecture_suggests_a_name(tmp_path):
+    config = _params(tmp_path)
+    with pytest.raises(ConfigError, match="did you mean 'ResNet50'"):
+        builder.build_model("Resnet50", SHAPE, 3, config.model)
+
+
+def test_backbone_preprocessing_lives_inside_the_model():
+    x = np.full((1, 4, 4, 1), 255, np.uint8)
+    caffe = builder.PixelPreprocess("caffe", to_rgb=True)(x)
+    assert caffe.shape == (1, 4, 4, 3) and np.allclose(np.asarray(caffe)[0, 0, 0], [255 - 103.939, 255 - 116.779, 255 - 123.68])
+    assert np.allclose(np.asarray(builder.PixelPreprocess("tf", to_rgb=True)(x)), 1.0)
+    assert np.allclose(np.asarray(builder.PixelPreprocess("none", to_rgb=True)(x)), 255.0)  # EfficientNet takes 0..255
+    assert np.allclose(np.asarray(builder.PixelPreprocess("dataset", mean=0.5, std=0.25)(x)), 2.0)
+
+
+def test_saved_models_reload_with_identical_predictions(tmp_path):
+    config = _params(tmp_path, model={"transfer": {"weights": "none"}})
+    x, _ = _batch()
+    for name in ("custom_cnn", "MobileNetV2"):
+        model = builder.build_model(name, SHAPE, 3, config.model).model
+        c06_training.compile_model(model, config.train, 1e-3)
+        model.save(tmp_path / f"{name}.keras")
+        again = load_model(tmp_path / f"{name}.keras")
+        np.testing.assert_allclose(model.predict(x, verbose=0), again.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_local_weights_file_loads_and_counts_as_pretrained(tmp_path):
+    config = _params(tmp_path, model={"transfer": {"weights": "none"}})
+    source = builder.build_model("MobileNetV2", SHAPE, 3, config.model)
+    weights_file = tmp_path / "mobilenet_notop.weights.h5"
+    source.backbone.save_weights(weights_file)
+    local = _params(tmp_path / "b", model={"transfer": {"weights": str(weights_file)}})
+    built = builder.build_model("MobileNetV2", SHAPE, 3, local.model)
+    assert built.pretrained and built.weights == str(weights_file) and built.schedule == "two_phase"
+    for a, b in zip(source.backbone.weights, built.backbone.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    missing = _params(tmp_path / "c", model={"transfer": {"weights": str(tmp_path / "nope.h5")}})
+    with pytest.raises(DataError, match="not found"):
+        builder.build_model("MobileNetV2", SHAPE, 3, missing.model)
+
+
+def test_imagenet_offline_falls_back_loudly_or_stops_as_params_choose(tmp_path, caplog):
+    fallback = _params(tmp_path, model={"transfer": {"weights": "imagenet", "offline_fallback": "random"}})
+    with caplog.at_level(logging.WARNING, logger="metal_defect"):
+        built = builder.build_model("MobileNetV2", SHAPE, 3, fallback.model)
+    assert built.pretrained is False and built.weights == "random" and built.schedule == "end_to_end"
+    assert "RANDOM INITIALISATION" in caplog.text
+    strict = _params(tmp_path / "b", model={"transfer": {"weights": "imagenet", "offline_fallback": "error"}})
+    with pytest.raises(DataError, match="ImageNet weights could not be downloaded"):
+        builder.build_model("MobileNetV2", SHAPE, 3, strict.model)
+
+
+def test_two_phase_freezes_then_unfreezes_the_top_with_batchnorm_frozen(tmp_path):
+    config = _params(tmp_path, model={"transfer": {"weights": "none"}})
+    source = builder.build_model("MobileNetV2", SHAPE, 3, config.model)
+    weights_file = tmp_path / "w.weights.h5"
+    source.backbone.save_weights(weights_file)
+    built = builder.build_model("MobileNetV2", SHAPE, 3, _params(tmp_path / "b", model={"transfer": {"weights": str(weights_file)}}).model)
+    builder.freeze_backbone(built)
+    c06_training.compile_model(built.model, config.train, 1e-2)
+    before = [np.asarray(w).copy() for w in built.backbone.weights]
+    head_before = np.asarray(built.model.get_layer("probabilities").kernel).copy()
+    x, y = _batch()
+    built.model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, built.backbone.weights))  # frozen base unchanged
+    assert not np.array_equal(head_before, np.asarray(built.model.get_layer("probabilities").kernel))  # head learned
+    unfrozen = builder.unfreeze_top(built, 10)
+    assert 0 < unfrozen <= 10
+    trainable = [layer for layer in built.backbone.layers if layer.trainable and layer.weights]
+    assert trainable and all(not isinstance(layer, keras.layers.BatchNormalization) for layer in trainable)
+    assert all(not layer.trainable for layer in built.backbone.layers[: len(built.backbone.layers) - 10])
+    c06_training.compile_model(built.model, config.train, 1e-5)
+    built.model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(before, built.backbone.weights)]
+    assert any(changed) and not all(changed)  # only the top moved
+
+
+@pytest.fixture
+def tiny_data(tmp_path, tiny_config):
+    from metal_defect.pipeline import Runner
+
+    folder = tiny_config(tiny_training_params(), per_class=18)
+    config = load_config(folder)
+    manifest = Runner(config).run("1-2")
+    prepared = Path(manifest["stages"]["data_preprocessing"]["output"])
+    return config, build_datasets(prepared, config.data_loader, config.base.seed)
+
+
+class _StopAfter(keras.callbacks.Callback):
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.stop_epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.stop_epoch:
+            raise KeyboardInterrupt("simulated Ctrl-C")
+
+
+class _FirstEpoch(keras.callbacks.Callback):
+    first: int | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if _FirstEpoch.first is None:
+            _FirstEpoch.first = epoch
+
+
+def test_interrupted_fit_resumes_at_the_next_epoch(tiny_data, tmp_path, monkeypatch):
+    config, data = tiny_data
+    train = dataclasses.replace(config.train, epochs=5)
+    original = c05_callbacks.make_callbacks
+
+    def interrupted(params, work_dir):
+        return [*original(params, work_dir), _StopAfter(1)]
+
+    monkeypatch.setattr(c06_training, "make_callbacks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        c06_training.train_one("custom_cnn", data, config.base, config.model, config.callbacks, train, tmp_path / "work")
+    monkeypatch.setattr(c06_training, "make_callbacks", lambda params, work_dir: [*original(params, work_dir), _FirstEpoch()])
+    info = c06_training.train_one("custom_cnn", data, config.base, config.model, config.callbacks, train, tmp_path / "work")
+    assert _FirstEpoch.first == 2  # epochs 0 and 1 finished before the interrupt; not repeated
+    rows = c05_callbacks.read_history(tmp_path / "work" / "end_to_end" / c05_callbacks.HISTORY_CSV)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3, 4] and info["epochs_run"] == 5
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_path_trains_on_cpu(tiny_data, tmp_path):
+    config, data = tiny_data
+    train = dataclasses.replace(config.train, epochs=2, strategy="mirrored")
+    info = c06_training.train_one("custom_cnn", data, config.base, config.model, config.callbacks, train, tmp_path / "work")
+    assert info["strategy"] == "MirroredStrategy" and info["replicas"] >= 1 and info["epochs_run"] == 2
+    assert (tmp_path / "work" / "model.keras").is_file()
+
+
+def test_class_weights_are_balanced():
+    weights = c06_training.class_weights(np.array([0, 0, 0, 1]), 3)
+    assert weights[1] == pytest.approx(3 * weights[0]) and weights[2] == 1.0
+
+
+def test_compile_uses_keywords_so_metrics_are_metrics(tmp_path):
+    config = _params(tmp_path)
+    model = builder.build_model("custom_cnn", SHAPE, 3, config.model).model
+    c06_training.compile_model(model, config.train, 1e-3)
+    x, y = _batch()
+    result = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert set(result) >= {"loss", "accuracy"}
+
+
+def test_repository_defaults_train_only_the_custom_cnn():
+    assert load_config(REPO).train.models == ["custom_cnn"]

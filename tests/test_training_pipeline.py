@@ -1,0 +1,106 @@
+"""The whole pipeline on a tiny synthetic set: train, evaluate, serve, runs, promote, evaluate DIR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_SCHEMA, _deep_merge, tiny_training_params, write_config
+
+from metal_defect import synthetic
+from metal_defect.artifacts import ArtifactStore
+from metal_defect.cli import main
+from metal_defect.config import load_config
+from metal_defect.inference import Predictor
+from metal_defect.pipeline import Runner
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One trained and evaluated tiny model, reused by the tests below."""
+    root = tmp_path_factory.mktemp("trained")
+    data = synthetic.make_dataset(root / "data", per_class=24)
+    folder = write_config(root / "cfg", _deep_merge(tiny_training_params(), {"data_ingestion": {"source": str(data)}}), TINY_SCHEMA)
+    manifest = Runner(load_config(folder)).run()
+    return folder, manifest, data
+
+
+def test_pipeline_trains_evaluates_and_serves(trained):
+    folder, manifest, _ = trained
+    assert manifest["status"] == "succeeded" and list(manifest["stages"]) == ["data_ingestion", "data_preprocessing", "train", "evaluation"]
+    metrics = manifest["metrics"]
+    assert metrics["best_model"] == "custom_cnn" and metrics["valid_accuracy"] > 0.9 and metrics["test_accuracy"] > 0.9
+    store = ArtifactStore(folder / "artifacts")
+    assert store.served()["run_id"] == manifest["run_id"]
+    train = manifest["stages"]["train"]["summary"]["models"]["custom_cnn"]
+    assert train["pretrained"] is False and train["schedule"] == "end_to_end"
+
+
+def test_evaluation_outputs_state_n_errors_and_intervals(trained):
+    _, manifest, _ = trained
+    out = Path(manifest["stages"]["evaluation"]["output"])
+    best = json.loads((out / "best_base_model.json").read_text())
+    assert best["name"] == "custom_cnn" and set(best["valid"]) >= {"n", "errors", "accuracy_ci95", "macro_f1", "ece", "ece_ci95"}
+    models = json.loads((out / "base_models_metrics.json").read_text())["models"]
+    assert "test" not in models["custom_cnn"]  # test metrics exist only for the chosen model, in test/
+    test = json.loads((out / "test" / "metrics.json").read_text())
+    assert test["n"] == 11 and len(test["per_class"]) == 3 and len(test["confusion_matrix"]) == 3
+    for png in ("test/confusion_matrix.png", "test/reliability_diagram.png", "test/misclassified.png",
+                "models/custom_cnn/training_curves.png", "models/custom_cnn/confusion_matrix.png"):
+        assert (out / png).stat().st_size > 1000, png
+    card = (out / "model_card.md").read_text()
+    assert "pretrained: false" in card and "Wilson" in card and "Known limits" in card
+    trained_dir = Path(manifest["stages"]["train"]["output"])
+    assert "custom_cnn" in (trained_dir / "model_summaries.txt").read_text()
+    assert list((trained_dir / "models" / "custom_cnn" / "tensorboard").rglob("events.out.tfevents*"))
+
+
+def test_served_bundle_maps_uint8_to_probabilities_like_the_trained_model(trained):
+    folder, manifest, data = trained
+    predictor = Predictor.load(ArtifactStore(folder / "artifacts"))
+    files = sorted((data / "patches").glob("*.png"))[:4]
+    answers = predictor.predict_files([*files, data / "missing.png"])
+    assert [a["label"] for a in answers[:4]] == ["patches"] * 4
+    assert all(abs(sum(a["probabilities"].values()) - 1) < 1e-6 for a in answers[:4])
+    assert answers[4]["error"] and "label" not in answers[4]
+    images, _, _ = predictor.load_images(files)
+    raw = predictor.raw_probabilities(images)
+    trained_model = Path(manifest["stages"]["train"]["output"]) / "models" / "custom_cnn" / "model.keras"
+    from metal_defect.inference import load_model
+
+    np.testing.assert_allclose(raw, load_model(trained_model).predict(images, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_changing_evaluation_settings_never_retrains(trained):
+    folder, first, _ = trained
+    manifest = Runner(load_config(folder, ["evaluation.calibration_bins=10"])).run()
+    assert manifest["stages"]["train"]["reused"] and not manifest["stages"]["evaluation"]["reused"]
+    assert manifest["stages"]["train"]["fingerprint"] == first["stages"]["train"]["fingerprint"]
+
+
+def test_runs_promote_and_roll_back(trained, capsys):
+    folder, first, _ = trained
+    store = ArtifactStore(folder / "artifacts")
+    latest = Runner(load_config(folder, ["evaluation.misclassified_max=3"])).run()
+    assert store.served()["run_id"] == latest["run_id"]
+    assert main(["promote", first["run_id"], "--config", str(folder)]) == 0
+    assert store.served()["run_id"] == first["run_id"]
+    assert main(["runs", "--config", str(folder)]) == 0
+    listing = capsys.readouterr().out
+    served_line = next(line for line in listing.splitlines() if first["run_id"] in line and "succeeded" in line)
+    assert served_line.startswith("*") and "custom_cnn" in served_line and "succeeded" in listing
+    assert main(["promote", "no-such-run", "--config", str(folder)]) == 4
+
+
+def test_evaluate_any_labelled_folder(trained, tmp_path, capsys):
+    folder, _, _ = trained
+    presplit = synthetic.make_dataset(tmp_path / "held_back", layout="pre-split", ext=".bmp", split_counts={"train": 2, "valid": 2, "test": 2}, seed=5)
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(presplit), "--config", str(folder), "--out", str(out)]) == 0
+    assert "n=18" in capsys.readouterr().out
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["n"] == 18 and report["layout"] == "pre-split" and report["accuracy"] > 0.8
+    assert (out / "confusion_matrix.png").is_file() and (out / "reliability_diagram.png").is_file()
+    assert main(["evaluate", str(tmp_path / "nowhere"), "--config", str(folder)]) == 3
