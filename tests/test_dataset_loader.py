@@ -93,16 +93,20 @@ def test_cache_decision_follows_cache_max_mb(tmp_path):
 
 
 MEASURE = textwrap.dedent("""
-    import resource, sys
+    import sys
     from pathlib import Path
+    import psutil
     from metal_defect.components import c03_dataset_loader as c03
     from metal_defect.config import load_config
     cfg = load_config(sys.argv[2], ["data_loader.cache_max_mb=" + sys.argv[3], "data_loader.batch_size=32"]).data_loader
     data = c03.build_datasets(Path(sys.argv[1]), cfg, seed=1, splits=("train",))
+    process = psutil.Process()
+    peak = process.memory_info().rss
     for _ in range(2):
         for x, y in data["train"].dataset:
-            pass
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+            peak = max(peak, process.memory_info().rss)
+    # resident memory sampled at every batch: ru_maxrss would be dominated by TensorFlow's import
+    print(peak // (1024 * 1024))
 """)
 
 
@@ -120,4 +124,5 @@ def test_memory_stays_bounded_when_the_data_is_larger_than_the_cache(tmp_path):
     streamed_small, streamed_large = _peak_mb(small, "50"), _peak_mb(large, "50")
     assert streamed_large - streamed_small < 300, (streamed_small, streamed_large)
     cached_large = _peak_mb(large, "100000")  # the same data cached: memory really grows, so the bound above is meaningful
-    assert cached_large - streamed_large > 40, (streamed_large, cached_large)
+    assert cached_large - streamed_large > 60, (streamed_large, cached_large)  # about half the 138 MB decoded
+    print(f"peak MB, streamed 500 / 5000, cached 5000: {streamed_small} / {streamed_large} / {cached_large}")
