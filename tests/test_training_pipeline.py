@@ -104,3 +104,16 @@ def test_evaluate_any_labelled_folder(trained, tmp_path, capsys):
     assert report["n"] == 18 and report["layout"] == "pre-split" and report["accuracy"] > 0.8
     assert (out / "confusion_matrix.png").is_file() and (out / "reliability_diagram.png").is_file()
     assert main(["evaluate", str(tmp_path / "nowhere"), "--config", str(folder)]) == 3
+
+
+def test_same_seed_config_and_data_give_the_same_split_and_metrics(trained, tmp_path):
+    """Reproducibility as the README states it: identical split, metrics within one validation image."""
+    _, first, data = trained
+    again = write_config(tmp_path / "cfg", _deep_merge(tiny_training_params(), {"data_ingestion": {"source": str(data)}}), TINY_SCHEMA)
+    second = Runner(load_config(again)).run()
+    assert second["stages"]["data_preprocessing"]["fingerprint"] == first["stages"]["data_preprocessing"]["fingerprint"]
+    records = [json.loads((Path(m["stages"]["data_preprocessing"]["output"]) / "records.json").read_text())["records"] for m in (first, second)]
+    assert [(r["source"], r["split"]) for r in records[0]] == [(r["source"], r["split"]) for r in records[1]]
+    one_image = 1 / first["stages"]["data_preprocessing"]["summary"]["split_sizes"]["valid"]
+    for key in ("valid_accuracy", "test_accuracy"):
+        assert abs(second["metrics"][key] - first["metrics"][key]) <= one_image + 1e-9, key

@@ -92,7 +92,7 @@ def confusion_matrices(cm: np.ndarray, class_names: Sequence[str], caption: str,
 def training_curves(history: Sequence[Mapping[str, float]], title: str, caption: str, path: Path) -> Path:
     """Loss and accuracy per epoch, train and validation (phases marked)."""
     epochs = [row.get("global_epoch", i + 1) for i, row in enumerate(history)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")  # keeps the two-line title clear of the axes titles
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for prefix, style in (("", "-"), ("val_", "--")):
             values = [row.get(prefix + metric, np.nan) for row in history]

@@ -192,7 +192,7 @@ Created {spec['created']}.
 ## Metrics
 | split | n | errors | accuracy (95% Wilson CI) | macro F1 | ECE (95% bootstrap CI) |
 |---|---|---|---|---|---|
-{line('validation', valid)}
+{line('validation (before temperature: it was fitted here)', valid)}
 {line('test', test) if test else '| test | - | - | (no test split) | - | - |'}
 
 Per class ({'test' if test else 'validation'}):

@@ -202,7 +202,7 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
             "median_epoch_seconds": round(statistics.median(seconds), 3) if seconds else None,
             "train_seconds_this_attempt": round(time.perf_counter() - started, 1),
             "parameters": builder.parameter_counts(built.model), "pixel_statistics": stats,
-            "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+            "strategy": "MirroredStrategy" if isinstance(strategy, tf.distribute.MirroredStrategy) else "default (one device)", "replicas": strategy.num_replicas_in_sync,
             "class_weights": weights, "mixed_precision": keras.mixed_precision.global_policy().name,
         }
     finally:
