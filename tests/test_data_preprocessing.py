@@ -95,8 +95,9 @@ def test_broken_files_are_skipped_and_the_run_goes_on(tmp_path):
     (root / "crazing" / "fake.png").write_text("hello")
     good = (root / "inclusion" / "inclusion_1.png").read_bytes()
     (root / "inclusion" / "cut.png").write_bytes(good[: len(good) // 3])
-    Image.new("CMYK", (20, 20), (10, 20, 30, 40)).save(root / "patches" / "cmyk.jpg")
-    Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(root / "patches" / "deep.png")
+    ramp = np.linspace(0, 1, 400).reshape(20, 20)  # content varies: a flat image would be skipped as blank
+    Image.fromarray((np.stack([ramp] * 4, axis=-1) * 200).astype(np.uint8), "CMYK").save(root / "patches" / "cmyk.jpg")
+    Image.fromarray((ramp * 40000).astype(np.uint16)).save(root / "patches" / "deep.png")
     summary, report, records = _prepare(tmp_path, root)
     reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
     assert reasons["zero.png"].startswith("empty file") and reasons["fake.png"].startswith("not an image")

@@ -28,7 +28,7 @@ def test_neu_ingestion_preprocessing_and_loader(tmp_path, neu_images):
     assert {dup["kept"].rsplit("/", 1)[-1], dup["dropped"][0].rsplit("/", 1)[-1]} == {"patches_101.jpg", "patches_105.jpg"}
     sizes = manifest["stages"]["data_preprocessing"]["summary"]["split_sizes"]
     assert sizes == {"train": 1175, "valid": 252, "test": 252}  # 1,679 unique images, 70/15/15 stratified
-    assert report["seconds"] < 60
+    assert manifest["stages"]["data_preprocessing"]["summary"]["seconds"] < 60  # timings live in the record, not the output
 
     data = c03.build_datasets(prepared, config.data_loader, seed=config.base.seed)
     x, y = next(iter(data["train"].dataset))

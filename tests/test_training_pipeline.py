@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_SCHEMA, _deep_merge, tiny_training_params, write_config
+from conftest import REPO, TINY_SCHEMA, _deep_merge, tiny_training_params, write_config
 
 from metal_defect import synthetic
 from metal_defect.artifacts import ArtifactStore
@@ -123,3 +127,37 @@ def test_same_seed_config_and_data_give_the_same_split_and_metrics(trained, tmp_
     for split in ("valid", "test"):
         key = f"{split}_accuracy"
         assert abs(second["metrics"][key] - first["metrics"][key]) <= 1 / split_sizes[split] + 1e-9, key
+
+
+def test_evaluate_names_unknown_class_folders_and_warns_when_most_was_skipped(trained, tmp_path, capsys):
+    folder, _, _ = trained
+    data = synthetic.make_dataset(tmp_path / "mixed", per_class=5, seed=9)
+    shutil.rmtree(data / "inclusion")
+    (data / "patches").rename(data / "rust")
+    for extra in sorted((data / "crazing").glob("*.png"))[2:]:
+        extra.rename(data / "rust" / f"moved_{extra.name}")  # crazing keeps 2 images, rust holds 8
+    assert main(["evaluate", str(data), "--config", str(folder), "--out", str(tmp_path / "eval")]) == 0
+    captured = capsys.readouterr()
+    assert "8 files skipped" in captured.out and "in 'rust': not a class of this model" in captured.out
+    assert "MOST OF" in captured.err and "8 of 10 files skipped" in captured.err
+
+
+def test_a_plain_rerun_keeps_a_rollback(trained):
+    folder, first, _ = trained
+    store = ArtifactStore(folder / "artifacts")
+    newer = Runner(load_config(folder, ["evaluation.misclassified_max=2"])).run()
+    assert store.served()["run_id"] == newer["run_id"]
+    assert main(["promote", first["run_id"], "--config", str(folder)]) == 0
+    rerun = Runner(load_config(folder, ["evaluation.misclassified_max=2"])).run()
+    assert rerun["stages"]["evaluation"]["reused"] and store.served()["run_id"] == first["run_id"]
+
+
+def test_commands_that_load_tensorflow_keep_its_start_up_lines_off_the_screen(trained, tmp_path):
+    folder, _, data = trained
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, str(REPO / "main.py"), "evaluate", str(data), "--config", str(folder), "--out", str(tmp_path / "e")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for noise in ("absl", "oneDNN", "cuInit", "cuda", "cpu_feature_guard"):
+        assert noise not in result.stderr, result.stderr
+    assert "tensorflow start-up" in (folder / "logs" / "metal_defect.log").read_text()

@@ -47,6 +47,12 @@ def second(io, *, data_loader):
     return {"resumed_from": done}
 
 
+def reader(io):
+    """A stage downstream of data_preprocessing: it only records that it ran."""
+    _record("reader")
+    (io.out_dir / "n.txt").write_text(str(len(list(io.inputs["data_preprocessing"].rglob("*.png")))))
+
+
 TOY_STAGES = (
     Stage("first", "toy_stages:first", sections=("base",)),
     Stage("second", "toy_stages:second", sections=("data_loader",), upstream=("first",)),

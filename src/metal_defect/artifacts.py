@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from metal_defect.errors import ArtifactError
+from metal_defect.errors import ArtifactError, ConfigError
 
 STAGE_RECORD = "_stage.json"
 MANIFEST = "manifest.json"
@@ -45,15 +45,55 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def hash_tree(root: Path, skip: Iterable[str] = (STAGE_RECORD,)) -> str:
-    """sha256 over every file below `root`: relative path and content, in sorted order."""
-    skip = set(skip)
+def tree_files(root: Path) -> dict[str, int]:
+    """Every file below `root` (relative POSIX path -> size in bytes), the stage record excluded."""
+    files = {}
+    for path in root.rglob("*"):
+        if path.is_file() and path.relative_to(root).as_posix() != STAGE_RECORD:
+            files[path.relative_to(root).as_posix()] = path.stat().st_size
+    return dict(sorted(files.items()))
+
+
+def is_report(relative: str, reports: Iterable[str]) -> bool:
+    """Whether a file (relative POSIX path) lies under one of the `reports` prefixes ('eda/', 'notes.txt')."""
+    return any(relative == r or (r.endswith("/") and relative.startswith(r)) for r in reports)
+
+
+def hash_tree(root: Path, exclude: Iterable[str] = ()) -> str:
+    """sha256 over the files below `root` (relative path and content, sorted), the stage record
+    and anything under an `exclude` prefix left out."""
+    exclude = tuple(exclude)
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in skip):
-        digest.update(path.relative_to(root).as_posix().encode())
+    for relative in tree_files(root):
+        if is_report(relative, exclude):
+            continue
+        digest.update(relative.encode())
         digest.update(b"\0")
-        digest.update(sha256_file(path).encode())
+        digest.update(sha256_file(root / relative).encode())
     return digest.hexdigest()
+
+
+def verify_tree(root: Path, record: dict[str, Any], exclude: Iterable[str] = ()) -> list[str]:
+    """Differences between a finished output folder and what its record says was written.
+
+    Cheap checks first (file list and sizes); the content hash only when they agree. An
+    empty list means the folder is exactly what the stage produced.
+    """
+    expected = record.get("files")
+    if not isinstance(expected, dict) or "output_hash" not in record:
+        return ["its record lists no files (written by an older version)"]
+    actual = tree_files(root)
+    problems = []
+    missing = [f for f in expected if f not in actual]
+    added = [f for f in actual if f not in expected]
+    resized = [f for f in expected if f in actual and actual[f] != expected[f]]
+    for label, names in (("missing", missing), ("not written by the stage", added), ("changed size", resized)):
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            problems.append(f"{len(names)} file(s) {label}: {shown}")
+    if not problems and hash_tree(root, exclude) != record["output_hash"]:
+        problems.append("file contents differ from the recorded hash")
+    return problems
 
 
 def hash_strings(*parts: str) -> str:
@@ -75,6 +115,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; readers such as the app's user need the umask's mode
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -105,12 +146,39 @@ def staging_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name[:16]}-{os.getpid()}-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: another user (the app in a container) could not read it
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, final)
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than two system calls)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
+
+
+def ensure_dir(path: Path, key: str) -> Path:
+    """Create folder `path` (named by config key `key`) or raise a ConfigError saying why it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else (exc.strerror or str(exc))
+        raise ConfigError(f"config.yaml: {key} = {path}: cannot create or write this folder ({why}); choose a writable folder") from exc
+    return path
 
 
 def replace_dir(new: Path, final: Path) -> None:

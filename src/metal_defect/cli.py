@@ -7,6 +7,7 @@ the traceback goes to the log file only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -124,7 +125,9 @@ def setup_logging(console_level: str = "INFO") -> logging.Handler:
 
 def attach_log_file(logs_dir: Path) -> Path:
     """Append everything (DEBUG, tracebacks) to logs/metal_defect.log."""
-    logs_dir.mkdir(parents=True, exist_ok=True)
+    from metal_defect.artifacts import ensure_dir
+
+    ensure_dir(logs_dir, "paths.logs")
     path = logs_dir / LOG_FILE
     logger = logging.getLogger("metal_defect")
     if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in logger.handlers):
@@ -151,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from metal_defect.config import default_config_dir, load_config
 
         config_dir = args.config or default_config_dir()
-        log_file = attach_log_file(Path(config_dir) / "logs") if Path(config_dir).is_dir() else None
+        with contextlib.suppress(MetalDefectError):  # best effort: the configured log folder is checked once loaded
+            log_file = attach_log_file(Path(config_dir) / "logs") if Path(config_dir).is_dir() else None
         overrides = list(getattr(args, "overrides", []) or [])
         if getattr(args, "source", None):
             overrides.append(f"data_ingestion.source={args.source}")
@@ -175,7 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, config: Any) -> int:
-    from metal_defect import commands
+    from metal_defect import commands, runtime
+
+    if args.command in ("promote", "evaluate", "bench"):
+        runtime.import_tensorflow()  # before anything imports it, so that its start-up lines go to the log
 
     if args.command == "run":
         from metal_defect.pipeline import Runner

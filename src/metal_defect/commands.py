@@ -68,6 +68,28 @@ def evaluate(config: Config, folder: Path, run_id: str | None, out: Path | None)
     predictor = Predictor.load(store, run_id)
     out = out or store.root / "evaluations" / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{folder.name.replace(' ', '_')}"
     report = evaluate_folder(folder, predictor, config, Path(out))
+    lines = [f"{predictor.spec['model_name']} on {folder}: {caption(report['n'], report['errors'])}, macro F1 {report['macro_f1']:.4f}, "
+             f"ECE {report['calibration']['ece']:.4f}; results in {out}"]
+    lines += skipped_lines(report["skipped_at_ingestion"], report["unreadable"], predictor.class_names)
     skipped = len(report["skipped_at_ingestion"]) + len(report["unreadable"])
-    return (f"{predictor.spec['model_name']} on {folder}: {caption(report['n'], report['errors'])}, macro F1 {report['macro_f1']:.4f}, "
-            f"ECE {report['calibration']['ece']:.4f}; {skipped} files skipped; results in {out}")
+    if skipped > report["n"]:
+        log.warning("MOST OF %s WAS NOT EVALUATED: %d of %d files skipped; the numbers describe only %d images (see the list above)",
+                    folder, skipped, skipped + report["n"], report["n"])
+    return "\n".join(lines)
+
+
+def skipped_lines(skipped: list[dict], unreadable: list[dict], class_names: list[str]) -> list[str]:
+    """What `evaluate` left out, grouped: unknown class folders with their image counts, then other reasons."""
+    from collections import Counter
+
+    unknown = Counter(s["unknown_class"] for s in skipped if s.get("unknown_class"))
+    reasons = Counter(s["reason"].split(":")[0] for s in skipped if not s.get("unknown_class"))
+    reasons.update(u["reason"].split(":")[0] for u in unreadable)
+    if not unknown and not reasons:
+        return ["no files skipped"]
+    lines = [f"{sum(unknown.values()) + sum(reasons.values())} files skipped:"]
+    for name, n in unknown.most_common():
+        lines.append(f"  {n:5d}  in '{name}': not a class of this model ({', '.join(class_names)}); add an alias in schema.yaml if it is one")
+    for reason, n in reasons.most_common():
+        lines.append(f"  {n:5d}  {reason}")
+    return lines

@@ -71,6 +71,7 @@ class DataIngestionParams:
     max_archive_members: int = _f(ge=1)
     max_extracted_mb: float = _f(gt=0)
     max_compression_ratio: float = _f(ge=1)
+    max_download_mb: float = _f(gt=0)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ class DataPreprocessingParams:
     split: SplitParams
     max_file_mb: float = _f(gt=0)
     max_image_pixels: int = _f(ge=1)
+    min_image_side: int = _f(ge=1)
+    min_pixel_std: float = _f(ge=0, lt=1)
     eda_samples_per_class: int = _f(ge=1, le=64)
 
 
@@ -362,11 +365,35 @@ def load_config(config_dir: Path | str | None = None, overrides: list[str] | Non
     return Config(**sections, config_dir=config_dir)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice (lines {seen[key]} and {line}); keep one",
+                                                        key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML safely, refusing duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found; --config must name a folder holding params.yaml, schema.yaml and config/config.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml_text(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8); it must be YAML text") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from exc
     if data is None:
@@ -481,7 +508,11 @@ def _is_internal(cls: type, name: str) -> bool:
     return any(f.name == name and f.metadata.get("internal") for f in dataclasses.fields(cls))
 
 
-def _origin_of(key: str, origins: dict[str, str]) -> str:
+def _origin_of(key: str, origins: dict[str, str], within: bool = False) -> str:
+    """Which file (or the command line) a key's value came from. With `within`, a value that
+    is a whole section counts as from the command line when any key inside it was overridden."""
+    if within and any(k.startswith(key + ".") and v == "command line" for k, v in origins.items()):
+        return f"command line (over {_origin_of(key, origins)})"
     parts = key.split(".")
     for i in range(len(parts), 0, -1):
         label = origins.get(".".join(parts[:i]))
@@ -545,7 +576,7 @@ def _convert_strict(value: Any, tp: Any, key: str, meta: dict[str, Any], origins
             return None
         obj = tp(**kwargs)
         if hasattr(obj, "check"):
-            problems.extend(f"{_origin_of(key, origins)}: {p}" for p in obj.check(key))
+            problems.extend(f"{_origin_of(key, origins, within=True)}: {p}" for p in obj.check(key))
         return obj
     if origin in (Union, types.UnionType):
         for arm in typing.get_args(tp):

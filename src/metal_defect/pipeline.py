@@ -1,11 +1,18 @@
 """The stage registry and the one runner.
 
 A stage is data: a plain function (named as "module:function" so that the CLI does not
-import TensorFlow to print --help), the config sections it reads, the stages upstream of
-it, and any extra modules whose code it runs. Its fingerprint covers exactly those: the
-declared sections, the upstream outputs (by content hash), its code, and for a stage that
-reads outside data, that data's fingerprint. A finished output with the same fingerprint
-is reused; `--force` recomputes it.
+import TensorFlow to print --help), the config sections it reads and the stages upstream
+of it. Its fingerprint covers exactly: the declared sections, the upstream outputs (by the
+hash of their content), its code, and for a stage that reads outside data, that data's
+fingerprint. A stage's code is its module and every module of this package that it
+imports, directly or through others, read statically with `ast` (nothing is imported), so a
+code change anywhere in that chain is never silently reused (`code_chain` lists it).
+
+A finished output is reused only after it is checked against the record written when it
+finished (file list, sizes, content hash); one that does not match is reported and
+recomputed. Files a stage declares as `reports` (pictures and other things for people)
+are listed and checked but left out of the content hash, so downstream stages depend on
+the content they read, not on figures.
 
 The runner owns paths, logging, timing and caching; a stage function only receives
 `StageIO` (where to write) and its sections as keyword arguments, and returns a small
@@ -14,6 +21,8 @@ summary dict that is stored with its output and in the run manifest.
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
 import importlib.util
 import logging
@@ -25,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from metal_defect import artifacts as art
+from metal_defect import runtime
 from metal_defect.config import Config, dump_yaml, fingerprint_of
-from metal_defect.errors import ArtifactError, ConfigError, MetalDefectError
+from metal_defect.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +61,19 @@ class Stage:
     target: str  # "package.module:function"
     sections: tuple[str, ...] = ()
     upstream: tuple[str, ...] = ()
-    code: tuple[str, ...] = ()  # further modules whose source is part of the fingerprint
     external: str | None = None  # "module:function(**sections) -> str": fingerprint of outside inputs
-    publish: str | None = None  # "module:function(store, run_id, output)": run after success (e.g. serve the model)
+    publish: str | None = None  # "module:function(store, run_id, output)": run after a new output (e.g. serve the model)
+    reports: tuple[str, ...] = ()  # output files for people ("eda/", "x.png"): verified, but not part of the content hash
     description: str = ""
 
     def resolve(self, target: str | None = None) -> Callable[..., Any]:
         module, _, func = (target or self.target).partition(":")
         return getattr(importlib.import_module(module), func)
 
-    def modules(self) -> tuple[str, ...]:
-        return (self.target.partition(":")[0], *self.code)
+    def entry_modules(self) -> tuple[str, ...]:
+        """The modules holding the stage's target, external and publish functions."""
+        targets = [t for t in (self.target, self.external, self.publish) if t]
+        return tuple(dict.fromkeys(t.partition(":")[0] for t in targets))
 
 
 @dataclass
@@ -89,6 +101,7 @@ STAGES: tuple[Stage, ...] = (
         "metal_defect.components.c02_data_preprocessing:run_stage",
         sections=("base", "data_preprocessing", "schema"),
         upstream=("data_ingestion",),
+        reports=("eda/",),
         description="decode, check, de-duplicate, resize and split the images; EDA plots",
     ),
     Stage(
@@ -96,8 +109,6 @@ STAGES: tuple[Stage, ...] = (
         "metal_defect.components.c06_training:run_stage",
         sections=("base", "data_loader", "model", "callbacks", "train"),
         upstream=("data_preprocessing",),
-        code=("metal_defect.components.c03_dataset_loader", "metal_defect.components.c04_model_builder",
-              "metal_defect.components.c05_callbacks"),
         description="train the base models in train.models (c03 loader, c04 builder, c05 callbacks)",
     ),
     Stage(
@@ -105,7 +116,6 @@ STAGES: tuple[Stage, ...] = (
         "metal_defect.components.c06_evaluation:run_stage",
         sections=("evaluation",),
         upstream=("data_ingestion", "data_preprocessing", "train"),
-        code=("metal_defect.metrics", "metal_defect.plots", "metal_defect.inference"),
         publish="metal_defect.components.c06_evaluation:publish",
         description="metrics, plots, calibration and model card; the best model on validation becomes the served model",
     ),
@@ -132,8 +142,11 @@ def check_registry(stages: Sequence[Stage]) -> None:
 check_registry(STAGES)
 
 
-def parse_stage_selection(text: str | None, stages: Sequence[Stage]) -> list[str]:
-    """'1-2', '2,4', 'data_ingestion,train', 'data_ingestion-train' -> stage names in order."""
+def parse_stage_selection(text: str | None, stages: Sequence[Stage], option: str = "--stages") -> list[str]:
+    """'1-2', '2,4', 'data_ingestion,train', 'data_ingestion-train' -> stage names in order.
+
+    `option` names the command-line option in error messages (--stages or --force).
+    """
     names = [s.name for s in stages]
     if not text or text == "all":
         return names
@@ -143,7 +156,7 @@ def parse_stage_selection(text: str | None, stages: Sequence[Stage]) -> list[str
         if token.isdigit():
             number = int(token)
             if not 1 <= number <= len(names):
-                raise ConfigError(f"--stages: no stage number {number}; stages are 1..{len(names)}: {_numbered(names)}")
+                raise ConfigError(f"{option}: no stage number {number}; stages are 1..{len(names)}: {_numbered(names)}")
             return number - 1
         if token in names:
             return names.index(token)
@@ -151,7 +164,7 @@ def parse_stage_selection(text: str | None, stages: Sequence[Stage]) -> list[str
 
         close = difflib.get_close_matches(token, names, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"--stages: unknown stage '{token}'{hint} (stages: {_numbered(names)})")
+        raise ConfigError(f"{option}: unknown stage '{token}'{hint} (stages: {_numbered(names)})")
 
     chosen: set[int] = set()
     for item in text.split(","):
@@ -167,7 +180,7 @@ def parse_stage_selection(text: str | None, stages: Sequence[Stage]) -> list[str
             continue
         lo, hi = index_of(left), index_of(right)
         if lo > hi:
-            raise ConfigError(f"--stages: range '{item}' runs backwards")
+            raise ConfigError(f"{option}: range '{item}' runs backwards")
         chosen.update(range(lo, hi + 1))
     return [names[i] for i in sorted(chosen)]
 
@@ -192,15 +205,96 @@ def plan(selected: Sequence[str], stages: Sequence[Stage]) -> list[Stage]:
     return [s for s in stages if s.name in needed]
 
 
-def code_fingerprint(stage: Stage) -> str:
-    """sha256 of the source files of the stage's module and its declared extra modules."""
-    parts = []
-    for module in stage.modules():
+PACKAGE = __name__.partition(".")[0]
+
+
+@functools.cache
+def _module_imports(module: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(modules of this package, top-level outside packages) that `module`'s source imports anywhere."""
+    path = _module_file(module)
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    inside: set[str] = set()
+    outside: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]  # `from pkg import module` names a module
+        else:
+            continue
+        for name in names:
+            if name.partition(".")[0] == PACKAGE:
+                if _is_module(name):
+                    inside.add(name)
+            elif name:
+                outside.add(name.partition(".")[0])
+    return tuple(sorted(inside)), tuple(sorted(outside))
+
+
+def _is_module(name: str) -> bool:
+    return _source_of(name) is not None
+
+
+def _source_of(module: str) -> Path | None:
+    """The source file of `module`, found without importing it (importing would run TensorFlow's
+    start-up for half the package): inside this package by path, elsewhere by a top-level lookup."""
+    top, _, rest = module.partition(".")
+    if top == PACKAGE:
+        spec = importlib.util.find_spec(PACKAGE)
+        roots = list(spec.submodule_search_locations or []) if spec else []
+        for root in roots:
+            base = Path(root).joinpath(*rest.split(".")) if rest else Path(root)
+            for candidate in (base.with_suffix(".py") if rest else None, base / "__init__.py"):
+                if candidate is not None and candidate.is_file():
+                    return candidate
+        return None
+    try:
         spec = importlib.util.find_spec(module)
-        if spec is None or not spec.origin:
-            raise ArtifactError(f"stage '{stage.name}': module {module} not found")
-        parts.append(art.sha256_file(Path(spec.origin)))
-    return art.hash_strings(*parts)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+def _module_file(module: str) -> Path:
+    path = _source_of(module)
+    if path is None:
+        raise ArtifactError(f"module {module} not found (or has no Python source)")
+    return path
+
+
+def code_chain(stage: Stage) -> list[str]:
+    """The stage's modules and every module of this package they import, directly or not.
+
+    Read statically (ast), so nothing is imported; parent packages' `__init__` modules count
+    too, since importing a module runs them.
+    """
+    seen: set[str] = set()
+    todo = list(stage.entry_modules())
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        parents = [".".join(parts[:i]) for i in range(1, len(parts)) if parts[0] == PACKAGE]
+        todo.extend(p for p in (*parents, *_module_imports(module)[0]) if p not in seen)
+    return sorted(seen)
+
+
+def needs_tensorflow(stage: Stage) -> bool:
+    """Whether any module in the stage's chain imports TensorFlow or Keras."""
+    return any({"tensorflow", "keras"} & set(_module_imports(m)[1]) for m in code_chain(stage))
+
+
+def code_fingerprint(stage: Stage) -> str:
+    """sha256 over the source files of every module in the stage's code chain (names and bytes)."""
+    _module_imports.cache_clear()  # sources may have changed since the last call in this process
+    return art.hash_strings(*(f"{m}:{art.sha256_file(_module_file(m))}" for m in code_chain(stage)))
 
 
 class Runner:
@@ -218,7 +312,7 @@ class Runner:
         names = parse_stage_selection(selection, self.stages)
         forced = self._parse_force(force)
         todo = plan(names, self.stages)
-        self.store.root.mkdir(parents=True, exist_ok=True)
+        art.ensure_dir(self.store.root, "paths.artifacts")
         for run_id in self.store.mark_dead_runs_failed():
             log.warning("run %s had died without finishing; marked failed", run_id)
         art.sweep_stale_tmp(self.store.root / "stages")
@@ -271,7 +365,7 @@ class Runner:
                 self._save(run_dir, manifest)
                 _link(run_dir / "stages" / stage.name, outcome.output)
                 if stage.publish:
-                    manifest["served"] = stage.resolve(stage.publish)(self.store, run_id, outcome.output)
+                    self._publish(stage, outcome, run_id, manifest)
                     self._save(run_dir, manifest)
         except BaseException as exc:
             manifest["status"] = "failed"
@@ -297,7 +391,7 @@ class Runner:
                 if token == "all":
                     forced |= names
                 elif token:
-                    forced.update(parse_stage_selection(token, self.stages))
+                    forced.update(parse_stage_selection(token, self.stages, option="--force"))
         return forced
 
     def _external(self, stage: Stage) -> str:
@@ -313,15 +407,25 @@ class Runner:
     def _run_stage(self, stage: Stage, upstream: Mapping[str, StageOutcome], external: str | None, forced: bool, run_id: str, run_dir: Path) -> StageOutcome:
         fingerprint = self.fingerprint(stage, upstream, external)
         final = self.store.stage_dir(stage.name, fingerprint)
-        record = self.store.finished_record(stage.name, fingerprint)
-        if record and not forced:
-            log.info("stage %s: reused (fingerprint %s, finished by run %s)", stage.name, fingerprint, record.get("run_id"))
-            return StageOutcome(stage.name, fingerprint, final, record["output_hash"], True, 0.0, record.get("summary", {}))
         work = self.store.work_dir(stage.name, fingerprint)
+        record = self.store.finished_record(stage.name, fingerprint)
+        why = "no finished output with this fingerprint"
+        if record and not forced:
+            problems = art.verify_tree(final, record, stage.reports)
+            if not problems:
+                log.info("stage %s: reused (fingerprint %s, finished by run %s)", stage.name, fingerprint, record.get("run_id"))
+                return StageOutcome(stage.name, fingerprint, final, record["output_hash"], True, 0.0, record.get("summary", {}))
+            log.warning("stage %s: the finished output %s does not match its record (%s); recomputing it", stage.name, final, "; ".join(problems))
+            why = "finished output damaged"
+        if forced and work.exists():
+            log.info("stage %s: --force discards its partial state in %s", stage.name, work)
+            shutil.rmtree(work)
         resumed = work.exists() and any(work.iterdir())
         work.mkdir(parents=True, exist_ok=True)
-        why = "forced" if forced and record else "resuming partial state" if resumed else "no finished output with this fingerprint"
+        why = "forced" if forced else "resuming partial state" if resumed else why
         log.info("stage %s: running (fingerprint %s; %s)", stage.name, fingerprint, why)
+        if needs_tensorflow(stage):
+            runtime.import_tensorflow()
         func = stage.resolve()
         start = time.monotonic()
         try:
@@ -330,27 +434,48 @@ class Runner:
                              cache_dir=self.config.paths.download_cache)
                 summary = func(io, **{name: self.config.section(name) for name in stage.sections}) or {}
                 duration = time.monotonic() - start
-                output_hash = art.hash_tree(tmp)
+                output_hash = art.hash_tree(tmp, stage.reports)
                 art.write_json_atomic(
                     tmp / art.STAGE_RECORD,
-                    {"stage": stage.name, "fingerprint": fingerprint, "output_hash": output_hash, "run_id": run_id,
-                     "finished": art.now_iso(), "duration_s": round(duration, 3), "summary": summary},
+                    {"stage": stage.name, "fingerprint": fingerprint, "output_hash": output_hash, "reports": list(stage.reports),
+                     "files": art.tree_files(tmp), "run_id": run_id, "finished": art.now_iso(), "duration_s": round(duration, 3),
+                     "summary": summary},
                 )
-        except MetalDefectError as exc:
-            log.error("stage %s failed after %.1f s: %s", stage.name, time.monotonic() - start, exc)
-            raise
-        except KeyboardInterrupt:
-            log.error("stage %s interrupted after %.1f s; partial state kept in %s", stage.name, time.monotonic() - start, work)
-            raise
-        except Exception:
-            log.error("stage %s failed after %.1f s", stage.name, time.monotonic() - start)
+        except BaseException as exc:
+            # The console shows the error once (the CLI prints it); the run log keeps the details.
+            state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            log.debug("stage %s %s after %.1f s: %s", stage.name, state, time.monotonic() - start, exc, exc_info=not isinstance(exc, KeyboardInterrupt))
+            if work.is_dir() and not any(work.iterdir()):
+                _remove_empty_folders(work, self.store.root)  # nothing to resume: leave no empty folder behind
+            elif work.is_dir():
+                log.info("stage %s %s; its partial state is kept in %s and resumed by the same command", stage.name, state, work)
             raise
         shutil.rmtree(work, ignore_errors=True)
         log.info("stage %s: done in %.1f s -> %s", stage.name, duration, final)
         return StageOutcome(stage.name, fingerprint, final, output_hash, False, duration, summary)
 
+    def _publish(self, stage: Stage, outcome: StageOutcome, run_id: str, manifest: dict[str, Any]) -> None:
+        """Publish a new output (e.g. serve the model). A reused one is published only when nothing is
+        served yet: otherwise a plain rerun would undo a `promote` (a rollback)."""
+        served = self.store.served()
+        if outcome.reused and served is not None:
+            log.info("stage %s was reused: the served model stays run %s's (publishing belongs to the run that produced it, or `promote`)",
+                     stage.name, served.get("run_id"))
+            return
+        manifest["served"] = stage.resolve(stage.publish)(self.store, run_id, outcome.output)
+
     def _save(self, run_dir: Path, manifest: dict[str, Any]) -> None:
         art.write_json_atomic(run_dir / art.MANIFEST, manifest)
+
+
+def _remove_empty_folders(folder: Path, stop: Path) -> None:
+    """Remove `folder` and then its parents while they are empty, up to (not including) `stop`."""
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or already gone): stop here
+            return
+        folder = folder.parent
 
 
 def _link(link: Path, target: Path) -> None:

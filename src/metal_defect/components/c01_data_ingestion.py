@@ -13,7 +13,9 @@ and says why each skipped file was skipped; c02 decodes and checks them.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import http.client
 import logging
 import os
 import re
@@ -24,6 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -56,6 +59,11 @@ class Item:
 class Skipped:
     path: str
     reason: str
+    unknown_class: str | None = None  # the folder or file-name prefix, for files skipped as "unknown class"
+
+
+class CorruptArchive(DataError):
+    """The archive cannot be read to the end (truncated or damaged)."""
 
 
 # ----------------------------------------------------------------------------- fingerprint
@@ -64,9 +72,7 @@ def source_fingerprint(data_ingestion: DataIngestionParams, schema: SchemaConfig
     source = data_ingestion.source
     if _is_url(source):
         return hash_strings("url", source, data_ingestion.sha256 or "")
-    path = Path(source)
-    if not path.exists():
-        raise DataError(f"data source {path} does not exist; set data_ingestion.source in params.yaml or pass --source PATH")
+    path = _local_source(source)
     if path.is_file():
         return hash_strings("file", sha256_file(path))
     digest = hashlib.sha256()
@@ -90,19 +96,25 @@ def ingest(params: DataIngestionParams, schema: SchemaConfig, out_dir: Path, cac
     folder only needs some.
     """
     source = params.source
-    kind = "url" if _is_url(source) else "archive" if Path(source).is_file() else "folder"
+    kind = "url" if _is_url(source) else "archive" if _local_source(source).is_file() else "folder"
+    archive = None
     if kind == "url":
-        archive = download(source, cache_dir, params.sha256)
+        archive, cached = download(source, cache_dir, params.sha256, params.max_download_mb)
+        try:
+            root = safe_extract(archive, out_dir / EXTRACT_DIR, params)
+        except CorruptArchive as exc:
+            if not cached:
+                raise
+            log.warning("cached download %s cannot be extracted (%s); discarding it and fetching it once more", archive, exc)
+            discard_download(archive)
+            archive, _ = download(source, cache_dir, params.sha256, params.max_download_mb)
+            root = safe_extract(archive, out_dir / EXTRACT_DIR, params)
     elif kind == "archive":
         archive = Path(source)
         if params.sha256 and sha256_file(archive) != params.sha256:
             raise DataError(f"{archive}: sha256 does not match data_ingestion.sha256; the file is not the one expected")
-    else:
-        archive = None
-        if not Path(source).is_dir():
-            raise DataError(f"data source {source} does not exist; set data_ingestion.source in params.yaml or pass --source PATH")
-    if archive is not None:
         root = safe_extract(archive, out_dir / EXTRACT_DIR, params)
+    if archive is not None:
         display_root = out_dir
     else:
         root = Path(source)
@@ -205,7 +217,7 @@ def scan(root: Path, schema: SchemaConfig, require_all_classes: bool = True) -> 
             prefix = match.group(1) if match and match.group(1) else p.stem
             label = resolver.resolve(prefix)
             if label is None:
-                skipped.append(Skipped(str(p), f"unknown class: file-name prefix '{prefix}' is not a class or alias in the schema"))
+                skipped.append(Skipped(str(p), f"unknown class: file-name prefix '{prefix}' is not a class or alias in the schema", prefix))
             else:
                 items.append(Item(str(p), label, None))
     _check_against_schema(root, layout, items, schema, resolver, require_all_classes)
@@ -223,7 +235,7 @@ def _scan_class_folders(root: Path, split: str | None, resolver: ClassResolver, 
             continue
         label = resolver.resolve(d.name)
         if label is None:
-            skipped.extend(Skipped(str(p), f"unknown class: folder '{d.name}' is not a class or alias in the schema") for p in _files(d))
+            skipped.extend(Skipped(str(p), f"unknown class: folder '{d.name}' is not a class or alias in the schema", d.name) for p in _files(d))
             continue
         for p in _files(d):
             reason = _file_problem(p, extensions)
@@ -292,36 +304,112 @@ def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-def download(url: str, cache_dir: Path, sha256: str | None) -> Path:
-    """Fetch `url` once into `cache_dir` (progress bar), verify `sha256` when given."""
-    from tqdm import tqdm
+def _local_source(source: str) -> Path:
+    """The local source path, which must be a folder or a regular (archive) file."""
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"data source {path} does not exist; set data_ingestion.source in params.yaml or pass --source PATH")
+    if not (path.is_dir() or path.is_file()):
+        raise DataError(f"data source {path} is a device or special file, not a folder, an archive or a URL; "
+                        "set data_ingestion.source in params.yaml or pass --source PATH")
+    return path
+
+
+def download(url: str, cache_dir: Path, sha256: str | None, max_mb: float) -> tuple[Path, bool]:
+    """Fetch `url` into `cache_dir` once; returns (path, whether it came from the cache).
+
+    The file is written under a temporary name and renamed only when complete: as many
+    bytes as the server announced, the expected sha256 when one is given, and a readable
+    archive. A record beside it (`<file>.json`) says what was received; a cached file that
+    does not match its record, or cannot be opened, is discarded and fetched again.
+    Downloads larger than `max_mb` are refused before (announced size) or while fetching.
+    """
+    from metal_defect.artifacts import ensure_dir
 
     name = Path(urllib.parse.urlparse(url).path).name or "download"
     if not name.lower().endswith(ARCHIVE_SUFFIXES):
         raise DataError(f"{url}: a URL source must point to a .zip, .tar.gz, .tgz or .tar archive")
     target = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
-    if target.is_file() and (sha256 is None or sha256_file(target) == sha256):
-        log.info("using cached download %s", target)
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    if target.is_file():
+        problem = _cached_download_problem(target, sha256)
+        if problem is None:
+            log.info("using cached download %s", target)
+            return target, True
+        log.warning("cached download %s is not usable (%s); fetching it again", target, problem)
+        discard_download(target)
+    ensure_dir(cache_dir, "paths.download_cache")
+    _fetch(url, target, sha256, max_mb)
+    return target, False
+
+
+def discard_download(path: Path) -> None:
+    """Remove a cached download and its record."""
+    path.unlink(missing_ok=True)
+    _download_record(path).unlink(missing_ok=True)
+
+
+def _download_record(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _cached_download_problem(path: Path, sha256: str | None) -> str | None:
+    import json
+
+    try:
+        record = json.loads(_download_record(path).read_text(encoding="utf-8"))
+        expected = int(record["bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no record of a complete download"
+    if path.stat().st_size != expected:
+        return f"{path.stat().st_size} bytes on disk, {expected} received"
+    if sha256 and record.get("sha256") != sha256:
+        return "its sha256 is not data_ingestion.sha256"
+    if not _archive_opens(path):
+        return "not a readable archive"
+    return None
+
+
+def _archive_opens(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
+def _fetch(url: str, target: Path, sha256: str | None, max_mb: float) -> None:
+    from tqdm import tqdm
+
+    limit = int(max_mb * 1024 * 1024)
+    too_big = f"more than data_ingestion.max_download_mb ({max_mb:g} MB); raise it, or download the file yourself and pass --source FILE"
     partial = target.with_name(target.name + f".part-{os.getpid()}")
     log.info("downloading %s", url)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+        with urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=name, leave=False) as bar:
+            if total is not None and total > limit:
+                raise DataError(f"{url}: the server announces {total / 1e6:.1f} MB, {too_big}")
+            received = 0
+            with open(partial, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=target.name, leave=False) as bar:
                 while chunk := response.read(1 << 20):
+                    received += len(chunk)
+                    if received > limit:
+                        raise DataError(f"{url}: download stopped after {received / 1e6:.1f} MB, {too_big}")
                     out.write(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        partial.unlink(missing_ok=True)
+        if total is not None and received != total:
+            raise DataError(f"{url}: download cut short: received {received} of the {total} bytes announced; run again to retry")
+        digest = sha256_file(partial)
+        if sha256 and digest != sha256:
+            raise DataError(f"{url}: downloaded file has sha256 {digest}, expected {sha256} (data_ingestion.sha256)")
+        if not _archive_opens(partial):
+            raise DataError(f"{url}: the downloaded file is not a readable .zip or .tar archive")
+        os.replace(partial, target)
+        write_json_atomic(_download_record(target), {"url": url, "bytes": received, "sha256": digest,
+                                                     "fetched": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise DataError(f"could not download {url}: {exc}; check the address or download it yourself and pass --source FILE") from exc
-    if sha256 and sha256_file(partial) != sha256:
-        actual = sha256_file(partial)
+    finally:
         partial.unlink(missing_ok=True)
-        raise DataError(f"{url}: downloaded file has sha256 {actual}, expected {sha256} (data_ingestion.sha256)")
-    os.replace(partial, target)
-    return target
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -341,13 +429,13 @@ def safe_extract(archive: Path, dest: Path, params: DataIngestionParams) -> Path
         elif tarfile.is_tarfile(archive):
             _extract_tar(archive, dest, params, limit)
         else:
-            raise DataError(f"{archive}: not a .zip or .tar(.gz) archive")
+            raise CorruptArchive(f"{archive}: not a .zip or .tar(.gz) archive (or a truncated one)")
     except DataError:
         shutil.rmtree(dest, ignore_errors=True)
         raise
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         shutil.rmtree(dest, ignore_errors=True)
-        raise DataError(f"{archive}: corrupt or unreadable archive ({exc})") from exc
+        raise CorruptArchive(f"{archive}: corrupt or unreadable archive ({exc})") from exc
     return dest
 
 

@@ -39,6 +39,9 @@ REPORT_FILE = "preprocessing_report.json"
 EDA_DIR = "eda"
 DEFAULT_MAX_PIXELS = 40_000_000
 RESAMPLE = Image.Resampling.BILINEAR  # antialiased when shrinking (Pillow resizes with support scaling)
+# decode_image checks its own pixel limit (data_preprocessing.max_image_pixels) before decoding;
+# Pillow's global check would only add a raw DecompressionBombWarning in the middle of the progress bar.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageProblem(ValueError):
@@ -76,6 +79,17 @@ def decode_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, max
     except Image.DecompressionBombError as exc:  # pragma: no cover - caught by the size check above
         raise ImageProblem(f"too many pixels: {exc}") from exc
     return _to_8bit_l_or_rgb(image)
+
+
+def content_problem(image: Image.Image, min_side: int, min_std: float) -> str | None:
+    """Why a decoded image carries too little to learn from (too small, or blank), or None."""
+    width, height = image.size
+    if min(width, height) < min_side:
+        return f"too small: {width}x{height} pixels, below data_preprocessing.min_image_side ({min_side})"
+    std = float(np.asarray(image, dtype=np.float32).std()) / 255.0
+    if std < min_std:
+        return f"blank: pixel std {std:.4f} (0..1 scale) is below data_preprocessing.min_pixel_std ({min_std:g}); the image has no visible content"
+    return None
 
 
 def _read_bytes(source: str | os.PathLike | bytes | BinaryIO, max_bytes: int | None) -> bytes:
@@ -251,14 +265,15 @@ def prepare(items: list[dict[str, Any]], classes: list[str], base: BaseParams, p
         "skipped": skipped,
         "duplicates": duplicates,
         "colour_in_grayscale_dataset": colour,
-        "seconds": round(elapsed, 3),
-        "images_per_second": round(len(items) / max(elapsed_decode, 1e-9), 1),
     }
+    # Timings stay out of the output's files (they go into the stage record's summary):
+    # the same data must give the same content, or every rerun would retrain downstream.
     write_json_atomic(out_dir / REPORT_FILE, report)
-    _log_report(report)
+    images_per_second = round(len(items) / max(elapsed_decode, 1e-9), 1)
+    _log_report(report, elapsed, images_per_second)
     return {"images_prepared": len(records), "split_sizes": {s: sum(v.values()) for s, v in split_counts.items()},
             "skipped": len(skipped), "duplicates_dropped": sum(len(d["dropped"]) for d in duplicates),
-            "images_per_second": report["images_per_second"]}
+            "seconds": round(elapsed, 3), "images_per_second": images_per_second}
 
 
 def _decode_one(position: int, path: str, base: BaseParams, params: DataPreprocessingParams, schema: SchemaConfig,
@@ -271,6 +286,9 @@ def _decode_one(position: int, path: str, base: BaseParams, params: DataPreproce
         return _Decoded(position, False, str(exc))
     except OSError as exc:
         return _Decoded(position, False, f"unreadable: {exc.strerror or exc}")
+    problem = content_problem(image, params.min_image_side, params.min_pixel_std)
+    if problem:
+        return _Decoded(position, False, problem)
     colourful = False
     if image.mode == "RGB" and schema.color_mode == "grayscale":
         rgb = np.asarray(image, dtype=np.int16)
@@ -379,9 +397,9 @@ def _intensity_stats(kept: Iterable[_Decoded], items: list[dict[str, Any]], clas
     return stats
 
 
-def _log_report(report: dict[str, Any]) -> None:
+def _log_report(report: dict[str, Any], seconds: float, images_per_second: float) -> None:
     log.info("preprocessing: %d of %d images prepared at %d px %s in %.1f s (%.0f images/s)", report["images_prepared"], report["images_in"],
-             report["image_size"], report["color_mode"], report["seconds"], report["images_per_second"])
+             report["image_size"], report["color_mode"], seconds, images_per_second)
     for split, per_class in report["counts"].items():
         log.info("  %-5s %4d  %s", split, sum(per_class.values()), ", ".join(f"{c}={n}" for c, n in per_class.items()))
     for dup in report["duplicates"]:

@@ -67,6 +67,7 @@ def train_models(data: Datasets, base: BaseParams, model_params: ModelParams, ca
     for name in train.models:
         model_work = work_dir / name
         done = model_work / "done.json"
+        discard_unreadable_state(model_work)
         if done.is_file():
             log.info("%s: already trained in an earlier attempt of this stage; not training again", name)
             info = read_json(done)
@@ -86,6 +87,55 @@ def train_models(data: Datasets, base: BaseParams, model_params: ModelParams, ca
     (out_dir / SUMMARIES_FILE).write_text("\n\n".join(texts), encoding="utf-8")
     write_json_atomic(out_dir / TRAIN_SUMMARY, {"models": summaries, "class_names": data.class_names, "image_shape": list(data.image_shape)})
     return {"models": {n: {k: s[k] for k in ("pretrained", "schedule", "epochs_run", "best_val_loss", "median_epoch_seconds")} for n, s in summaries.items()}}
+
+
+def readable_state_file(path: Path) -> bool:
+    """Whether a saved model (.keras zip) or weights file (.h5) can be read to the end."""
+    import zipfile
+
+    try:
+        if path.suffix == ".keras":
+            with zipfile.ZipFile(path) as archive:
+                return archive.testzip() is None
+        if path.suffix == ".h5":
+            import h5py
+
+            with h5py.File(path, "r") as handle:
+                handle.visit(lambda _: None)
+            return True
+    except Exception:  # any failure to read means: not usable (h5py and zipfile raise many kinds)
+        return False
+    return path.is_file()
+
+
+def discard_unreadable_state(model_work: Path) -> None:
+    """Drop partial training state that cannot be read, keeping every part that can.
+
+    A finished model whose file is damaged is rebuilt from its finished phases; a phase whose
+    best checkpoint or every backup file is damaged starts again from scratch. Each discard
+    is reported; nothing unreadable is handed to Keras (which would stop every rerun).
+    """
+    if not model_work.is_dir():
+        return
+    done = model_work / "done.json"
+    if done.is_file() and not readable_state_file(model_work / MODEL_FILE):
+        log.warning("%s: saved model %s is unreadable; discarding it and rebuilding it from the finished phases", model_work.name, model_work / MODEL_FILE)
+        done.unlink()
+        (model_work / MODEL_FILE).unlink(missing_ok=True)
+    for phase_work in sorted(p for p in model_work.iterdir() if p.is_dir()):
+        checkpoint = phase_work / BEST_CHECKPOINT
+        backups = sorted((phase_work / "backup").glob("*.weights.h5"))
+        if (phase_work / "phase_done").is_file():
+            broken = [] if readable_state_file(checkpoint) else [checkpoint]
+        else:
+            unreadable = [b for b in backups if not readable_state_file(b)]
+            broken = unreadable if backups and len(unreadable) == len(backups) else []
+            if checkpoint.exists() and not readable_state_file(checkpoint):
+                broken.append(checkpoint)
+        if broken:
+            log.warning("%s: partial training state unreadable (%s); discarding phase '%s' and training it again from scratch",
+                        model_work.name, ", ".join(str(b.relative_to(model_work)) for b in broken), phase_work.name)
+            shutil.rmtree(phase_work)
 
 
 def make_strategy(kind: str) -> Any:

@@ -1,0 +1,51 @@
+"""Process-wide set-up that must happen once: a quiet TensorFlow import.
+
+TensorFlow's C++ runtime writes start-up lines (absl's "All log messages before
+absl::InitializeLog()", oneDNN and CPU-feature notes, cuInit errors on a machine without a
+GPU) straight to file descriptor 2, before `TF_CPP_MIN_LOG_LEVEL` is read, so no Python
+setting hides them. They are not the user's business: the import and the first device
+query run with descriptor 2 pointed at a temporary file, and what was written there goes
+to the log file at DEBUG level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def native_stderr_to_log(what: str) -> Iterator[None]:
+    """Send everything written to descriptor 2 inside the block to the log (DEBUG), not the terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode("utf-8", errors="replace").splitlines():
+                if line.strip():
+                    log.debug("%s: %s", what, line)
+
+
+def import_tensorflow() -> None:
+    """Import TensorFlow and Keras and initialise the devices, once, without terminal noise."""
+    if "tensorflow" in sys.modules and "keras" in sys.modules:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # later C++ INFO/WARNING lines (after absl is set up)
+    with native_stderr_to_log("tensorflow start-up"):
+        import keras  # noqa: F401
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")  # cuInit runs here
