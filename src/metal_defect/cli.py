@@ -144,7 +144,9 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for `python main.py` and the `metal-defect` command; returns the exit code."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from metal_defect.runtime import QUIET_LEVEL
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_LEVEL)  # see runtime.py
     parser = build_parser()
     args = parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv, parser))
     console = setup_logging()

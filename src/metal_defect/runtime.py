@@ -5,7 +5,10 @@ absl::InitializeLog()", oneDNN and CPU-feature notes, cuInit errors on a machine
 GPU) straight to file descriptor 2, before `TF_CPP_MIN_LOG_LEVEL` is read, so no Python
 setting hides them. They are not the user's business: the import and the first device
 query run with descriptor 2 pointed at a temporary file, and what was written there goes
-to the log file at DEBUG level.
+to the log file at DEBUG level. After start-up, C++ lines below FATAL are hidden unless the
+user sets `TF_CPP_MIN_LOG_LEVEL` (e.g. 0 to see everything): those that matter surface as
+Python exceptions, the rest (such as "oneDNN supports DT_UINT8 only on ...", printed at the
+first training step) would only interrupt the progress lines.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import tempfile
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
+QUIET_LEVEL = "3"  # TF_CPP_MIN_LOG_LEVEL unless the user set one: FATAL only
 
 
 @contextlib.contextmanager
@@ -43,7 +47,7 @@ def import_tensorflow() -> None:
     """Import TensorFlow and Keras and initialise the devices, once, without terminal noise."""
     if "tensorflow" in sys.modules and "keras" in sys.modules:
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # later C++ INFO/WARNING lines (after absl is set up)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_LEVEL)
     with native_stderr_to_log("tensorflow start-up"):
         import keras  # noqa: F401
         import tensorflow as tf
