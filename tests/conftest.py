@@ -89,7 +89,7 @@ def tiny_training_params(epochs: int = 8) -> dict:
     """Params for a fast, still meaningful training on the synthetic set (2 CPU cores)."""
     return _deep_merge(TINY_PARAMS, {
         "model": {"custom_cnn": {"filters": [8, 16], "dense_units": 16, "bn_momentum": 0.5}},
-        "train": {"epochs": epochs, "verbose": 0, "learning_rate": 0.003},
+        "train": {"epochs": epochs, "min_steps": 0, "verbose": 0, "learning_rate": 0.003},
         "callbacks": {"tensorboard": True, "early_stopping": {"patience": 50}},
         "evaluation": {"bootstrap_samples": 100, "misclassified_max": 6},
     })

@@ -14,7 +14,7 @@ from metal_defect.errors import ConfigError
 
 def test_repository_config_loads_with_typed_sections():
     config = load_config(REPO)
-    assert config.base.seed == 42 and config.base.image_size == 128
+    assert config.base.seed == 42 and config.base.image_size == "auto" and config.base.max_image_size == 160
     assert config.schema.classes[0] == "crazing" and len(config.schema.classes) == 6
     assert config.data_preprocessing.split.train == pytest.approx(0.70)
     assert config.paths.artifacts == REPO / "artifacts"

@@ -32,7 +32,7 @@ def test_neu_ingestion_preprocessing_and_loader(tmp_path, neu_images):
 
     data = c03.build_datasets(prepared, config.data_loader, seed=config.base.seed)
     x, y = next(iter(data["train"].dataset))
-    assert tuple(x.shape) == (32, 128, 128, 1) and x.dtype.name == "uint8" and y.dtype.name == "int32"
+    assert tuple(x.shape) == (32, 160, 160, 1) and x.dtype.name == "uint8" and y.dtype.name == "int32"  # image_size auto: 200 px, capped at 160
     assert data.class_names == ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
 
     again = Runner(load_config(folder)).run("1-2")  # same data, same config: everything reused, same split

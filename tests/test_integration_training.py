@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_custom_cnn_learns_neu_in_a_few_epochs(tmp_path, neu_images):
     folder = write_config(tmp_path / "cfg", params={
         "data_ingestion": {"source": str(neu_images)},
-        "train": {"epochs": 4, "verbose": 2},
+        "train": {"epochs": 4, "min_steps": 0, "verbose": 2},
         "callbacks": {"tensorboard": False},
         "evaluation": {"bootstrap_samples": 200},
     })

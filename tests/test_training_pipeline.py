@@ -161,3 +161,10 @@ def test_commands_that_load_tensorflow_keep_its_start_up_lines_off_the_screen(tr
     for noise in ("absl", "oneDNN", "cuInit", "cuda", "cpu_feature_guard"):
         assert noise not in result.stderr, result.stderr
     assert "tensorflow start-up" in (folder / "logs" / "metal_defect.log").read_text()
+
+
+def test_a_learnable_model_passes_the_quality_gate(trained):
+    _, manifest, _ = trained
+    gate = json.loads((Path(manifest["stages"]["evaluation"]["output"]) / "quality_gate.json").read_text())
+    assert manifest["metrics"]["weak_model"] is False and gate["reasons"] == [], gate
+    assert gate["model"]["macro_f1"] > gate["majority"]["macro_f1"] + 0.5 and gate["seconds"] < 30

@@ -6,6 +6,13 @@
   validation accuracy / macro F1; then the training loop's cost against a bare `model.fit`
   of the same model on the same tf.data input (median epoch time of epochs 2..N, the two
   run one after the other, alternating order over the repeats).
+* `bench model`: the default custom CNN at `--size` px: parameters, multiply-adds, and the
+  latency of one image (uint8 array to probabilities) through a compiled graph with a fixed
+  signature, p50/p95 over 200 calls after 10 warm-up calls (file decoding not included).
+* `bench datasets`: the same default params on NEU, X-SDD (rgb) and the proxy data set
+  (`proxy-data`), each with a fresh config where only the schema changes (`classes: auto`,
+  colour mode): test accuracy and macro F1 beside the majority and classical baselines of
+  the quality gate, the weak_model flag and the wall time, as JSON and a Markdown table.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ def run(config: Config, args: Any) -> str:
     out = Path(config.paths.artifacts) / "bench"
     out.mkdir(parents=True, exist_ok=True)
     stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}"
-    result = bench_data(config) if args.what == "data" else bench_train(config, args)
+    result = {"data": bench_data, "train": bench_train, "datasets": bench_datasets, "model": bench_model}[args.what](config, args)
     result["machine"] = machine()
     result["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     path = out / f"{args.what}-{stamp}.json"
@@ -64,7 +71,7 @@ def _time_data_stages(config: Config, source: str, workdir: Path) -> dict[str, A
             "decode_images_per_second": manifest["stages"]["data_preprocessing"]["summary"]["images_per_second"]}
 
 
-def bench_data(config: Config) -> dict[str, Any]:
+def bench_data(config: Config, args: Any = None) -> dict[str, Any]:
     from metal_defect import synthetic
 
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
@@ -163,3 +170,85 @@ def loop_overhead(config: Config, prepared_dir: Path, epochs: int, repeats: int)
         log.info("loop overhead repeat %d: ours %.2f s/epoch, bare %.2f s/epoch, ratio %.3f", repeat + 1, measured["ours"], measured["bare"],
                  measured["ours"] / measured["bare"])
     return {"model": name, "epochs": epochs, "repeats": pairs, "median_ratio": round(statistics.median(p["ratio"] for p in pairs), 4)}
+
+
+# ----------------------------------------------------------------------------- datasets
+def dataset_overrides(config: Config, which: str) -> list[str]:
+    """Overrides that point the default params at one benchmark data set (only the schema changes)."""
+    neu = Path(config.data_ingestion.source)
+    if which == "neu":
+        return []
+    if which == "xsdd":
+        return [f"data_ingestion.source={neu.parents[1] / 'xsdd' / 'images'}", "schema.classes=auto", "schema.color_mode=rgb",
+                "base.color_mode=rgb", "schema.aliases={}"]
+    if which == "proxy":
+        from metal_defect import proxy
+
+        folder = Path(config.paths.artifacts) / "datasets" / "neu-proxy"
+        proxy.make_proxy(neu.parent / "images", neu.parent / "annotations", folder, seed=0)
+        return [f"data_ingestion.source={folder}", "schema.classes=auto", "schema.aliases={}"]
+    raise ValueError(f"unknown benchmark data set {which}")
+
+
+def bench_datasets(config: Config, args: Any) -> dict[str, Any]:
+    from metal_defect.pipeline import Runner
+
+    root = Path(config.paths.artifacts) / "bench" / f"datasets-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    results: dict[str, Any] = {}
+    for which in [w.strip() for w in args.datasets.split(",") if w.strip()]:
+        cfg = load_config(config.config_dir, [*dataset_overrides(config, which), f"paths.artifacts={root / which}"])
+        started = time.perf_counter()
+        manifest = Runner(cfg, command="bench").run(None, force=["all"])
+        m = manifest["metrics"]
+        gate = json.loads((Path(manifest["stages"]["evaluation"]["output"]) / "quality_gate.json").read_text())
+        results[which] = {"run_id": manifest["run_id"], "images": manifest["stages"]["data_preprocessing"]["summary"]["images_prepared"],
+                          "test_n": m.get("test_n"), "test_accuracy": m.get("test_accuracy"), "test_macro_f1": m.get("test_macro_f1"),
+                          "classical_accuracy": gate["classical"]["accuracy"], "classical_macro_f1": gate["classical"]["macro_f1"],
+                          "majority_accuracy": gate["majority"]["accuracy"], "majority_macro_f1": gate["majority"]["macro_f1"],
+                          "weak_model": gate["weak_model"], "weak_reasons": gate["reasons"],
+                          "train_accuracy": gate.get("train_accuracy"), "train_accuracy_last_epoch": gate["train_accuracy_last_epoch"],
+                          "pipeline_seconds": round(time.perf_counter() - started, 1),
+                          "stage_seconds": {k: v["duration_s"] for k, v in manifest["stages"].items()}}
+        log.info("bench %s: test accuracy %.4f, macro F1 %.4f (classical %.4f, majority %.4f)%s, %.0f s", which, m["test_accuracy"],
+                 m["test_macro_f1"], gate["classical"]["macro_f1"], gate["majority"]["macro_f1"], " WEAK" if gate["weak_model"] else "",
+                 results[which]["pipeline_seconds"])
+    rows = ["| data set | images | test n | default CNN: accuracy, macro F1 | classical baseline | majority class | weak_model | pipeline |",
+            "|---|---|---|---|---|---|---|---|"]
+    for which, r in results.items():
+        rows.append(f"| {which} | {r['images']} | {r['test_n']} | {r['test_accuracy']:.1%}, {r['test_macro_f1']:.3f} | "
+                    f"{r['classical_accuracy']:.1%}, {r['classical_macro_f1']:.3f} | {r['majority_accuracy']:.1%}, {r['majority_macro_f1']:.3f} | "
+                    f"{'yes' if r['weak_model'] else 'no'} | {r['pipeline_seconds'] / 60:.1f} min |")
+    table = "\n".join(rows) + "\n"
+    (root / "table.md").write_text(table, encoding="utf-8")
+    return {"datasets": results, "table": table, "headline": {k: {"test_macro_f1": v["test_macro_f1"], "classical_macro_f1": v["classical_macro_f1"],
+                                                               "weak_model": v["weak_model"]} for k, v in results.items()}}
+
+
+# ----------------------------------------------------------------------------- model
+def bench_model(config: Config, args: Any) -> dict[str, Any]:
+    import numpy as np
+    import tensorflow as tf
+
+    from metal_defect.components import c04_model_builder as builder
+
+    channels = 1 if config.base.color_mode == "grayscale" else 3
+    shape = (args.size, args.size, channels)
+    model = builder.build_model("custom_cnn", shape, 6, config.model).model
+    counts = builder.parameter_counts(model)
+
+    @tf.function(input_signature=[tf.TensorSpec((1, *shape), tf.uint8)])
+    def predict(image: Any) -> Any:
+        return model(image, training=False)
+
+    images = np.random.default_rng(0).integers(0, 256, (210, 1, *shape), dtype=np.uint8)
+    for image in images[:10]:
+        predict(image).numpy()
+    times = []
+    for image in images[10:]:
+        started = time.perf_counter()
+        predict(image).numpy()
+        times.append((time.perf_counter() - started) * 1000)
+    result = {"size": args.size, "channels": channels, "pooling": config.model.custom_cnn.pooling, **counts,
+              "compiled_p50_ms": round(float(np.percentile(times, 50)), 3), "compiled_p95_ms": round(float(np.percentile(times, 95)), 3)}
+    result["headline"] = dict(result)
+    return result

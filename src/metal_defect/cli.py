@@ -82,8 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", parents=[common], help="measure accuracy, time and overhead; writes JSON under artifacts/bench/",
                            description="Benchmarks (not tests): `bench data` times ingestion + preprocessing and its throughput at 1x and "
                            "10x synthetic size; `bench train` runs the pipeline for several seeds and compares the training loop "
-                           "with a bare model.fit.")
-    bench.add_argument("what", choices=("data", "train"))
+                           "with a bare model.fit; `bench datasets` runs the default params on NEU, X-SDD and the proxy set beside the baselines.")
+    bench.add_argument("what", choices=("data", "train", "datasets", "model"))
+    bench.add_argument("--size", type=int, default=160, help="model: input size in px (default 160, the auto cap)")
+    bench.add_argument("--datasets", default="neu,xsdd,proxy", help="datasets: which data sets (default neu,xsdd,proxy)")
+    proxy = sub.add_parser("proxy-data", parents=[common], help="make the offline proxy data set from NEU and its defect boxes",
+                           description="Write a data set with the traits of an unseen plant's images (majority 'no defect' class, "
+                           "small defects, non-square 222-632 px grayscale images, imbalanced counts) from the NEU images and "
+                           "their Pascal VOC boxes. Deterministic for a seed; see src/metal_defect/proxy.py.")
+    proxy.add_argument("--neu", metavar="DIR", type=Path, help="NEU folder holding images/ and annotations/ (default: the parent of "
+                       "data_ingestion.source)")
+    proxy.add_argument("--out", metavar="DIR", type=Path, help="where to write it (default: artifacts/datasets/neu-proxy)")
+    proxy.add_argument("--seed", type=int, default=0, help="crop seed (default 0)")
     bench.add_argument("--seeds", default="42,43,44", help="train: seeds for the full pipeline runs (default 42,43,44)")
     bench.add_argument("--repeats", type=int, default=3, help="train: alternating repeats of the loop-overhead comparison (default 3)")
     bench.add_argument("--epochs", type=int, default=5, help="train: epochs per overhead measurement (default 5)")
@@ -199,6 +209,9 @@ def _dispatch(args: argparse.Namespace, config: Any) -> int:
         return 0
     if args.command == "evaluate":
         print(commands.evaluate(config, args.folder, args.model, args.out))
+        return 0
+    if args.command == "proxy-data":
+        print(commands.proxy_data(config, args.neu, args.out, args.seed))
         return 0
     if args.command == "bench":
         from metal_defect import bench

@@ -29,14 +29,16 @@ def list_runs(config: Config, limit: int = 20) -> str:
         rows.append((
             "*" if run_id == served else "", run_id, m.get("status", "?"), (m.get("started") or "")[:19].replace("T", " "),
             f"{m['duration_s']:.0f} s" if m.get("duration_s") is not None else "-",
-            f"{sum(not s['reused'] for s in stages)}/{sum(s['reused'] for s in stages)}", metrics.get("best_model", "-"),
+            f"{sum(not s['reused'] for s in stages)}/{sum(s['reused'] for s in stages)}",
+            metrics.get("best_model", "-") + (" (WEAK)" if metrics.get("weak_model") else ""),
             _fmt(metrics.get("valid_macro_f1")), _fmt(metrics.get("test_accuracy")), _fmt(metrics.get("test_macro_f1")),
         ))
     if len(rows) == 1:
         return f"no runs yet under {store.runs_dir}; start one with `python main.py`"
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines) + ("\n* = served model" if served else "\nno model is served yet")
+    note = "\n(WEAK) = flagged weak_model by the quality gate; its model card says why" if any("(WEAK)" in str(r[6]) for r in rows) else ""
+    return "\n".join(lines) + ("\n* = served model" if served else "\nno model is served yet") + note
 
 
 def _fmt(value: float | None) -> str:
@@ -93,3 +95,17 @@ def skipped_lines(skipped: list[dict], unreadable: list[dict], class_names: list
     for reason, n in reasons.most_common():
         lines.append(f"  {n:5d}  {reason}")
     return lines
+
+
+def proxy_data(config: Config, neu: Path | None, out: Path | None, seed: int) -> str:
+    """`main.py proxy-data`: write the proxy data set (see proxy.py); returns a summary line."""
+    from metal_defect import proxy
+
+    neu = Path(neu) if neu else Path(config.data_ingestion.source).parent
+    images, annotations = neu / "images", neu / "annotations"
+    if not images.is_dir() or not annotations.is_dir():
+        raise DataError(f"proxy-data: {neu} must hold images/<class>/ and annotations/*.xml (the NEU-DET layout); pass --neu DIR")
+    out = Path(out) if out else config.paths.artifacts / "datasets" / "neu-proxy"
+    summary = proxy.make_proxy(images, annotations, out, seed)
+    counts = ", ".join(f"{c}={n}" for c, n in summary["counts"].items())
+    return f"proxy data set: {summary['images']} images in {out} ({counts}); summary in {proxy.manifest_path(out)}"

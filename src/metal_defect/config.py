@@ -59,7 +59,9 @@ class BaseParams:
     """Settings every stage that touches images or randomness shares."""
 
     seed: int = _f(ge=0, le=2**31 - 1)
-    image_size: int = _f(ge=16, le=1024)
+    image_size: int | Literal["auto"] = _f(ge=16, le=1024)
+    max_image_size: int = _f(ge=16, le=1024)
+    resize: Literal["pad", "stretch"] = _f()
     color_mode: Literal["grayscale", "rgb"] = _f()
     deterministic_ops: bool = _f()
 
@@ -126,6 +128,7 @@ class CustomCnnParams:
     bn_momentum: float = _f(ge=0, lt=1)
     dropout: float = _f(ge=0, lt=1)
     dense_units: int = _f(ge=0)
+    pooling: Literal["avg", "max", "avg_max"] = _f()
     input_normalization: Literal["dataset", "per_image", "scale"] = _f()
 
 
@@ -178,11 +181,12 @@ class CallbacksParams:
 class TrainParams:
     models: list[str] = _f(min_len=1)
     epochs: int = _f(ge=1)
+    min_steps: int = _f(ge=0)
     optimizer: Literal["adamw", "adam", "sgd"] = _f()
     learning_rate: float = _f(gt=0, le=1)
     weight_decay: float = _f(ge=0)
     label_smoothing: float = _f(ge=0, lt=1)
-    class_weights: bool = _f()
+    class_weights: bool | Literal["auto"] = _f()
     strategy: Literal["auto", "one_device", "mirrored"] = _f()
     mixed_precision: bool = _f()
     verbose: Literal[0, 1, 2] = _f()
@@ -197,6 +201,9 @@ class EvaluationParams:
     temperature_max: float = _f(gt=0)
     misclassified_max: int = _f(ge=0, le=200)
     batch_size: int = _f(ge=1)
+    gate_min_train_accuracy: float = _f(ge=0, le=1)
+    gate_majority_margin: float = _f(ge=0, le=1)
+    gate_good_macro_f1: float = _f(ge=0, le=1)
 
     def check(self, key: str) -> list[str]:
         if self.temperature_min >= self.temperature_max:
@@ -580,6 +587,8 @@ def _convert_strict(value: Any, tp: Any, key: str, meta: dict[str, Any], origins
         return obj
     if origin in (Union, types.UnionType):
         for arm in typing.get_args(tp):
+            if typing.get_origin(arm) is Literal and value not in typing.get_args(arm):
+                continue  # e.g. 'big' for `int | Literal["auto"]`: report the whole union, not just the literal
             trial: list[str] = []
             try:
                 result = _convert_strict(value, arm, key, meta, origins, base_dir, trial)

@@ -98,7 +98,8 @@ class Predictor:
 
     @property
     def preprocessor(self) -> ImagePreprocessor:
-        return ImagePreprocessor(self.spec["image_size"], self.spec["color_mode"], tuple(self.class_names))
+        # bundles written before the aspect-preserving resize existed stretched their images
+        return ImagePreprocessor(self.spec["image_size"], self.spec["color_mode"], tuple(self.class_names), resize=self.spec.get("resize", "stretch"))
 
     def raw_probabilities(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Model softmax output for uint8 images [N, H, W, C] (no temperature)."""

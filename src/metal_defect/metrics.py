@@ -95,6 +95,25 @@ def bootstrap_ece(y_true: np.ndarray, probs: np.ndarray, bins: int, samples: int
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Macro-averaged F1 over `n_classes` classes (a class with no support and no prediction scores 0)."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, int), np.asarray(y_pred, int)), 1)
+    tp = np.diag(cm).astype(float)
+    denom = cm.sum(axis=0) + cm.sum(axis=1)
+    return float(np.mean(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)))
+
+
+def bootstrap_macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, samples: int, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the macro F1 (resampling images with replacement)."""
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    if n == 0:
+        return (0.0, 1.0)
+    values = [macro_f1(y_true[idx], y_pred[idx], n_classes) for idx in (rng.integers(0, n, n) for _ in range(samples))]
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     """Softmax(log p / T): T > 1 softens over-confident probabilities, T < 1 sharpens."""
     logits = np.log(np.clip(probs, 1e-12, 1.0)) / temperature

@@ -122,7 +122,7 @@ STAGES: tuple[Stage, ...] = (
 )
 
 # Subcommands of the CLI; no stage may be named like one.
-SUBCOMMANDS = ("run", "runs", "promote", "evaluate", "predict", "export", "bench")
+SUBCOMMANDS = ("run", "runs", "promote", "evaluate", "predict", "export", "bench", "proxy-data")
 
 
 def check_registry(stages: Sequence[Stage]) -> None:

@@ -146,3 +146,41 @@ def misclassified_gallery(images: Sequence[np.ndarray], captions: Sequence[str],
         ax.set_title(text, fontsize=7)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def image_sizes(sizes: Sequence[tuple[int, int]], path: Path) -> Path:
+    """Original image sizes: width against height, and the aspect-ratio distribution."""
+    widths = np.array([s[0] for s in sizes], dtype=float)
+    heights = np.array([s[1] for s in sizes], dtype=float)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.scatter(widths, heights, s=8, alpha=0.4)
+    top = max(widths.max(initial=1), heights.max(initial=1)) * 1.05
+    left.plot([0, top], [0, top], color="grey", lw=0.8, ls="--", label="square")
+    left.set_xlim(0, top)
+    left.set_ylim(0, top)
+    left.set_xlabel("width (px)")
+    left.set_ylabel("height (px)")
+    left.set_title(f"Original sizes (n={len(sizes)})")
+    left.legend(loc="lower right")
+    ratios = widths / np.maximum(heights, 1)
+    right.hist(ratios, bins=30)
+    right.set_xlabel("aspect ratio (width / height)")
+    right.set_ylabel("images")
+    right.set_title(f"Aspect ratio: median {np.median(ratios) if len(ratios) else 0:.2f}, "
+                    f"{np.mean(np.abs(ratios - 1) > 0.02) if len(ratios) else 0:.0%} not square")
+    return _save(fig, path)
+
+
+def class_mean_images(means: Mapping[str, np.ndarray], counts: Mapping[str, int], path: Path) -> Path:
+    """The mean prepared image of each class (what is common to a class: position bias, vignetting, colour)."""
+    cols = min(len(means), 6)
+    rows = math.ceil(len(means) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (label, image) in zip(axes.ravel(), means.items()):
+        shown = image.squeeze()
+        ax.imshow(np.clip(shown, 0, 255).astype(np.uint8), cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=255)
+        ax.set_title(f"{label}\n(n={counts.get(label, 0)})", fontsize=8)
+    fig.suptitle("Mean image per class (as the model sees them)", y=1.0 + 0.12 / rows)
+    return _save(fig, path)

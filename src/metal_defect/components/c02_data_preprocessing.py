@@ -8,6 +8,7 @@ function: no stage state, importable on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import io as _io
 import logging
 import os
@@ -128,20 +129,35 @@ def _to_8bit_l_or_rgb(image: Image.Image) -> Image.Image:
 
 
 def to_model_input(source: str | os.PathLike | bytes | BinaryIO | Image.Image, image_size: int, color_mode: str,
-                   max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> np.ndarray:
+                   max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None, resize: str = "pad") -> np.ndarray:
     """Image file (path, bytes, file object or PIL image) -> uint8 array (size, size, 1|3).
 
     The one conversion used for training data and for serving. Raises ImageProblem.
     """
     image = decode_image(source, max_pixels=max_pixels, max_bytes=max_bytes)
-    return convert_decoded(image, image_size, color_mode)
+    return convert_decoded(image, image_size, color_mode, resize)
 
 
-def convert_decoded(image: Image.Image, image_size: int, color_mode: str) -> np.ndarray:
-    """The mode-conversion and resize half of `to_model_input` (for an already decoded image)."""
+def convert_decoded(image: Image.Image, image_size: int, color_mode: str, resize: str = "pad") -> np.ndarray:
+    """The mode-conversion and resize half of `to_model_input` (for an already decoded image).
+
+    `resize`: pad (keep the aspect ratio: the long side becomes image_size, the short side is
+    centred on a band of the image's mean colour, so a 3:1 image is not squashed and nothing
+    at its edges is cut off) or stretch (to a square, ignoring the aspect ratio).
+    """
     image = image.convert("L" if color_mode == "grayscale" else "RGB")
-    if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), RESAMPLE)
+    width, height = image.size
+    if (width, height) != (image_size, image_size):
+        if resize == "stretch" or width == height:
+            image = image.resize((image_size, image_size), RESAMPLE)
+        else:
+            scale = image_size / max(width, height)
+            inner = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), RESAMPLE)
+            mean = np.asarray(inner, dtype=np.float64).reshape(-1, len(inner.getbands())).mean(axis=0)
+            fill = tuple(int(v + 0.5) for v in mean) if inner.mode == "RGB" else int(mean[0] + 0.5)
+            canvas = Image.new(inner.mode, (image_size, image_size), fill)
+            canvas.paste(inner, ((image_size - inner.size[0]) // 2, (image_size - inner.size[1]) // 2))
+            image = canvas
     arr = np.asarray(image, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
 
@@ -156,13 +172,14 @@ class ImagePreprocessor:
     resample: str = "bilinear"
     dtype: str = "uint8"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    resize: str = "pad"
 
     @property
     def channels(self) -> int:
         return 1 if self.color_mode == "grayscale" else 3
 
     def __call__(self, source: str | os.PathLike | bytes | BinaryIO | Image.Image) -> np.ndarray:
-        return to_model_input(source, self.image_size, self.color_mode, max_pixels=self.max_pixels)
+        return to_model_input(source, self.image_size, self.color_mode, max_pixels=self.max_pixels, resize=self.resize)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -177,6 +194,33 @@ class _Decoded:
     pending: str = ""
     stats: tuple[float, float] = (0.0, 0.0)
     histogram: np.ndarray | None = field(default=None, repr=False)
+
+
+AUTO_SIZE_STEP = 32  # base.image_size=auto is a multiple of this (the CNN halves the size once per block)
+AUTO_SIZE_MIN = 64
+
+
+def auto_image_size(paths: list[str], max_size: int) -> int:
+    """base.image_size=auto: the median long side of the images (read from their headers), rounded
+    down to a multiple of 32, between 64 and base.max_image_size.
+
+    With aspect-preserving resize the long side maps onto the input size, so at the median
+    image nothing is shrunk unless the data is larger than the cap, which keeps CPU training
+    affordable; small images are not blown up past what they hold.
+    """
+    def long_side(path: str) -> int:
+        try:
+            with Image.open(path) as image:
+                return max(image.size)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return 0  # unreadable here; decoding will skip it with its reason
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        sides = [s for s in pool.map(long_side, paths) if s]
+    median = int(np.median(sides)) if sides else max_size
+    size = int(min(max(median // AUTO_SIZE_STEP * AUTO_SIZE_STEP, AUTO_SIZE_MIN), max_size))
+    log.info("base.image_size=auto: median long side %d px -> input %d px (cap base.max_image_size=%d)", median, size, max_size)
+    return size
 
 
 def run_stage(io: Any, *, base: BaseParams, data_preprocessing: DataPreprocessingParams, schema: SchemaConfig) -> dict[str, Any]:
@@ -194,6 +238,8 @@ def prepare(items: list[dict[str, Any]], classes: list[str], base: BaseParams, p
 
     started = time.perf_counter()
     items = sorted(items, key=lambda i: (classes.index(i["label"]), i["path"]))
+    if base.image_size == "auto":
+        base = dataclasses.replace(base, image_size=auto_image_size([i["path"] for i in items], base.max_image_size))
     pending_dir = out_dir / "_pending"
     pending_dir.mkdir(parents=True)
     max_bytes = int(params.max_file_mb * 1e6)
@@ -235,11 +281,13 @@ def prepare(items: list[dict[str, Any]], classes: list[str], base: BaseParams, p
 
     split_counts = {s: {c: sum(1 for r in records if r["split"] == s and r["label"] == c) for c in classes} for s in SPLITS}
     colour = [items[d.index]["path"] for d in usable if d.colourful] if schema.color_mode == "grayscale" else []
-    write_json_atomic(out_dir / RECORDS_FILE, {"classes": classes, "image_size": base.image_size, "color_mode": base.color_mode, "records": records})
+    write_json_atomic(out_dir / RECORDS_FILE, {"classes": classes, "image_size": base.image_size, "color_mode": base.color_mode,
+                                               "resize": base.resize, "records": records})
     write_json_atomic(out_dir / CLASS_LABELS_FILE, {"classes": classes, "index_of": {c: i for i, c in enumerate(classes)}})
     import joblib
 
-    joblib.dump(ImagePreprocessor(base.image_size, base.color_mode, tuple(classes), max_pixels=params.max_image_pixels), out_dir / PREPROCESSOR_FILE)
+    joblib.dump(ImagePreprocessor(base.image_size, base.color_mode, tuple(classes), max_pixels=params.max_image_pixels, resize=base.resize),
+                out_dir / PREPROCESSOR_FILE)
 
     from metal_defect import plots
 
@@ -252,6 +300,13 @@ def prepare(items: list[dict[str, Any]], classes: list[str], base: BaseParams, p
     stats = _intensity_stats(kept, items, classes)
     write_json_atomic(eda / "intensity_stats.json", stats)
     plots.intensity_histograms({c: np.asarray(s["histogram"]) for c, s in stats.items()}, eda / "intensity_histograms.png")
+    overview = dataset_overview(records, classes, duplicates, len(skipped))
+    write_json_atomic(eda / "dataset_overview.json", overview)
+    log.info("data: %d images, median %gx%g px, %.0f%% not square (resize: %s), class imbalance %sx, %d duplicates dropped",
+             overview["images"], overview["width"]["median"], overview["height"]["median"], 100 * overview["non_square_share"], base.resize,
+             overview["imbalance_ratio"], overview["duplicates_dropped"])
+    plots.image_sizes([tuple(r["original_size"]) for r in records], eda / "image_sizes.png")
+    plots.class_mean_images(_class_means(out_dir, records, classes), overview["class_counts"], eda / "class_mean_images.png")
 
     elapsed = time.perf_counter() - started
     report = {
@@ -296,7 +351,7 @@ def _decode_one(position: int, path: str, base: BaseParams, params: DataPreproce
     # duplicates are judged on the picture (decoded pixels), not the container bytes
     content = np.asarray(image)
     content_hash = hashlib.sha256(f"{image.mode}{image.size}".encode() + content.tobytes()).hexdigest()
-    arr = convert_decoded(image, base.image_size, base.color_mode)
+    arr = convert_decoded(image, base.image_size, base.color_mode, base.resize)
     pending = pending_dir / f"{position}.png"
     Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(pending, format="PNG", compress_level=1)
     scaled = arr.astype(np.float32) / 255.0
@@ -363,6 +418,38 @@ def assign_splits(items: list[dict[str, Any]], fractions: SplitParams, seed: int
                             "Lower data_preprocessing.split or add images") from exc
         result[chosen] = split
     return result.tolist()
+
+
+def dataset_overview(records: list[dict[str, Any]], classes: list[str], duplicates: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
+    """What a user should see first on new data: sizes, aspect ratios, imbalance, duplicates."""
+    sizes = np.array([r["original_size"] for r in records], dtype=float).reshape(-1, 2)
+    ratios = sizes[:, 0] / np.maximum(sizes[:, 1], 1) if len(sizes) else np.zeros(1)
+    counts = {c: sum(r["label"] == c for r in records) for c in classes}
+    present = [n for n in counts.values() if n]
+
+    def spread(values: np.ndarray) -> dict[str, float]:
+        if not len(values):
+            return {"min": 0.0, "median": 0.0, "max": 0.0}
+        return {"min": float(values.min()), "median": float(np.median(values)), "max": float(values.max())}
+
+    return {
+        "images": len(records), "class_counts": counts,
+        "imbalance_ratio": round(max(present) / min(present), 3) if present else None,
+        "width": spread(sizes[:, 0]), "height": spread(sizes[:, 1]),
+        "aspect_ratio": {k: round(v, 3) for k, v in spread(ratios).items()},
+        "non_square_share": round(float(np.mean(np.abs(ratios - 1) > 0.02)), 4) if len(sizes) else 0.0,
+        "duplicate_groups": len(duplicates), "duplicates_dropped": sum(len(d["dropped"]) for d in duplicates), "skipped": skipped,
+    }
+
+
+def _class_means(out_dir: Path, records: list[dict[str, Any]], classes: list[str]) -> dict[str, np.ndarray]:
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {c: 0 for c in classes}
+    for record in records:
+        image = np.asarray(Image.open(out_dir / record["file"]), dtype=np.float64)
+        sums[record["label"]] = sums.get(record["label"], 0) + image
+        counts[record["label"]] += 1
+    return {c: sums[c] / counts[c] for c in classes if counts[c]}
 
 
 def _samples_per_class(out_dir: Path, records: list[dict[str, Any]], classes: list[str], n: int) -> dict[str, list[np.ndarray]]:

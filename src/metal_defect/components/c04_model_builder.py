@@ -111,7 +111,12 @@ def build_model(name: str, image_shape: tuple[int, int, int], n_classes: int, pa
 
 
 def custom_cnn(image_shape: tuple[int, int, int], n_classes: int, params: CustomCnnParams, pixel_stats: tuple[float, float]) -> keras.Model:
-    """conv blocks (conv-BN-ReLU x n, max-pool), global average pooling, dense head."""
+    """conv blocks (conv-BN-ReLU x n, max-pool), global pooling (`params.pooling`), dense head.
+
+    Global average pooling alone averages a defect that covers a few cells of the last
+    feature map away into the background texture; global max pooling keeps the strongest
+    local response, so `avg_max` (both, concatenated) serves large textures and small defects.
+    """
     inputs = keras.Input(image_shape, dtype="uint8", name="pixels")
     mean, std = pixel_stats
     x = PixelPreprocess(params.input_normalization, mean=mean, std=max(std, 1e-3), name="preprocess")(inputs)
@@ -121,7 +126,12 @@ def custom_cnn(image_shape: tuple[int, int, int], n_classes: int, params: Custom
             x = layers.BatchNormalization(momentum=params.bn_momentum, name=f"block{block}_bn{conv + 1}")(x)
             x = layers.ReLU(name=f"block{block}_relu{conv + 1}")(x)
         x = layers.MaxPooling2D(name=f"block{block}_pool")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    pooled = []
+    if params.pooling in ("avg", "avg_max"):
+        pooled.append(layers.GlobalAveragePooling2D(name="gap")(x))
+    if params.pooling in ("max", "avg_max"):
+        pooled.append(layers.GlobalMaxPooling2D(name="gmp")(x))
+    x = pooled[0] if len(pooled) == 1 else layers.Concatenate(name="pooled")(pooled)
     x = _head(x, n_classes, params.dropout, params.dense_units)
     return keras.Model(inputs, x, name=CUSTOM)
 
@@ -228,5 +238,22 @@ def summary_text(model: keras.Model) -> str:
 
 
 def parameter_counts(model: keras.Model) -> dict[str, int]:
+    """Total and trainable parameters, and multiply-adds for one image (convolutions and dense layers)."""
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
-    return {"total": int(model.count_params()), "trainable": trainable}
+    return {"total": int(model.count_params()), "trainable": trainable, "multiply_adds": multiply_adds(model)}
+
+
+def multiply_adds(model: keras.Model) -> int:
+    """Multiply-adds of one forward pass for one image, counted over Conv2D, DepthwiseConv2D and Dense
+    layers (nested backbones included); pooling, normalisation and activations are left out."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += multiply_adds(layer)
+            continue
+        if isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D, layers.Dense)) and layer.built:
+            out_shape = layer.output.shape
+            positions = int(np.prod([d for d in out_shape[1:-1] if d])) if len(out_shape) > 2 else 1
+            kernel = layer.weights[0].shape  # (kh, kw, cin, cout), (kh, kw, cin, multiplier) or (in, out): one MAC per weight and position
+            total += positions * int(np.prod(kernel))
+    return int(total)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from metal_defect import metrics, plots
+from metal_defect import baselines, metrics, plots
 from metal_defect.artifacts import ArtifactStore, read_json, write_json_atomic
 from metal_defect.components.c01_data_ingestion import REPORT_FILE as INGESTION_REPORT
 from metal_defect.components.c02_data_preprocessing import PREPROCESSOR_FILE, RECORDS_FILE
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "base_models_metrics.json"
 BEST_FILE = "best_base_model.json"
+GATE_FILE = "quality_gate.json"
+BASELINE_MAX_TRAIN = 5000  # the classical baseline fits on at most this many training images (seconds, not minutes)
 
 
 def run_stage(io: Any, *, evaluation: EvaluationParams) -> dict[str, Any]:
@@ -74,6 +76,7 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
     shutil.copy2(prepared / PREPROCESSOR_FILE, bundle / PREPROCESSOR_FILE)
     records = read_json(prepared / RECORDS_FILE)
     spec = {"model_name": best, "class_names": class_names, "image_size": records["image_size"], "color_mode": records["color_mode"],
+            "resize": records.get("resize", "stretch"),
             "input_dtype": "uint8", "temperature": temperature, "pretrained": results[best]["pretrained"],
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     write_json_atomic(bundle / SERVING_SPEC, spec)
@@ -86,22 +89,92 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
         test_report = report_split(y_test, metrics.apply_temperature(raw_test, temperature), class_names, x_test, test_names,
                                    out_dir / "test", f"{best}, test split (chosen on validation)", params)
         test_report["calibration_uncalibrated"] = calibration_summary(y_test, raw_test, params)
+        gate = quality_gate(prepared, trained / MODELS_DIR / best, class_names, "test", y_test, raw_test.argmax(axis=1), x_test, params)
+    else:
+        gate = quality_gate(prepared, trained / MODELS_DIR / best, class_names, "valid", y_valid, valid_probs[best].argmax(axis=1), x_valid, params)
+    write_json_atomic(out_dir / GATE_FILE, gate)
     results[best]["calibration"] = calibration
     write_json_atomic(out_dir / METRICS_FILE, {"selected_by": f"validation {params.select_metric}, ties by validation log loss",
                                                "models": results})
     best_record = {"name": best, "model": f"{BUNDLE_DIR}/{MODEL_FILE}", "bundle": BUNDLE_DIR, "temperature": temperature,
                    "pretrained": results[best]["pretrained"], "valid": _headline(results[best]["valid"]),
-                   "test": _headline(test_report) if test_report else None, "calibration": calibration}
+                   "test": _headline(test_report) if test_report else None, "calibration": calibration,
+                   "weak_model": gate["weak_model"], "weak_reasons": gate["reasons"]}
     write_json_atomic(out_dir / BEST_FILE, best_record)
-    card = model_card(best, results[best], test_report, calibration, spec, ingested, prepared, train_summary["models"][best])
+    card = model_card(best, results[best], test_report, calibration, spec, ingested, prepared, train_summary["models"][best], gate)
     (out_dir / MODEL_CARD).write_text(card, encoding="utf-8")
     (bundle / MODEL_CARD).write_text(card, encoding="utf-8")
-    headline = {"best_model": best, "valid_accuracy": results[best]["valid"]["accuracy"], "valid_macro_f1": results[best]["valid"]["macro_f1"]}
+    headline = {"best_model": best, "valid_accuracy": results[best]["valid"]["accuracy"], "valid_macro_f1": results[best]["valid"]["macro_f1"],
+                "weak_model": gate["weak_model"], "classical_macro_f1": gate["classical"]["macro_f1"], "majority_macro_f1": gate["majority"]["macro_f1"]}
     if test_report:
         headline |= {"test_accuracy": test_report["accuracy"], "test_macro_f1": test_report["macro_f1"], "test_errors": test_report["errors"],
                      "test_n": test_report["n"], "test_ece": test_report["calibration"]["ece"]}
         log.info("test split (%s): %s, macro F1 %.4f", best, metrics.caption(test_report["n"], test_report["errors"]), test_report["macro_f1"])
     return {"metrics": headline, "temperature": temperature}
+
+
+def quality_gate(prepared: Path, model_dir: Path, class_names: list[str], split: str, y_eval: np.ndarray, model_pred: np.ndarray,
+                 x_eval: np.ndarray, params: EvaluationParams) -> dict[str, Any]:
+    """Is the chosen model clearly better than what a much simpler method gets on the same split?
+
+    Flags `weak_model` with a reason when the model underfits (training accuracy at the last
+    epoch below `gate_min_train_accuracy`), is near the majority-class baseline (macro F1
+    less than `gate_majority_margin` above it), or is not clearly better than the classical
+    texture baseline (overlapping 95 % bootstrap macro-F1 intervals, or below it) while its
+    own interval does not start above `gate_good_macro_f1`.
+    """
+    import time
+
+    started = time.perf_counter()
+    x_train, y_train, _ = load_split(prepared, "train")
+    if len(y_train) > BASELINE_MAX_TRAIN:
+        keep = np.sort(np.random.default_rng(0).choice(len(y_train), BASELINE_MAX_TRAIN, replace=False))
+        x_train, y_train = x_train[keep], y_train[keep]
+    k = len(class_names)
+
+    def score(pred: np.ndarray) -> dict[str, Any]:
+        lo, hi = metrics.bootstrap_macro_f1(y_eval, pred, k, params.bootstrap_samples)
+        return {"macro_f1": metrics.macro_f1(y_eval, pred, k), "macro_f1_ci95": [lo, hi], "accuracy": float(np.mean(pred == y_eval))}
+
+    model = score(model_pred)
+    classical = score(baselines.classical_predictions(x_train, y_train, x_eval))
+    majority_pred = baselines.majority_predictions(y_train, len(y_eval))
+    majority = score(majority_pred) | {"class": class_names[int(majority_pred[0])] if len(majority_pred) else None}
+    # Can the model fit its own training images? Measured on them as they are (no augmentation,
+    # dropout off): the last epoch's running accuracy is lowered by both and is no fair test.
+    train_pred = predict_probabilities(load_model(model_dir / MODEL_FILE), x_train, params.batch_size).argmax(axis=1)
+    train_accuracy = float(np.mean(train_pred == y_train)) if len(y_train) else None
+    history = read_json(model_dir / "history.json") if (model_dir / "history.json").is_file() else []
+    last_epoch = next((row["accuracy"] for row in reversed(history) if "accuracy" in row), None)
+    reasons = []
+    if train_accuracy is not None and train_accuracy < params.gate_min_train_accuracy:
+        reasons.append(f"underfits: accuracy {train_accuracy:.3f} on its own training images (below {params.gate_min_train_accuracy:g})")
+    if model["macro_f1"] < majority["macro_f1"] + params.gate_majority_margin:
+        reasons.append(f"near the majority-class baseline: macro F1 {model['macro_f1']:.3f} against {majority['macro_f1']:.3f} "
+                       f"for always answering '{majority['class']}'")
+    (m_lo, m_hi), (c_lo, c_hi) = model["macro_f1_ci95"], classical["macro_f1_ci95"]
+    not_better = model["macro_f1"] <= classical["macro_f1"] or (m_lo <= c_hi and c_lo <= m_hi)
+    note = ""
+    if not_better and m_lo >= params.gate_good_macro_f1:
+        note = (f"the classical baseline is about as good here (macro F1 {classical['macro_f1']:.3f}): the data is easy for texture "
+                f"features, and the model's interval starts above {params.gate_good_macro_f1:g}, so it is not flagged")
+    if not_better and m_lo < params.gate_good_macro_f1:
+        reasons.append(f"not clearly better than a classical texture baseline (LBP + gradients, RBF SVM): macro F1 {model['macro_f1']:.3f} "
+                       f"(95% CI {m_lo:.3f}–{m_hi:.3f}) against {classical['macro_f1']:.3f} ({c_lo:.3f}–{c_hi:.3f})")
+    gate = {"weak_model": bool(reasons), "reasons": reasons, "note": note, "split": split, "n": len(y_eval), "model": model, "classical": classical,
+            "majority": majority, "train_accuracy": train_accuracy, "train_accuracy_last_epoch": last_epoch,
+            "seconds": round(time.perf_counter() - started, 2)}
+    if reasons:
+        log.warning("!" * 78)
+        log.warning("WEAK MODEL: the served model is flagged weak_model on the %s split:", split)
+        for reason in reasons:
+            log.warning("  - %s", reason)
+        log.warning("Check the data (labels, class balance, image size) before trusting its answers; see the model card.")
+        log.warning("!" * 78)
+    else:
+        log.info("quality gate passed on %s: macro F1 %.4f against classical %.4f and majority %.4f (%.1f s)", split, model["macro_f1"],
+                 classical["macro_f1"], majority["macro_f1"], gate["seconds"])
+    return gate
 
 
 def report_split(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], images: np.ndarray, names: list[str], folder: Path,
@@ -155,7 +228,7 @@ def _headline(report: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def model_card(name: str, result: dict[str, Any], test: dict[str, Any] | None, calibration: dict[str, Any], spec: dict[str, Any],
-               ingested: Path, prepared: Path, train_info: dict[str, Any]) -> str:
+               ingested: Path, prepared: Path, train_info: dict[str, Any], gate: dict[str, Any]) -> str:
     """A Markdown model card: data, split, model, metrics with intervals, calibration, known limits."""
     ingestion = read_json(ingested / INGESTION_REPORT)
     pre = read_json(prepared / PREPROCESSING_REPORT)
@@ -169,9 +242,27 @@ def model_card(name: str, result: dict[str, Any], test: dict[str, Any] | None, c
     per_class = test["per_class"] if test else valid["per_class"]
     rows = "\n".join(f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |" for c, v in per_class.items())
     counts = "; ".join(f"{s}: {sum(v.values())}" for s, v in pre["counts"].items())
+
+    def yardstick(label: str, r: dict[str, Any]) -> str:
+        return f"| {label} | {r['accuracy']:.2%} | {r['macro_f1']:.4f} ({r['macro_f1_ci95'][0]:.4f}–{r['macro_f1_ci95'][1]:.4f}) |"
+
+    verdict = ("**WEAK MODEL** — do not trust its answers before the data is checked:\n" + "\n".join(f"- {r}" for r in gate["reasons"])
+               if gate["weak_model"] else f"Passed{': ' + gate['note'] if gate.get('note') else ': clearly better than both yardsticks below'}.")
+    train_acc = gate["train_accuracy"]
     return f"""# Model card: {name}
 
 Created {spec['created']}.
+
+## Quality gate
+{verdict}
+
+On the {gate['split']} split (n={gate['n']}); accuracy on its own training images {f"{train_acc:.3f}" if train_acc is not None else "n/a"}.
+
+| | accuracy | macro F1 (95% bootstrap CI) |
+|---|---|---|
+{yardstick(name, gate['model'])}
+{yardstick('classical baseline: LBP + gradient histograms, RBF SVM', gate['classical'])}
+{yardstick(f"majority class ('{gate['majority']['class']}')", gate['majority'])}
 
 ## Data
 - Source: `{ingestion['source']}` ({ingestion['source_kind']}, {ingestion['layout']} layout), {ingestion['images_found']} images found,
@@ -179,11 +270,11 @@ Created {spec['created']}.
   {sum(len(d['dropped']) for d in pre['duplicates'])} exact duplicates dropped.
 - Classes (label order): {', '.join(spec['class_names'])}.
 - Split ({'kept from the source' if pre['presplit'] else 'stratified, seeded'}): {counts}.
-- Input contract: {spec['image_size']}×{spec['image_size']} {spec['color_mode']}, uint8 pixels; resizing and mode conversion by
+- Input contract: {spec['image_size']}×{spec['image_size']} {spec['color_mode']}, uint8 pixels, non-square images {'padded (aspect ratio kept)' if spec['resize'] == 'pad' else 'stretched'}; resizing and mode conversion by
   `to_model_input` (the same function for training and serving); normalisation inside the model.
 
 ## Model
-- Architecture: `{name}`, {train_info['parameters']['total']:,} parameters.
+- Architecture: `{name}`, {train_info['parameters']['total']:,} parameters{_macs(train_info['parameters'])}.
 - Weights: {'pretrained (' + str(train_info['weights']) + ')' if train_info['pretrained'] else 'random initialisation (pretrained: false)'};
   schedule: {train_info['schedule']} ({', '.join(train_info['phases'])}), {train_info['epochs_run']} epochs,
   median {train_info['median_epoch_seconds']} s/epoch; strategy {train_info['strategy']} × {train_info['replicas']}.
@@ -217,13 +308,20 @@ Test ECE above is with the stored temperature{'' if not test else f"; without it
 """
 
 
+def _macs(counts: dict[str, Any]) -> str:
+    return f", {counts['multiply_adds'] / 1e6:.0f} M multiply-adds per image" if counts.get("multiply_adds") else ""
+
+
 def publish(store: ArtifactStore, run_id: str, output: Path) -> dict[str, Any]:
     """Point the served model at this evaluation's bundle (written atomically)."""
     best = read_json(output / BEST_FILE)
     pointer = {"run_id": run_id, "bundle": str(output / BUNDLE_DIR), "model_name": best["name"], "temperature": best["temperature"],
-               "valid": best["valid"], "test": best["test"], "promoted": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+               "valid": best["valid"], "test": best["test"], "weak_model": best.get("weak_model", False), "weak_reasons": best.get("weak_reasons", []),
+               "promoted": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
     store.set_served(pointer)
     log.info("served model is now %s from run %s", best["name"], run_id)
+    if pointer["weak_model"]:
+        log.warning("the served model is flagged weak_model: %s", "; ".join(pointer["weak_reasons"]))
     return pointer
 
 

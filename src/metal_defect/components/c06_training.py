@@ -10,8 +10,10 @@ model and phase it was in; finished models are not trained again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import shutil
 import statistics
 import time
@@ -89,6 +91,28 @@ def train_models(data: Datasets, base: BaseParams, model_params: ModelParams, ca
     return {"models": {n: {k: s[k] for k in ("pretrained", "schedule", "epochs_run", "best_val_loss", "median_epoch_seconds")} for n, s in summaries.items()}}
 
 
+def epochs_for(train: TrainParams, steps_per_epoch: int) -> int:
+    """train.epochs, raised so that training takes at least train.min_steps optimizer steps.
+
+    A small data set gives few steps per epoch; 40 epochs of 15 steps leave a CNN far from
+    fitting its training split, while the same 40 epochs are plenty at 40 steps.
+    """
+    epochs = max(train.epochs, math.ceil(train.min_steps / max(steps_per_epoch, 1)))
+    if epochs > train.epochs:
+        log.info("%d steps per epoch: training %d epochs instead of %d to reach train.min_steps (%d)", steps_per_epoch, epochs,
+                 train.epochs, train.min_steps)
+    return epochs
+
+
+def scaled_patience(params: CallbacksParams, epochs: int, configured_epochs: int) -> CallbacksParams:
+    """Early-stopping patience stretched by the factor min_steps stretched the epochs: the same
+    share of the schedule, not the same number of (now much shorter) epochs."""
+    if epochs <= configured_epochs:
+        return params
+    patience = math.ceil(params.early_stopping.patience * epochs / configured_epochs)
+    return dataclasses.replace(params, early_stopping=dataclasses.replace(params.early_stopping, patience=patience))
+
+
 def readable_state_file(path: Path) -> bool:
     """Whether a saved model (.keras zip) or weights file (.h5) can be read to the end."""
     import zipfile
@@ -164,6 +188,21 @@ def pixel_statistics(files: list[Path]) -> tuple[float, float]:
     return float(mean), float(np.sqrt(max(total_sq / max(count, 1) - mean**2, 1e-12)))
 
 
+IMBALANCE_FOR_AUTO_WEIGHTS = 1.5  # train.class_weights=auto: balanced weights when largest/smallest class count exceeds this
+
+
+def use_class_weights(setting: bool | str, labels: np.ndarray) -> bool:
+    """train.class_weights: true/false as given; auto when the training split is imbalanced."""
+    if setting != "auto":
+        return bool(setting)
+    counts = np.bincount(labels)
+    counts = counts[counts > 0]
+    ratio = float(counts.max() / counts.min()) if len(counts) else 1.0
+    use = ratio > IMBALANCE_FOR_AUTO_WEIGHTS
+    log.info("class balance: largest/smallest class %.2fx; %s", ratio, "balanced class weights on" if use else "no class weights needed")
+    return use
+
+
 def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
     from sklearn.utils.class_weight import compute_class_weight
 
@@ -208,13 +247,13 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
         model_work.mkdir(parents=True, exist_ok=True)
         (model_work / "summary.txt").write_text(f"== {name} ({'pretrained ' + built.weights if built.pretrained else 'random init'}, "
                                                f"{built.schedule}) ==\n{builder.summary_text(built.model)}", encoding="utf-8")
-        weights = class_weights(data["train"].labels, len(data.class_names)) if train.class_weights else None
+        weights = class_weights(data["train"].labels, len(data.class_names)) if use_class_weights(train.class_weights, data["train"].labels) else None
         steps = data.steps("train")
         if built.schedule == "two_phase":
             t = model_params.transfer
-            phases = [("head", train.epochs, train.learning_rate), ("fine_tune", t.fine_tune_epochs, t.fine_tune_learning_rate)]
+            phases = [("head", epochs_for(train, steps), train.learning_rate), ("fine_tune", t.fine_tune_epochs, t.fine_tune_learning_rate)]
         else:
-            phases = [("end_to_end", train.epochs, train.learning_rate)]
+            phases = [("end_to_end", epochs_for(train, steps), train.learning_rate)]
         started = time.perf_counter()
         history: list[dict[str, float]] = []
         for phase, epochs, base_lr in phases:
@@ -234,7 +273,8 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
                 continue
             log.info("%s: phase %s, %d epochs at learning rate %g, %d steps/epoch", name, phase, epochs, base_lr, steps)
             fit = built.model.fit(data["train"].dataset, validation_data=data["valid"].dataset, epochs=epochs,
-                                  callbacks=make_callbacks(callback_params, phase_work), class_weight=weights, verbose=train.verbose,
+                                  callbacks=make_callbacks(scaled_patience(callback_params, epochs, train.epochs), phase_work),
+                                  class_weight=weights, verbose=train.verbose,
                                   shuffle=False)  # the tf.data pipeline shuffles
             if (phase_work / BEST_CHECKPOINT).is_file():
                 built.model.load_weights(phase_work / BEST_CHECKPOINT)  # the best epoch, not the last

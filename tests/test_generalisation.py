@@ -1,0 +1,169 @@
+"""The recipe adapts to the data: aspect ratio kept, imbalance handled, an honest quality gate,
+the proxy data set made deterministically, and the EDA a user needs first on new data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, TINY_SCHEMA, _deep_merge, tiny_training_params, write_config
+from PIL import Image
+
+from metal_defect import proxy, synthetic
+from metal_defect.artifacts import ArtifactStore, read_json
+from metal_defect.cli import main
+from metal_defect.components import c06_training
+from metal_defect.components.c02_data_preprocessing import to_model_input
+from metal_defect.config import load_config
+from metal_defect.pipeline import Runner
+
+
+def test_a_wide_image_keeps_its_aspect_ratio():
+    wide = np.zeros((30, 90), np.uint8)
+    wide[:, 30:60] = 255  # a white square in the middle third of a 3:1 image
+    out = to_model_input(Image.fromarray(wide), 30, "grayscale")[..., 0]
+    band = out[10:20]  # the 3:1 content fills a 30x10 band, centred
+    assert (band[:, 11:19] == 255).all() and (band[:, :9] == 0).all() and (band[:, 21:] == 0).all()
+    pad = np.concatenate([out[:10], out[20:]])
+    assert len(np.unique(pad)) == 1 and 80 <= pad[0, 0] <= 90  # the image's mean grey, no invented structure
+    squashed = to_model_input(Image.fromarray(wide), 30, "grayscale", resize="stretch")[..., 0]
+    assert (squashed[:, 11:19] == 255).all()  # the old behaviour: the square becomes a tall bar
+
+
+def test_class_weights_switch_on_by_themselves_only_for_imbalanced_data():
+    balanced, imbalanced = np.repeat([0, 1, 2], 10), np.repeat([0, 1, 2], [30, 10, 10])
+    assert not c06_training.use_class_weights("auto", balanced) and c06_training.use_class_weights("auto", imbalanced)
+    assert c06_training.use_class_weights(True, balanced) and not c06_training.use_class_weights(False, imbalanced)
+
+
+def test_an_imbalanced_training_set_is_trained_with_balanced_weights(tmp_path):
+    data = synthetic.make_dataset(tmp_path / "data", per_class=12)
+    for extra in range(12):  # patches gets three times the images of the others
+        Image.fromarray(synthetic.texture(2, 3, 32, np.random.default_rng(100 + extra))).save(data / "patches" / f"more_{extra}.png")
+    folder = write_config(tmp_path / "cfg", _deep_merge(tiny_training_params(epochs=1), {"data_ingestion": {"source": str(data)}}), TINY_SCHEMA)
+    manifest = Runner(load_config(folder)).run("1-3")
+    info = read_json(Path(manifest["stages"]["train"]["output"]) / "train_summary.json")["models"]["custom_cnn"]
+    weights = {int(k): v for k, v in info["class_weights"].items()}
+    assert weights[2] < 1 < weights[0] and weights[0] == pytest.approx(weights[1])
+
+
+def test_random_labels_raise_the_weak_model_flag_everywhere(tmp_path, capsys):
+    data = synthetic.make_dataset(tmp_path / "data", per_class=24)
+    files = sorted(data.glob("*/*.png"))
+    rng = np.random.default_rng(3)
+    classes = sorted(p.name for p in data.iterdir())
+    for index, path in enumerate(files):  # every image moves to a random class: nothing to learn
+        path.rename(data / classes[rng.integers(len(classes))] / f"r{index}.png")
+    folder = write_config(tmp_path / "cfg", _deep_merge(tiny_training_params(), {"data_ingestion": {"source": str(data)}}), TINY_SCHEMA)
+    manifest = Runner(load_config(folder)).run()
+    assert manifest["metrics"]["weak_model"] is True
+    out = Path(manifest["stages"]["evaluation"]["output"])
+    gate = read_json(out / "quality_gate.json")
+    assert gate["weak_model"] and gate["reasons"] and set(gate) >= {"model", "classical", "majority", "train_accuracy", "train_accuracy_last_epoch"}
+    assert "WEAK MODEL" in (out / "model_card.md").read_text()
+    served = ArtifactStore(folder / "artifacts").served()
+    assert served["weak_model"] is True and served["weak_reasons"] == gate["reasons"]
+    assert main(["runs", "--config", str(folder)]) == 0
+    assert "custom_cnn (WEAK)" in capsys.readouterr().out
+
+
+def _neu_like(root: Path, classes: tuple[str, ...], per_class: int) -> tuple[Path, Path]:
+    """Tiny NEU-DET-like folders: 200 px images and one small Pascal VOC box each."""
+    images, annotations = root / "images", root / "annotations"
+    rng = np.random.default_rng(0)
+    for label in classes:
+        (images / label).mkdir(parents=True)
+        for i in range(per_class):
+            name = f"{label}_{i}"
+            pixels = rng.normal(120, 20, (200, 200)).clip(0, 255).astype(np.uint8)
+            x0, y0 = int(rng.integers(20, 120)), int(rng.integers(20, 120))
+            pixels[y0:y0 + 40, x0:x0 + 40] = 30
+            Image.fromarray(pixels).convert("RGB").save(images / label / f"{name}.jpg")
+            annotations.mkdir(exist_ok=True)
+            (annotations / f"{name}.xml").write_text(
+                f"<annotation><size><width>200</width><height>200</height></size><object><name>{label}</name>"
+                f"<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x0 + 39}</xmax><ymax>{y0 + 39}</ymax></bndbox></object></annotation>")
+    return images, annotations
+
+
+def _digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_the_proxy_data_set_is_deterministic_and_has_the_traits_it_stands_for(tmp_path):
+    images, annotations = _neu_like(tmp_path / "neu", ("inclusion", "scratches"), per_class=12)
+    counts = {proxy.NO_DEFECT: 10, "inclusion": 6, "scratches": 4}
+    first = proxy.make_proxy(images, annotations, tmp_path / "a", seed=1, counts=counts)
+    proxy.make_proxy(images, annotations, tmp_path / "b", seed=1, counts=counts)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert proxy.make_proxy(images, annotations, tmp_path / "c", seed=2, counts=counts) and _digest(tmp_path / "c") != _digest(tmp_path / "a")
+    assert first["counts"] == counts and first["majority_share"] == 0.5
+    for path in (tmp_path / "a").rglob("*.png"):
+        width, height = Image.open(path).size
+        assert min(width, height) >= 222 and max(width, height) <= 632 and width != height, path
+    for source in first["sources"]:
+        x0, y0, cw, ch = source["crop_xywh"]
+        box = proxy.read_voc_boxes(annotations / f"{Path(source['source']).stem}.xml")[0]
+        inter = max(0, min(x0 + cw, box[2]) - max(x0, box[0])) * max(0, min(y0 + ch, box[3]) - max(y0, box[1]))
+        share = inter / (cw * ch)
+        if source["file"].startswith(proxy.NO_DEFECT):
+            assert share == 0
+        else:
+            assert proxy.BOX_SHARE_RANGE[0] <= share <= proxy.BOX_SHARE_RANGE[1]
+    assert json.loads(proxy.manifest_path(tmp_path / "a").read_text())["counts"] == counts
+
+
+def test_proxy_data_command_writes_the_set_or_says_what_is_missing(tmp_path, capsys):
+    config = str(write_config(tmp_path / "cfg"))
+    images, _ = _neu_like(tmp_path / "partial", ("inclusion",), per_class=2)
+    assert main(["proxy-data", "--config", config, "--neu", str(images.parent), "--out", str(tmp_path / "x")]) == 3
+    assert "no annotated images for" in capsys.readouterr().err
+    images, _ = _neu_like(tmp_path / "neu", tuple(c for c in proxy.PROXY_COUNTS if c != proxy.NO_DEFECT), per_class=3)
+    out = tmp_path / "proxy"
+    assert main(["proxy-data", "--config", config, "--neu", str(images.parent), "--out", str(out)]) == 0
+    assert "proxy data set" in capsys.readouterr().out and len(list((out / proxy.NO_DEFECT).glob("*.png"))) > 0
+
+
+def test_eda_shows_sizes_aspect_ratios_imbalance_duplicates_and_class_means(tiny_config):
+    folder = tiny_config()
+    data = Path(load_config(folder).data_ingestion.source)
+    Image.fromarray(synthetic.texture(0, 3, 32, np.random.default_rng(7)).repeat(2, axis=1)).save(data / "crazing" / "wide.png")
+    manifest = Runner(load_config(folder)).run("1-2")
+    eda = Path(manifest["stages"]["data_preprocessing"]["output"]) / "eda"
+    overview = read_json(eda / "dataset_overview.json")
+    assert overview["class_counts"] == {"crazing": 13, "inclusion": 12, "patches": 12}
+    assert overview["imbalance_ratio"] == pytest.approx(13 / 12, abs=1e-3) and overview["width"]["max"] == 64
+    assert overview["width"]["min"] == overview["height"]["min"] == 32 and overview["aspect_ratio"]["max"] == 2.0
+    assert overview["non_square_share"] == pytest.approx(1 / 37, abs=1e-4) and overview["duplicates_dropped"] == 0
+    for png in ("image_sizes.png", "class_mean_images.png"):
+        assert (eda / png).stat().st_size > 5000, png
+
+
+def test_readme_states_the_quality_gate_rule():
+    readme = (REPO / "README.md").read_text()
+    assert "weak_model" in readme and "classical" in readme
+
+
+def test_auto_image_size_follows_the_data_up_to_the_cap(tmp_path):
+    from metal_defect.components.c02_data_preprocessing import auto_image_size
+
+    paths = []
+    for i, (w, h) in enumerate([(300, 200), (250, 190), (100, 90), (500, 400), (280, 300)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("L", (w, h)).save(paths[-1])
+    assert auto_image_size(paths, max_size=1024) == 288  # median long side 300 -> a multiple of 32
+    assert auto_image_size(paths, max_size=160) == 160
+    assert auto_image_size(paths[2:3], max_size=160) == 96  # small images are not blown up past what they hold
+
+
+def test_small_data_sets_train_enough_steps():
+    train = load_config(REPO).train
+    assert c06_training.epochs_for(train, steps_per_epoch=15) == -(-train.min_steps // 15) > train.epochs
+    assert c06_training.epochs_for(train, steps_per_epoch=1000) == train.epochs
