@@ -37,6 +37,8 @@ def test_class_weights_switch_on_by_themselves_only_for_imbalanced_data():
     balanced, imbalanced = np.repeat([0, 1, 2], 10), np.repeat([0, 1, 2], [30, 10, 10])
     assert not c06_training.use_class_weights("auto", balanced) and c06_training.use_class_weights("auto", imbalanced)
     assert c06_training.use_class_weights(True, balanced) and not c06_training.use_class_weights(False, imbalanced)
+    full, root = c06_training.class_weights(imbalanced, 3), c06_training.class_weights(imbalanced, 3, power=0.5)
+    assert full[0] == pytest.approx(50 / 90) and root[0] == pytest.approx((50 / 90) ** 0.5) and root[1] == pytest.approx((50 / 30) ** 0.5)
 
 
 def test_an_imbalanced_training_set_is_trained_with_balanced_weights(tmp_path):

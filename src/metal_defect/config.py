@@ -187,6 +187,7 @@ class TrainParams:
     weight_decay: float = _f(ge=0)
     label_smoothing: float = _f(ge=0, lt=1)
     class_weights: bool | Literal["auto"] = _f()
+    class_weight_power: float = _f(ge=0, le=1)
     strategy: Literal["auto", "one_device", "mirrored"] = _f()
     mixed_precision: bool = _f()
     verbose: Literal[0, 1, 2] = _f()
