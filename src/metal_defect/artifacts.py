@@ -59,12 +59,13 @@ def is_report(relative: str, reports: Iterable[str]) -> bool:
     return any(relative == r or (r.endswith("/") and relative.startswith(r)) for r in reports)
 
 
-def hash_tree(root: Path, exclude: Iterable[str] = ()) -> str:
+def hash_tree(root: Path, exclude: Iterable[str] = (), files: Iterable[str] | None = None) -> str:
     """sha256 over the files below `root` (relative path and content, sorted), the stage record
-    and anything under an `exclude` prefix left out."""
+    and anything under an `exclude` prefix left out. `files`: the listing from `tree_files`,
+    when the caller already has it (saves walking the tree again)."""
     exclude = tuple(exclude)
     digest = hashlib.sha256()
-    for relative in tree_files(root):
+    for relative in sorted(tree_files(root) if files is None else files):
         if is_report(relative, exclude):
             continue
         digest.update(relative.encode())
@@ -91,7 +92,7 @@ def verify_tree(root: Path, record: dict[str, Any], exclude: Iterable[str] = ())
         if names:
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             problems.append(f"{len(names)} file(s) {label}: {shown}")
-    if not problems and hash_tree(root, exclude) != record["output_hash"]:
+    if not problems and hash_tree(root, exclude, actual) != record["output_hash"]:
         problems.append("file contents differ from the recorded hash")
     return problems
 

@@ -84,9 +84,11 @@ def skipped_lines(skipped: list[dict], unreadable: list[dict], class_names: list
     """What `evaluate` left out, grouped: unknown class folders with their image counts, then other reasons."""
     from collections import Counter
 
+    from metal_defect.components.c01_data_ingestion import reason_kind
+
     unknown = Counter(s["unknown_class"] for s in skipped if s.get("unknown_class"))
-    reasons = Counter(s["reason"].split(":")[0] for s in skipped if not s.get("unknown_class"))
-    reasons.update(u["reason"].split(":")[0] for u in unreadable)
+    reasons = Counter(reason_kind(s["reason"]) for s in skipped if not s.get("unknown_class"))
+    reasons.update(reason_kind(u["reason"]) for u in unreadable)
     if not unknown and not reasons:
         return ["no files skipped"]
     lines = [f"{sum(unknown.values()) + sum(reasons.values())} files skipped:"]

@@ -434,11 +434,12 @@ class Runner:
                              cache_dir=self.config.paths.download_cache)
                 summary = func(io, **{name: self.config.section(name) for name in stage.sections}) or {}
                 duration = time.monotonic() - start
-                output_hash = art.hash_tree(tmp, stage.reports)
+                files = art.tree_files(tmp)
+                output_hash = art.hash_tree(tmp, stage.reports, files)
                 art.write_json_atomic(
                     tmp / art.STAGE_RECORD,
                     {"stage": stage.name, "fingerprint": fingerprint, "output_hash": output_hash, "reports": list(stage.reports),
-                     "files": art.tree_files(tmp), "run_id": run_id, "finished": art.now_iso(), "duration_s": round(duration, 3),
+                     "files": files, "run_id": run_id, "finished": art.now_iso(), "duration_s": round(duration, 3),
                      "summary": summary},
                 )
         except BaseException as exc:

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from metal_defect.artifacts import staging_dir
 from metal_defect.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -116,11 +114,9 @@ def make_proxy(images_dir: Path, annotations_dir: Path, out_dir: Path, seed: int
     missing = [c for c in counts if c != NO_DEFECT and c not in by_class]
     if missing:
         raise DataError(f"{images_dir}: no annotated images for {missing}; expected NEU's class folders, with annotations in {annotations_dir}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     made: dict[str, int] = {}
     sources: list[dict[str, Any]] = []
-    try:
+    with staging_dir(out_dir) as tmp:  # nothing half-written replaces an earlier set
         everything = [p for c in sorted(by_class) for p in by_class[c]]
         for label, wanted in counts.items():
             pool = everything if label == NO_DEFECT else by_class[label]
@@ -145,17 +141,10 @@ def make_proxy(images_dir: Path, annotations_dir: Path, out_dir: Path, seed: int
                 Image.fromarray(image[y0:y0 + ch, x0:x0 + cw]).resize(size, Image.Resampling.BICUBIC).save(tmp / label / name)
                 sources.append({"file": f"{label}/{name}", "source": path.name, "crop_xywh": [x0, y0, cw, ch], "size": list(size)})
                 made[label] += 1
-        summary = {"seed": seed, "counts": made, "wanted": counts, "images": sum(made.values()),
-                   "majority_share": round(made.get(NO_DEFECT, 0) / max(sum(made.values()), 1), 3), "sources": sources}
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        # beside the folder, not in it: the folder holds only class folders, as a user's data would
-        manifest_path(out_dir).write_text(json.dumps(summary, indent=1))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    summary = {"seed": seed, "counts": made, "wanted": counts, "images": sum(made.values()),
+               "majority_share": round(made.get(NO_DEFECT, 0) / max(sum(made.values()), 1), 3), "sources": sources}
+    # beside the folder, not in it: the folder holds only class folders, as a user's data would
+    manifest_path(out_dir).write_text(json.dumps(summary, indent=1))
     short = {c: f"{made[c]}/{n}" for c, n in counts.items() if made[c] < n}
     log.info("proxy data set: %d images in %s (%s)%s", summary["images"], out_dir, ", ".join(f"{c}={n}" for c, n in made.items()),
              f"; fewer than wanted: {short}" if short else "")

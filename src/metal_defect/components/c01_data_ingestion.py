@@ -133,7 +133,7 @@ def write_outputs(items: list[Item], skipped: list[Skipped], meta: dict[str, Any
     counts: dict[str, dict[str, int]] = defaultdict(dict)
     for (split, label), n in sorted(Counter((i.split or "all", i.label) for i in items).items()):
         counts[split][label] = n
-    reasons = Counter(_reason_kind(s.reason) for s in skipped)
+    reasons = Counter(reason_kind(s.reason) for s in skipped)
     report = {
         **meta,
         "images_found": len(items),
@@ -149,12 +149,13 @@ def write_outputs(items: list[Item], skipped: list[Skipped], meta: dict[str, Any
     for split, per_class in counts.items():
         log.info("  %-5s %s", split, ", ".join(f"{c}={n}" for c, n in per_class.items()))
     for reason, n in reasons.most_common():
-        example = next(s for s in skipped if _reason_kind(s.reason) == reason)
+        example = next(s for s in skipped if reason_kind(s.reason) == reason)
         log.warning("  skipped %d file(s): %s (e.g. %s)", n, reason, example.path)
     return {"images_found": len(items), "classes": report["classes"], "layout": meta["layout"], "skipped": len(skipped)}
 
 
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
+    """The kind of a skip reason ('unknown class: folder ...' -> 'unknown class'), for grouping."""
     return reason.split(":")[0]
 
 
