@@ -205,6 +205,11 @@ class EvaluationParams:
     gate_min_train_accuracy: float = _f(ge=0, le=1)
     gate_majority_margin: float = _f(ge=0, le=1)
     gate_good_macro_f1: float = _f(ge=0, le=1)
+    uncertain_max_error: float = _f(gt=0, lt=1)
+    uncertain_max_share: float = _f(ge=0, le=1)
+    ood_neighbours: int = _f(ge=1, le=200)
+    ood_valid_quantile: float = _f(gt=0.5, le=1)
+    annotations: str | None = _f(path_like=True)
 
     def check(self, key: str) -> list[str]:
         if self.temperature_min >= self.temperature_max:

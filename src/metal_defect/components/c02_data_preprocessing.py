@@ -1,15 +1,14 @@
 """c02 data preprocessing: decode and check every image, de-duplicate, split, store, EDA.
 
-`to_model_input` is THE conversion from an image file to model input (decode, EXIF
-orientation, mode conversion, resize). Training data is prepared with it here and the
-predictor calls the same function, so serving cannot drift from training. It is a pure
-function: no stage state, importable on its own.
+Every image goes through `serving.images.to_model_input`'s halves (decode, check, convert),
+the conversion the predictor also uses, so serving cannot drift from training.
+`pre_processor.joblib` stays as a record of the input contract for people reading the
+stage folder; the served bundle's `serving.json` is the authoritative contract.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io as _io
 import logging
 import os
 import shutil
@@ -22,12 +21,21 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from metal_defect.artifacts import read_json, write_json_atomic
 from metal_defect.components.c01_data_ingestion import INDEX_FILE
 from metal_defect.config import BaseParams, DataPreprocessingParams, SchemaConfig, SplitParams
 from metal_defect.errors import DataError
+from metal_defect.serving.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageProblem,
+    content_problem,
+    convert_decoded,
+    decode_image,
+    is_colourful,
+    to_model_input,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,133 +46,9 @@ CLASS_LABELS_FILE = "class_labels.json"
 PREPROCESSOR_FILE = "pre_processor.joblib"
 REPORT_FILE = "preprocessing_report.json"
 EDA_DIR = "eda"
-DEFAULT_MAX_PIXELS = 40_000_000
-RESAMPLE = Image.Resampling.BILINEAR  # antialiased when shrinking (Pillow resizes with support scaling)
-# decode_image checks its own pixel limit (data_preprocessing.max_image_pixels) before decoding;
-# Pillow's global check would only add a raw DecompressionBombWarning in the middle of the progress bar.
-Image.MAX_IMAGE_PIXELS = None
-
-
-class ImageProblem(ValueError):
-    """This file cannot be used as an image; the message says why (for skip lists)."""
-
-
-# ----------------------------------------------------------------------------- conversion
-def decode_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> Image.Image:
-    """Open and fully decode an image, returning it in mode 'L' or 'RGB'.
-
-    Handles any Pillow mode (1, L, LA, P, PA, RGB, RGBA, CMYK, I;16, I, F, ...): alpha is
-    flattened onto white, 16/32-bit and float images are scaled to 8 bits, EXIF rotation
-    is applied, multi-frame files use their first frame. Raises ImageProblem with a reason.
-    """
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        data = _read_bytes(source, max_bytes)
-        try:
-            image = Image.open(_io.BytesIO(data))
-        except UnidentifiedImageError as exc:
-            raise ImageProblem("not an image: Pillow cannot identify the file format") from exc
-        except Image.DecompressionBombError as exc:
-            raise ImageProblem(f"too many pixels: {exc}") from exc
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise ImageProblem(f"empty image: {width}x{height} pixels")
-    if width * height > max_pixels:
-        raise ImageProblem(f"too many pixels: {width}x{height} is more than data_preprocessing.max_image_pixels ({max_pixels})")
-    try:
-        image.load()
-        image = ImageOps.exif_transpose(image) or image
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageProblem(f"truncated or corrupt: {exc}") from exc
-    except Image.DecompressionBombError as exc:  # pragma: no cover - caught by the size check above
-        raise ImageProblem(f"too many pixels: {exc}") from exc
-    return _to_8bit_l_or_rgb(image)
-
-
-def content_problem(image: Image.Image, min_side: int, min_std: float) -> str | None:
-    """Why a decoded image carries too little to learn from (too small, or blank), or None."""
-    width, height = image.size
-    if min(width, height) < min_side:
-        return f"too small: {width}x{height} pixels, below data_preprocessing.min_image_side ({min_side})"
-    std = float(np.asarray(image, dtype=np.float32).std()) / 255.0
-    if std < min_std:
-        return f"blank: pixel std {std:.4f} (0..1 scale) is below data_preprocessing.min_pixel_std ({min_std:g}); the image has no visible content"
-    return None
-
-
-def _read_bytes(source: str | os.PathLike | bytes | BinaryIO, max_bytes: int | None) -> bytes:
-    if isinstance(source, bytes):
-        data = source
-    elif hasattr(source, "read"):
-        data = source.read()  # type: ignore[union-attr]
-    else:
-        path = Path(source)
-        size = path.stat().st_size
-        if max_bytes is not None and size > max_bytes:
-            raise ImageProblem(f"too large: {size / 1e6:.1f} MB is more than data_preprocessing.max_file_mb ({max_bytes / 1e6:g} MB)")
-        data = path.read_bytes()
-    if not data:
-        raise ImageProblem("empty file: 0 bytes")
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ImageProblem(f"too large: {len(data) / 1e6:.1f} MB is more than data_preprocessing.max_file_mb ({max_bytes / 1e6:g} MB)")
-    return data
-
-
-def _to_8bit_l_or_rgb(image: Image.Image) -> Image.Image:
-    mode = image.mode
-    if mode in ("L", "RGB"):
-        return image
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        top = 1.0 if mode == "F" and arr.max(initial=0) <= 1.0 else 65535.0 if arr.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB" if mode != "LA" else "L")
-    if mode in ("1", "L;16"):
-        return image.convert("L")
-    return image.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV, RGBX...
-
-
-def to_model_input(source: str | os.PathLike | bytes | BinaryIO | Image.Image, image_size: int, color_mode: str,
-                   max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None, resize: str = "pad") -> np.ndarray:
-    """Image file (path, bytes, file object or PIL image) -> uint8 array (size, size, 1|3).
-
-    The one conversion used for training data and for serving. Raises ImageProblem.
-    """
-    image = decode_image(source, max_pixels=max_pixels, max_bytes=max_bytes)
-    return convert_decoded(image, image_size, color_mode, resize)
-
-
-def convert_decoded(image: Image.Image, image_size: int, color_mode: str, resize: str = "pad") -> np.ndarray:
-    """The mode-conversion and resize half of `to_model_input` (for an already decoded image).
-
-    `resize`: pad (keep the aspect ratio: the long side becomes image_size, the short side is
-    centred on a band of the image's mean colour, so a 3:1 image is not squashed and nothing
-    at its edges is cut off) or stretch (to a square, ignoring the aspect ratio).
-    """
-    image = image.convert("L" if color_mode == "grayscale" else "RGB")
-    width, height = image.size
-    if (width, height) != (image_size, image_size):
-        if resize == "stretch" or width == height:
-            image = image.resize((image_size, image_size), RESAMPLE)
-        else:
-            scale = image_size / max(width, height)
-            inner = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), RESAMPLE)
-            mean = np.asarray(inner, dtype=np.float64).reshape(-1, len(inner.getbands())).mean(axis=0)
-            fill = tuple(int(v + 0.5) for v in mean) if inner.mode == "RGB" else int(mean[0] + 0.5)
-            canvas = Image.new(inner.mode, (image_size, image_size), fill)
-            canvas.paste(inner, ((image_size - inner.size[0]) // 2, (image_size - inner.size[1]) // 2))
-            image = canvas
-    arr = np.asarray(image, dtype=np.uint8)
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
 @dataclass(frozen=True)
 class ImagePreprocessor:
-    """The input contract saved as pre_processor.joblib: call it on a file to get model input."""
+    """The input contract saved as pre_processor.joblib (a record; serving reads serving.json, never a pickle)."""
 
     image_size: int
     color_mode: str
@@ -344,10 +228,7 @@ def _decode_one(position: int, path: str, base: BaseParams, params: DataPreproce
     problem = content_problem(image, params.min_image_side, params.min_pixel_std)
     if problem:
         return _Decoded(position, False, problem)
-    colourful = False
-    if image.mode == "RGB" and schema.color_mode == "grayscale":
-        rgb = np.asarray(image, dtype=np.int16)
-        colourful = float(np.abs(rgb[..., 0] - rgb[..., 1]).mean() + np.abs(rgb[..., 1] - rgb[..., 2]).mean()) > 4.0
+    colourful = schema.color_mode == "grayscale" and is_colourful(image)
     # duplicates are judged on the picture (decoded pixels), not the container bytes
     content = np.asarray(image)
     content_hash = hashlib.sha256(f"{image.mode}{image.size}".encode() + content.tobytes()).hexdigest()

@@ -28,6 +28,7 @@ from metal_defect.components import c04_model_builder as builder
 from metal_defect.components.c03_dataset_loader import Datasets, build_datasets
 from metal_defect.components.c05_callbacks import BEST_CHECKPOINT, HISTORY_CSV, learning_rate, make_callbacks, read_history
 from metal_defect.config import BaseParams, CallbacksParams, DataLoaderParams, ModelParams, TrainParams
+from metal_defect.serving.keras_objects import SparseSmoothedCrossentropy
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +36,6 @@ MODELS_DIR = "models"
 MODEL_FILE = "model.keras"
 TRAIN_SUMMARY = "train_summary.json"
 SUMMARIES_FILE = "model_summaries.txt"
-
-
-@keras.saving.register_keras_serializable(package="metal_defect")
-class SparseSmoothedCrossentropy(keras.losses.Loss):
-    """Cross-entropy for integer labels with label smoothing (Keras' sparse loss has none)."""
-
-    def __init__(self, label_smoothing: float = 0.0, name: str = "sparse_smoothed_crossentropy", **kwargs: Any):
-        super().__init__(name=name, **kwargs)
-        self.label_smoothing = float(label_smoothing)
-
-    def call(self, y_true: Any, y_pred: Any) -> Any:
-        classes = keras.ops.shape(y_pred)[-1]
-        one_hot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), classes)
-        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
 def run_stage(io: Any, *, base: BaseParams, data_loader: DataLoaderParams, model: ModelParams, callbacks: CallbacksParams,

@@ -1,0 +1,150 @@
+"""Image file -> model input: THE conversion used for training data and for serving.
+
+Decode (any Pillow mode, EXIF orientation, first frame), check the pixel budget before
+decoding, convert to the model's colour mode and resize (aspect ratio kept by padding, or
+stretched for old bundles). c02 prepares the training data with `to_model_input` and the
+predictor calls the same function, so serving cannot drift from training. Pure functions:
+no stage state, no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000
+RESAMPLE = Image.Resampling.BILINEAR  # antialiased when shrinking (Pillow resizes with support scaling)
+COLOUR_MIN_CHANNEL_GAP = 4.0  # mean |R-G| + |G-B| in grey levels above which an RGB image is colourful
+# decode_image checks its own pixel limit (data_preprocessing.max_image_pixels) before decoding;
+# Pillow's global check would only add a raw DecompressionBombWarning in the middle of the progress bar.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageProblem(ValueError):
+    """This file cannot be used as an image; the message says why (for skip lists)."""
+
+
+# ----------------------------------------------------------------------------- conversion
+def decode_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> Image.Image:
+    """Open and fully decode an image, returning it in mode 'L' or 'RGB'.
+
+    Handles any Pillow mode (1, L, LA, P, PA, RGB, RGBA, CMYK, I;16, I, F, ...): alpha is
+    flattened onto white, 16/32-bit and float images are scaled to 8 bits, EXIF rotation
+    is applied, multi-frame files use their first frame. Raises ImageProblem with a reason.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        data = _read_bytes(source, max_bytes)
+        try:
+            image = Image.open(_io.BytesIO(data))
+        except UnidentifiedImageError as exc:
+            raise ImageProblem("not an image: Pillow cannot identify the file format") from exc
+        except Image.DecompressionBombError as exc:
+            raise ImageProblem(f"too many pixels: {exc}") from exc
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageProblem(f"empty image: {width}x{height} pixels")
+    if width * height > max_pixels:
+        raise ImageProblem(f"too many pixels: {width}x{height} is more than data_preprocessing.max_image_pixels ({max_pixels})")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageProblem(f"truncated or corrupt: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # pragma: no cover - caught by the size check above
+        raise ImageProblem(f"too many pixels: {exc}") from exc
+    return _to_8bit_l_or_rgb(image)
+
+
+def content_problem(image: Image.Image, min_side: int, min_std: float) -> str | None:
+    """Why a decoded image carries too little to learn from (too small, or blank), or None."""
+    width, height = image.size
+    if min(width, height) < min_side:
+        return f"too small: {width}x{height} pixels, below data_preprocessing.min_image_side ({min_side})"
+    std = float(np.asarray(image, dtype=np.float32).std()) / 255.0
+    if std < min_std:
+        return f"blank: pixel std {std:.4f} (0..1 scale) is below data_preprocessing.min_pixel_std ({min_std:g}); the image has no visible content"
+    return None
+
+
+def _read_bytes(source: str | os.PathLike | bytes | BinaryIO, max_bytes: int | None) -> bytes:
+    if isinstance(source, bytes):
+        data = source
+    elif hasattr(source, "read"):
+        data = source.read()  # type: ignore[union-attr]
+    else:
+        path = Path(source)
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise ImageProblem(f"too large: {size / 1e6:.1f} MB is more than data_preprocessing.max_file_mb ({max_bytes / 1e6:g} MB)")
+        data = path.read_bytes()
+    if not data:
+        raise ImageProblem("empty file: 0 bytes")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageProblem(f"too large: {len(data) / 1e6:.1f} MB is more than data_preprocessing.max_file_mb ({max_bytes / 1e6:g} MB)")
+    return data
+
+
+def _to_8bit_l_or_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode in ("L", "RGB"):
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 1.0 if mode == "F" and arr.max(initial=0) <= 1.0 else 65535.0 if arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB" if mode != "LA" else "L")
+    if mode in ("1", "L;16"):
+        return image.convert("L")
+    return image.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV, RGBX...
+
+
+def to_model_input(source: str | os.PathLike | bytes | BinaryIO | Image.Image, image_size: int, color_mode: str,
+                   max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None, resize: str = "pad") -> np.ndarray:
+    """Image file (path, bytes, file object or PIL image) -> uint8 array (size, size, 1|3).
+
+    The one conversion used for training data and for serving. Raises ImageProblem.
+    """
+    image = decode_image(source, max_pixels=max_pixels, max_bytes=max_bytes)
+    return convert_decoded(image, image_size, color_mode, resize)
+
+
+def convert_decoded(image: Image.Image, image_size: int, color_mode: str, resize: str = "pad") -> np.ndarray:
+    """The mode-conversion and resize half of `to_model_input` (for an already decoded image).
+
+    `resize`: pad (keep the aspect ratio: the long side becomes image_size, the short side is
+    centred on a band of the image's mean colour, so a 3:1 image is not squashed and nothing
+    at its edges is cut off) or stretch (to a square, ignoring the aspect ratio).
+    """
+    image = image.convert("L" if color_mode == "grayscale" else "RGB")
+    width, height = image.size
+    if (width, height) != (image_size, image_size):
+        if resize == "stretch" or width == height:
+            image = image.resize((image_size, image_size), RESAMPLE)
+        else:
+            scale = image_size / max(width, height)
+            inner = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), RESAMPLE)
+            mean = np.asarray(inner, dtype=np.float64).reshape(-1, len(inner.getbands())).mean(axis=0)
+            fill = tuple(int(v + 0.5) for v in mean) if inner.mode == "RGB" else int(mean[0] + 0.5)
+            canvas = Image.new(inner.mode, (image_size, image_size), fill)
+            canvas.paste(inner, ((image_size - inner.size[0]) // 2, (image_size - inner.size[1]) // 2))
+            image = canvas
+    arr = np.asarray(image, dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def is_colourful(image: Image.Image) -> bool:
+    """Does a decoded image carry colour (not grey stored as RGB)? Evidence for a grayscale model."""
+    if image.mode != "RGB":
+        return False
+    rgb = np.asarray(image, dtype=np.int16)
+    return float(np.abs(rgb[..., 0] - rgb[..., 1]).mean() + np.abs(rgb[..., 1] - rgb[..., 2]).mean()) > COLOUR_MIN_CHANNEL_GAP

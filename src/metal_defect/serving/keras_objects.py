@@ -1,0 +1,73 @@
+"""The custom Keras objects a saved model names: importing this module registers them.
+
+Kept apart from the model builder and the training loop so that loading a model for
+serving imports neither. The registered names (`metal_defect>...`) are what saved models
+refer to; moving a class here keeps them loadable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import layers, ops
+
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+TORCH_MEAN, TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@keras.saving.register_keras_serializable(package="metal_defect")
+class PixelPreprocess(layers.Layer):
+    """uint8 pixels -> what the network expects: cast, optional grey->RGB, then `mode`.
+
+    modes: scale (x/255), dataset ((x/255 - mean) / std with stored train statistics),
+    per_image (standardise each image), caffe (RGB->BGR minus ImageNet mean), tf
+    ([-1, 1]), torch (ImageNet mean/std), none (0..255 floats: EfficientNet & co.).
+    """
+
+    def __init__(self, mode: str, to_rgb: bool = False, mean: float = 0.0, std: float = 1.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.mode, self.to_rgb, self.mean, self.std = mode, to_rgb, float(mean), float(std)
+
+    def call(self, inputs: Any) -> Any:
+        x = ops.cast(inputs, "float32")
+        if self.to_rgb and x.shape[-1] == 1:
+            x = ops.concatenate([x, x, x], axis=-1)
+        if self.mode == "scale":
+            return x / 255.0
+        if self.mode == "dataset":
+            return (x / 255.0 - self.mean) / self.std
+        if self.mode == "per_image":
+            mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+            std = ops.std(x, axis=(1, 2, 3), keepdims=True)
+            return (x - mean) / ops.maximum(std, 1.0)
+        if self.mode == "caffe":
+            return x[..., ::-1] - ops.convert_to_tensor(CAFFE_BGR_MEAN, dtype="float32")
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "torch":
+            return (x / 255.0 - ops.convert_to_tensor(TORCH_MEAN, dtype="float32")) / ops.convert_to_tensor(TORCH_STD, dtype="float32")
+        return x
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (*input_shape[:-1], 3) if self.to_rgb else tuple(input_shape)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "mode": self.mode, "to_rgb": self.to_rgb, "mean": self.mean, "std": self.std}
+
+
+@keras.saving.register_keras_serializable(package="metal_defect")
+class SparseSmoothedCrossentropy(keras.losses.Loss):
+    """Cross-entropy for integer labels with label smoothing (Keras' sparse loss has none)."""
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "sparse_smoothed_crossentropy", **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        classes = keras.ops.shape(y_pred)[-1]
+        one_hot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), classes)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
