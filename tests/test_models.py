@@ -16,7 +16,7 @@ from metal_defect.components import c05_callbacks, c06_training
 from metal_defect.components.c03_dataset_loader import build_datasets
 from metal_defect.config import load_config
 from metal_defect.errors import ConfigError, DataError
-from metal_defect.inference import load_model
+from metal_defect.serving.bundle import load_model
 
 SHAPE = (32, 32, 1)
 

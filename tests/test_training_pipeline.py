@@ -18,7 +18,7 @@ from metal_defect.artifacts import ArtifactStore
 from metal_defect.cli import main
 from metal_defect.components.c03_dataset_loader import read_records
 from metal_defect.config import load_config
-from metal_defect.inference import Predictor
+from metal_defect.serving.predictor import Predictor
 from metal_defect.pipeline import Runner
 
 
@@ -71,14 +71,14 @@ def test_served_bundle_maps_uint8_to_probabilities_like_the_trained_model(traine
     folder, manifest, data = trained
     predictor = Predictor.load(ArtifactStore(folder / "artifacts"))
     files = sorted((data / "patches").glob("*.png"))[:4]
-    answers = predictor.predict_files([*files, data / "missing.png"])
-    assert [a["label"] for a in answers[:4]] == ["patches"] * 4
-    assert all(abs(sum(a["probabilities"].values()) - 1) < 1e-6 for a in answers[:4])
-    assert answers[4]["error"] and "label" not in answers[4]
-    images, _, _ = predictor.load_images(files)
+    answers = predictor.answer_paths([*files, data / "missing.png"])
+    assert [a.label for a in answers[:4]] == ["patches"] * 4
+    assert all(abs(sum(a.probabilities.values()) - 1) < 1e-6 for a in answers[:4])
+    assert answers[4].error and answers[4].label is None
+    images, _, _, _ = predictor.load_images(files)
     raw = predictor.raw_probabilities(images)
     trained_model = Path(manifest["stages"]["train"]["output"]) / "models" / "custom_cnn" / "model.keras"
-    from metal_defect.inference import load_model
+    from metal_defect.serving.bundle import load_model
 
     np.testing.assert_allclose(raw, load_model(trained_model).predict(images, verbose=0), rtol=1e-5, atol=1e-6)
 

@@ -13,6 +13,12 @@
   (`proxy-data`), each with a fresh config where only the schema changes (`classes: auto`,
   colour mode): test accuracy and macro F1 beside the majority and classical baselines of
   the quality gate, the weak_model flag and the wall time, as JSON and a Markdown table.
+* `bench predict`: the served model, file bytes to verdict one image at a time (no heatmap)
+  over 200 files of the data source after 10 warm-up calls: p50/p95 per path (eager Keras,
+  compiled graph, LiteRT), batch throughput, peak RSS, LiteRT-vs-graph probability gap.
+* `bench ood`: the served model's verdicts on sets built offline (outlier_sets): NEU test
+  and re-encoded copies (must not be flagged), far outliers (blank, noise, photos, inverted
+  NEU), near outliers (X-SDD in grayscale at NEU's size); AUROC against max-softmax.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ def run(config: Config, args: Any) -> str:
     out = Path(config.paths.artifacts) / "bench"
     out.mkdir(parents=True, exist_ok=True)
     stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}"
-    result = {"data": bench_data, "train": bench_train, "datasets": bench_datasets, "model": bench_model}[args.what](config, args)
+    result = {"data": bench_data, "train": bench_train, "datasets": bench_datasets, "model": bench_model,
+              "predict": bench_predict, "ood": bench_ood}[args.what](config, args)
     result["machine"] = machine()
     result["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     path = out / f"{args.what}-{stamp}.json"
@@ -252,3 +259,151 @@ def bench_model(config: Config, args: Any) -> dict[str, Any]:
               "compiled_p50_ms": round(float(np.percentile(times, 50)), 3), "compiled_p95_ms": round(float(np.percentile(times, 95)), 3)}
     result["headline"] = dict(result)
     return result
+
+
+# ----------------------------------------------------------------------------- predict
+def _served_predictor(config: Config, args: Any, backend: str = "compiled") -> Any:
+    from metal_defect.serving.predictor import Predictor
+
+    return Predictor.load(art.ArtifactStore(config.paths.artifacts), getattr(args, "model", None), backend)
+
+
+def _image_files(folder: Path, extensions: tuple[str, ...], n: int) -> list[Path]:
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in extensions)
+    step = max(1, len(files) // n)
+    return files[::step][:n]
+
+
+def bench_predict(config: Config, args: Any) -> dict[str, Any]:
+    """File bytes to verdict for one image at a time (no heatmap): p50/p95 per path, batch throughput, peak memory."""
+    import resource
+    import tempfile
+
+    import numpy as np
+
+    from metal_defect.serving.export import LiteRtRunner, export_litert
+
+    predictor = _served_predictor(config, args)
+    files = _image_files(Path(config.data_ingestion.source), predictor.spec.extensions, 200)
+    if len(files) < 20:
+        raise art.ArtifactError(f"bench predict: fewer than 20 images under {config.data_ingestion.source}")
+    payloads = [(str(f), f.read_bytes()) for f in files]
+
+    def latency(answer: Any) -> dict[str, float]:
+        for name, data in payloads[:10]:
+            answer(data, name)
+        times = []
+        for name, data in payloads:
+            started = time.perf_counter()
+            answer(data, name)
+            times.append((time.perf_counter() - started) * 1000)
+        return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p95_ms": round(float(np.percentile(times, 95)), 3), "n": len(times)}
+
+    paths: dict[str, Any] = {}
+    predictor.backend = "eager"
+    paths["eager"] = latency(predictor.answer_file)
+    predictor.backend = "compiled"
+    paths["compiled"] = latency(predictor.answer_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        tflite = (predictor.bundle / "model.tflite") if (predictor.bundle / "model.tflite").is_file() else export_litert(predictor.serving_model(), Path(tmp) / "m.tflite")
+        predictor._litert, predictor.backend = LiteRtRunner(tflite, len(predictor.class_names)), "litert"
+        paths["litert"] = latency(predictor.answer_file)
+        # the same answers? probabilities of the LiteRT model against the compiled graph over the files
+        arrays = np.stack([predictor.convert(data)[0] for _, data in payloads])
+        lite = predictor.raw_probabilities(arrays, 32)
+    predictor.backend = "compiled"
+    compiled = predictor.raw_probabilities(arrays, 32)
+    started = time.perf_counter()
+    predictor.answer_paths([str(f) for f in files], batch_size=32)
+    batch_seconds = time.perf_counter() - started
+    default = min(("compiled", "litert"), key=lambda k: paths[k]["p50_ms"])
+    result = {"p50_ms": paths[default]["p50_ms"], "p95_ms": paths[default]["p95_ms"], "default_path": default,
+              "images_per_second": round(len(files) / batch_seconds, 1), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+              "paths": paths, "files": len(files), "model": predictor.spec.model_name, "image_size": predictor.spec.image_size,
+              "litert_max_abs_diff": float(np.abs(lite - compiled).max()), "litert_same_label": bool((lite.argmax(1) == compiled.argmax(1)).all())}
+    result["headline"] = {k: result[k] for k in ("p50_ms", "p95_ms", "default_path", "images_per_second", "peak_rss_mb", "litert_max_abs_diff")}
+    return result
+
+
+# ----------------------------------------------------------------------------- ood
+def outlier_sets(neu_files: list[Path], xsdd: Path, out: Path, size: tuple[int, int] = (200, 200)) -> dict[str, list[Path]]:
+    """Write the OOD evaluation sets, each re-encoded as grayscale BMP at NEU's size so that size and format give nothing away.
+
+    in-distribution variants of NEU test images: BMP, grayscale PNG, 256 px JPEG; far outliers:
+    blank, noise, scikit-learn's sample photos (grey crops), inverted NEU; near: X-SDD in grayscale.
+    """
+    import numpy as np
+    from PIL import Image, ImageOps
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    sets: dict[str, list[Path]] = {}
+
+    def save(name: str, index: int, image: Image.Image, fmt: str = "bmp") -> None:
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{index:04d}.{fmt}"
+        image.save(path)
+        sets.setdefault(name, []).append(path)
+
+    for i, f in enumerate(neu_files):
+        grey = Image.open(f).convert("L")
+        save("neu_bmp", i, grey)
+        save("neu_png", i, grey, "png")
+        save("neu_256_jpeg", i, grey.resize((256, 256), Image.Resampling.BILINEAR), "jpg")
+        save("far_inverted_neu", i, ImageOps.invert(grey))
+    for i in range(50):
+        save("far_blank", i, Image.new("L", size, int(rng.integers(0, 256))))
+        save("far_noise", i, Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)))
+    photos = [Image.fromarray(p).convert("L") for p in load_sample_images().images]
+    for i in range(50):
+        photo = photos[i % len(photos)]
+        x, y = int(rng.integers(0, photo.width - 300)), int(rng.integers(0, photo.height - 300))
+        save("far_photos", i, photo.crop((x, y, x + 300, y + 300)).resize(size, Image.Resampling.BILINEAR))
+    xsdd_files = sorted(p for p in xsdd.rglob("*") if p.suffix.lower() in (".jpg", ".png", ".bmp"))
+    for i, f in enumerate(xsdd_files[:: max(1, len(xsdd_files) // 300)][:300]):
+        save("near_xsdd_grey", i, Image.open(f).convert("L").resize(size, Image.Resampling.BILINEAR))
+    return sets
+
+
+def bench_ood(config: Config, args: Any) -> dict[str, Any]:
+    """Out-of-distribution check of the served model on sets built offline (see outlier_sets)."""
+    import tempfile
+
+    import numpy as np
+
+    from metal_defect.artifacts import read_json
+    from metal_defect.serving import ood
+    from metal_defect.serving.predictor import OUT_OF_DISTRIBUTION
+
+    predictor = _served_predictor(config, args)
+    store = art.ArtifactStore(config.paths.artifacts)
+    run = predictor.spec.run_id or store.served()["run_id"]
+    prepared = Path(store.manifest(run)["stages"]["data_preprocessing"]["output"])
+    test_sources = [Path(r["source"]) for r in read_json(prepared / "records.json")["records"] if r["split"] == "test"]
+    xsdd = Path(config.data_ingestion.source).parents[1] / "xsdd" / "images"
+    results: dict[str, Any] = {}
+    scores: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = {"neu_test": test_sources, **outlier_sets(test_sources, xsdd, Path(tmp))}
+        for name, files in sets.items():
+            answers = predictor.answer_paths([str(f) for f in files])
+            ok = [a for a in answers if a.error is None]
+            scores[name] = np.array([a.ood_score for a in ok], dtype=np.float64)
+            scores[name + "_msp"] = np.array([1 - a.confidence for a in ok])
+            results[name] = {"n": len(answers), "errors": len(answers) - len(ok),
+                             "out_of_distribution": sum(a.verdict == OUT_OF_DISTRIBUTION for a in ok),
+                             "flagged": sum(a.flagged for a in ok)}
+            results[name]["flagged_share"] = results[name]["flagged"] / max(len(ok), 1)
+            log.info("ood %-18s n=%4d flagged %.1f %%", name, len(ok), 100 * results[name]["flagged_share"])
+    far = [k for k in results if k.startswith("far_")]
+    headline = {"neu_test_flagged_share": results["neu_test"]["flagged_share"],
+                "in_distribution_variants_flagged_share": {k: results[k]["flagged_share"] for k in ("neu_bmp", "neu_png", "neu_256_jpeg")},
+                "far_flagged_share": {k: results[k]["flagged_share"] for k in far},
+                "far_flagged_share_all": sum(results[k]["flagged"] for k in far) / sum(results[k]["n"] - results[k]["errors"] for k in far),
+                "near_xsdd_grey_flagged_share": results["near_xsdd_grey"]["flagged_share"],
+                "auroc_xsdd_grey_vs_neu_test": ood.auroc(scores["neu_test"], scores["near_xsdd_grey"]),
+                "auroc_xsdd_grey_vs_neu_test_max_softmax": ood.auroc(scores["neu_test_msp"], scores["near_xsdd_grey_msp"]),
+                "ood_threshold": predictor.spec.ood.threshold if predictor.spec.ood else None,
+                "uncertain_threshold": predictor.threshold}
+    return {"sets": results, "headline": headline, "rule": predictor.spec.ood.rule if predictor.spec.ood else None}

@@ -76,14 +76,34 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Evaluate the served model (or --model RUN_ID) on any labelled folder or archive in a layout "
                               "ingestion recognises; writes metrics.json and plots under artifacts/evaluations/.")
     evaluate.add_argument("folder", metavar="DIR", type=Path, help="labelled images: class folders, train/valid/test tree or Cr_1.bmp names")
-    evaluate.add_argument("--model", metavar="RUN_ID", help="the run whose model to evaluate (default: the served model)")
+    evaluate.add_argument("--model", metavar="RUN_ID|DIR", help="a run id or a bundle folder (default: the served model)")
     evaluate.add_argument("--out", metavar="DIR", type=Path, help="where to write the results (default: artifacts/evaluations/<id>)")
+
+    predict = sub.add_parser("predict", parents=[common], help="answer images with the served model (or --model)",
+                             description="Answer every image: files, folders (walked for the model's image extensions) and globs. "
+                             "Each answer: label, calibrated confidence, verdict (the class, 'uncertain' or 'out_of_distribution'), "
+                             "OOD score and all class probabilities. Every answer is appended to artifacts/predictions.jsonl. "
+                             "Exit code 3 when a named file could not be read (its row says why).")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or globs")
+    predict.add_argument("--model", metavar="RUN_ID|DIR", help="a run id or a bundle folder (default: $METAL_DEFECT_BUNDLE, then the served model)")
+    predict.add_argument("--csv", metavar="FILE", type=Path, help="write the answers as CSV")
+    predict.add_argument("--json", metavar="FILE", type=Path, help="write the answers as JSON")
+    predict.add_argument("--threshold", type=float, metavar="T", help="uncertain below this confidence (default: the bundle's, fitted on validation)")
+    predict.add_argument("--backend", choices=("compiled", "litert", "eager"), default="compiled",
+                         help="compiled TensorFlow graph (default), the bundle's LiteRT model, or eager Keras")
+
+    export = sub.add_parser("export", parents=[common], help="write a self-contained model bundle (Keras + LiteRT)",
+                            description="Copy the served model (or --model) into DIR with model.keras, model.tflite, serving.json, "
+                            "the OOD reference, metrics, model card and a sha256 manifest checked on load.")
+    export.add_argument("destination", metavar="DIR", type=Path)
+    export.add_argument("--model", metavar="RUN_ID|DIR", help="a run id or a bundle folder (default: the served model)")
 
     bench = sub.add_parser("bench", parents=[common], help="measure accuracy, time and overhead; writes JSON under artifacts/bench/",
                            description="Benchmarks (not tests): `bench data` times ingestion + preprocessing and its throughput at 1x and "
                            "10x synthetic size; `bench train` runs the pipeline for several seeds and compares the training loop "
                            "with a bare model.fit; `bench datasets` runs the default params on NEU, X-SDD and the proxy set beside the baselines.")
-    bench.add_argument("what", choices=("data", "train", "datasets", "model"))
+    bench.add_argument("what", choices=("data", "train", "datasets", "model", "predict", "ood"))
+    bench.add_argument("--model", metavar="RUN_ID|DIR", help="predict, ood: the model to measure (default: the served model)")
     bench.add_argument("--size", type=int, default=160, help="model: input size in px (default 160, the auto cap)")
     bench.add_argument("--datasets", default="neu,xsdd,proxy", help="datasets: which data sets (default neu,xsdd,proxy)")
     proxy = sub.add_parser("proxy-data", parents=[common], help="make the offline proxy data set from NEU and its defect boxes",
@@ -193,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, config: Any) -> int:
     from metal_defect import commands, runtime
 
-    if args.command in ("promote", "evaluate", "bench"):
+    if args.command in ("promote", "evaluate", "bench", "predict", "export"):
         runtime.import_tensorflow()  # before anything imports it, so that its start-up lines go to the log
 
     if args.command == "run":
@@ -209,6 +229,13 @@ def _dispatch(args: argparse.Namespace, config: Any) -> int:
         return 0
     if args.command == "evaluate":
         print(commands.evaluate(config, args.folder, args.model, args.out))
+        return 0
+    if args.command == "predict":
+        text, code = commands.predict(config, args.paths, args.model, args.csv, args.json, args.threshold, args.backend)
+        print(text)
+        return code
+    if args.command == "export":
+        print(commands.export(config, args.destination, args.model))
         return 0
     if args.command == "proxy-data":
         print(commands.proxy_data(config, args.neu, args.out, args.seed))

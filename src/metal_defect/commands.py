@@ -8,7 +8,7 @@ from pathlib import Path
 
 from metal_defect import artifacts as art
 from metal_defect.config import Config
-from metal_defect.errors import ArtifactError, DataError
+from metal_defect.errors import ArtifactError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _fmt(value: float | None) -> str:
 def promote(config: Config, run_id: str) -> str:
     """Serve the evaluated model of `run_id` (roll back or forward)."""
     from metal_defect.components.c06_evaluation import publish
-    from metal_defect.inference import bundle_of_run
+    from metal_defect.serving.bundle import bundle_of_run
 
     store = art.ArtifactStore(config.paths.artifacts)
     bundle = bundle_of_run(store, run_id)
@@ -60,8 +60,8 @@ def promote(config: Config, run_id: str) -> str:
 def evaluate(config: Config, folder: Path, run_id: str | None, out: Path | None) -> str:
     """Evaluate the served model, or run `run_id`'s, on a labelled folder; returns a summary line."""
     from metal_defect.components.c06_evaluation import evaluate_folder
-    from metal_defect.inference import Predictor
     from metal_defect.metrics import caption
+    from metal_defect.serving.predictor import Predictor
 
     folder = Path(folder).resolve()
     if not folder.exists():
@@ -70,7 +70,7 @@ def evaluate(config: Config, folder: Path, run_id: str | None, out: Path | None)
     predictor = Predictor.load(store, run_id)
     out = out or store.root / "evaluations" / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{folder.name.replace(' ', '_')}"
     report = evaluate_folder(folder, predictor, config, Path(out))
-    lines = [f"{predictor.spec['model_name']} on {folder}: {caption(report['n'], report['errors'])}, macro F1 {report['macro_f1']:.4f}, "
+    lines = [f"{predictor.spec.model_name} on {folder}: {caption(report['n'], report['errors'])}, macro F1 {report['macro_f1']:.4f}, "
              f"ECE {report['calibration']['ece']:.4f}; results in {out}"]
     lines += skipped_lines(report["skipped_at_ingestion"], report["unreadable"], predictor.class_names)
     skipped = len(report["skipped_at_ingestion"]) + len(report["unreadable"])
@@ -111,3 +111,94 @@ def proxy_data(config: Config, neu: Path | None, out: Path | None, seed: int) ->
     summary = proxy.make_proxy(images, annotations, out, seed)
     counts = ", ".join(f"{c}={n}" for c, n in summary["counts"].items())
     return f"proxy data set: {summary['images']} images in {out} ({counts}); summary in {proxy.manifest_path(out)}"
+
+
+def expand_paths(arguments: list[str], extensions: tuple[str, ...]) -> tuple[list[str], list[dict[str, str]]]:
+    """Files named, folders walked recursively for `extensions`, globs expanded.
+
+    Returns the files to answer (in order, without repeats) and the files skipped in folders
+    (other extensions). A named file is always answered, whatever its extension: if it is
+    not an image its answer says so.
+    """
+    import glob
+
+    wanted = {e.lower() for e in extensions}
+    files: list[str] = []
+    skipped: list[dict[str, str]] = []
+    for argument in arguments:
+        matches = sorted(glob.glob(argument, recursive=True)) if glob.has_magic(argument) else [argument]
+        if not matches:
+            files.append(argument)  # answered with "no such file"
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                for child in sorted(p for p in path.rglob("*") if p.is_file()):
+                    if child.suffix.lower() in wanted:
+                        files.append(str(child))
+                    else:
+                        skipped.append({"path": str(child), "reason": f"not an image extension of this model ({', '.join(sorted(wanted))})"})
+            else:
+                files.append(str(path))
+    seen: set[str] = set()
+    return [f for f in files if not (f in seen or seen.add(f))], skipped
+
+
+def predict(config: Config, arguments: list[str], model: str | None, csv_path: Path | None, json_path: Path | None,
+            threshold: float | None, backend: str = "compiled") -> tuple[str, int]:
+    """`main.py predict`: answer every image; returns the screen table and the exit code (3 if a named file failed)."""
+    import csv
+    import json
+
+    from metal_defect.serving.predictor import PREDICTIONS_LOG, Predictor, append_log, columns
+
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"predict --threshold {threshold}: a confidence threshold lies between 0 and 1")
+    store = art.ArtifactStore(config.paths.artifacts)
+    predictor = Predictor.load(store, model, backend)
+    files, skipped = expand_paths(arguments, predictor.spec.extensions)
+    if not files:
+        raise DataError(f"predict: no image files in {' '.join(arguments)} (extensions {', '.join(predictor.spec.extensions)})")
+    answers = predictor.answer_paths(files, threshold)
+    names = predictor.class_names
+    rows = [a.row(names) for a in answers]
+    for target, write in ((csv_path, "csv"), (json_path, "json")):
+        if target is None:
+            continue
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        if write == "csv":
+            with open(target, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns(names))
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            art.write_text_atomic(Path(target), json.dumps(rows, indent=2) + "\n")
+    append_log(store.root / PREDICTIONS_LOG, answers, source="cli")
+    table = _answer_table(answers)
+    flagged = sum(a.flagged for a in answers)
+    failed = sum(a.error is not None for a in answers)
+    spec = predictor.spec
+    lines = [f"model {spec.model_name} (run {spec.run_id or '-'}, {predictor.bundle}); uncertain below "
+             f"{predictor.threshold if threshold is None else threshold:.3f}" + (" -- WEAK MODEL: " + "; ".join(spec.weak_reasons) if spec.weak_model else ""),
+             table, f"{len(answers)} answered: {len(answers) - flagged - failed} with a class, {flagged} flagged, {failed} unreadable"]
+    if skipped:
+        lines.append(f"{len(skipped)} other files in the folders skipped (not image extensions), e.g. {skipped[0]['path']}")
+    return "\n".join(lines), (3 if failed else 0)
+
+
+def _answer_table(answers: list) -> str:
+    rows = [("file", "verdict", "label", "confidence", "ood", "note")]
+    for a in answers:
+        rows.append((Path(a.path).name, a.verdict or "ERROR", a.label or "-", f"{a.confidence:.3f}" if a.confidence is not None else "-",
+                     f"{a.ood_score:.3f}" if a.ood_score is not None else "-", a.error or a.reason))
+    widths = [min(max(len(str(r[i])) for r in rows), 40) for i in range(5)]
+    return "\n".join("  ".join(str(v)[:40].ljust(w) for v, w in zip(r[:5], widths)) + ("  " + r[5] if r[5] else "") for r in rows).rstrip()
+
+
+def export(config: Config, destination: Path, model: str | None) -> str:
+    """`main.py export DIR`: a self-contained bundle with model.keras, model.tflite and a sha256 manifest."""
+    from metal_defect.serving.export import export_bundle
+    from metal_defect.serving.predictor import Predictor
+
+    predictor = Predictor.load(art.ArtifactStore(config.paths.artifacts), model)
+    result = export_bundle(predictor, Path(destination))
+    return f"exported {predictor.spec.model_name} (run {predictor.spec.run_id or '-'}) to {result['folder']}: {', '.join(result['files'])} + bundle_manifest.json"

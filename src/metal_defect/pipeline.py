@@ -114,7 +114,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "evaluation",
         "metal_defect.components.c06_evaluation:run_stage",
-        sections=("evaluation",),
+        sections=("evaluation", "data_preprocessing", "schema"),  # file limits and image extensions travel into the serving spec
         upstream=("data_ingestion", "data_preprocessing", "train"),
         publish="metal_defect.components.c06_evaluation:publish",
         description="metrics, plots, calibration and model card; the best model on validation becomes the served model",

@@ -10,6 +10,7 @@ runner then names as the served model.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import shutil
@@ -22,23 +23,38 @@ from PIL import Image
 from metal_defect import baselines, metrics, plots
 from metal_defect.artifacts import ArtifactStore, read_json, write_json_atomic
 from metal_defect.components.c01_data_ingestion import REPORT_FILE as INGESTION_REPORT
-from metal_defect.components.c02_data_preprocessing import PREPROCESSOR_FILE, RECORDS_FILE
+from metal_defect.components.c02_data_preprocessing import RECORDS_FILE
 from metal_defect.components.c02_data_preprocessing import REPORT_FILE as PREPROCESSING_REPORT
 from metal_defect.components.c06_training import MODEL_FILE, MODELS_DIR, TRAIN_SUMMARY
-from metal_defect.config import EvaluationParams
-from metal_defect.inference import BUNDLE_DIR, MODEL_CARD, SERVING_SPEC, Predictor, load_model, predict_probabilities
+from metal_defect.config import DataPreprocessingParams, EvaluationParams, SchemaConfig
+from metal_defect.serving import ood
+from metal_defect.serving.bundle import (
+    BUNDLE_DIR,
+    MODEL_CARD,
+    OOD_REFERENCE,
+    OodSpec,
+    ServingSpec,
+    load_model,
+    pointer_value,
+    write_manifest,
+    write_spec,
+)
+from metal_defect.serving.bundle import METRICS_FILE as BUNDLE_METRICS
+from metal_defect.serving.predictor import OUT_OF_DISTRIBUTION, UNCERTAIN, Predictor
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "base_models_metrics.json"
 BEST_FILE = "best_base_model.json"
 GATE_FILE = "quality_gate.json"
+OOD_MAX_REFERENCE = 20000  # training images kept as the OOD reference (a random subset above this)
 BASELINE_MAX_TRAIN = 5000  # the classical baseline fits on at most this many training images (seconds, not minutes)
 
 
-def run_stage(io: Any, *, evaluation: EvaluationParams) -> dict[str, Any]:
+def run_stage(io: Any, *, evaluation: EvaluationParams, data_preprocessing: DataPreprocessingParams, schema: SchemaConfig) -> dict[str, Any]:
     """Runner entry: evaluate the models of the train stage on c02's valid/test splits."""
-    return evaluate_models(io.inputs["data_ingestion"], io.inputs["data_preprocessing"], io.inputs["train"], evaluation, io.out_dir)
+    return evaluate_models(io.inputs["data_ingestion"], io.inputs["data_preprocessing"], io.inputs["train"], evaluation, io.out_dir,
+                           run_id=io.run_id, limits=data_preprocessing, extensions=tuple(schema.extensions))
 
 
 def load_split(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -49,72 +65,168 @@ def load_split(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray, list
     return np.stack(images) if images else np.zeros((0, 1, 1, 1), np.uint8), np.array([r["label_index"] for r in records]), [r["source"] for r in records]
 
 
-def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: EvaluationParams, out_dir: Path) -> dict[str, Any]:
+def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: EvaluationParams, out_dir: Path, run_id: str | None = None,
+                    limits: DataPreprocessingParams | None = None, extensions: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Score every trained model on validation through the predictor, choose one, fit its verdict
+    thresholds, write the bundle, and report the chosen model once on test."""
     train_summary = read_json(trained / TRAIN_SUMMARY)
     class_names = train_summary["class_names"]
+    records = read_json(prepared / RECORDS_FILE)
     x_valid, y_valid, valid_names = load_split(prepared, "valid")
     results: dict[str, Any] = {}
     valid_probs: dict[str, np.ndarray] = {}
     for name, info in train_summary["models"].items():
         model_dir = trained / MODELS_DIR / name
-        probs = predict_probabilities(load_model(model_dir / MODEL_FILE), x_valid, params.batch_size)
+        spec = ServingSpec(model_name=name, class_names=tuple(class_names), image_size=records["image_size"], color_mode=records["color_mode"],
+                           resize=records.get("resize", "stretch"), pretrained=info["pretrained"], run_id=run_id,
+                           max_image_pixels=limits.max_image_pixels if limits else 40_000_000, max_file_mb=limits.max_file_mb if limits else 50.0,
+                           extensions=extensions or ServingSpec.extensions)
+        candidate = Predictor(load_model(model_dir / MODEL_FILE), spec)
+        probs = candidate.raw_probabilities(x_valid, params.batch_size)
         valid_probs[name] = probs
         folder = out_dir / "models" / name
         results[name] = {"valid": report_split(y_valid, probs, class_names, x_valid, valid_names, folder, f"{name}, validation", params),
-                         "pretrained": info["pretrained"], "schedule": info["schedule"], "epochs_run": info["epochs_run"]}
+                         "pretrained": info["pretrained"], "schedule": info["schedule"], "epochs_run": info["epochs_run"], "spec": spec}
         history = read_json(model_dir / "history.json") if (model_dir / "history.json").is_file() else []
         if history:
             plots.training_curves(history, f"{name}: training curves ({info['epochs_run']} epochs, {info['schedule']})",
                                   metrics.caption(results[name]["valid"]["n"], results[name]["valid"]["errors"]), folder / "training_curves.png")
     best = choose_best(results, params.select_metric)
     log.info("best base model on validation: %s (%s %.4f)", best, params.select_metric, results[best]["valid"][params.select_metric])
+    spec = results[best].pop("spec")
+    for other in results.values():
+        other.pop("spec", None)
 
     temperature, calibration = calibrate(y_valid, valid_probs[best], params)
+    chosen = Predictor(load_model(trained / MODELS_DIR / best / MODEL_FILE), dataclasses.replace(spec, temperature=temperature))
+    x_train, y_train, _ = load_split(prepared, "train")
+    spec, reference, verdicts = fit_verdicts(chosen, x_train, x_valid, y_valid, records, params)
+
     bundle = out_dir / BUNDLE_DIR
     bundle.mkdir(parents=True)
     shutil.copy2(trained / MODELS_DIR / best / MODEL_FILE, bundle / MODEL_FILE)
-    shutil.copy2(prepared / PREPROCESSOR_FILE, bundle / PREPROCESSOR_FILE)
-    records = read_json(prepared / RECORDS_FILE)
-    spec = {"model_name": best, "class_names": class_names, "image_size": records["image_size"], "color_mode": records["color_mode"],
-            "resize": records.get("resize", "stretch"),
-            "input_dtype": "uint8", "temperature": temperature, "pretrained": results[best]["pretrained"],
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    write_json_atomic(bundle / SERVING_SPEC, spec)
+    np.save(bundle / OOD_REFERENCE, reference, allow_pickle=False)
+    spec = dataclasses.replace(spec, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    write_spec(bundle, spec)
+    write_manifest(bundle)
 
     test_report = None
     x_test, y_test, test_names = load_split(prepared, "test")
+    served = Predictor.from_bundle(bundle)
     if len(y_test):
-        chosen = Predictor.from_bundle(bundle)
-        raw_test = chosen.raw_probabilities(x_test, params.batch_size)
-        test_report = report_split(y_test, metrics.apply_temperature(raw_test, temperature), class_names, x_test, test_names,
-                                   out_dir / "test", f"{best}, test split (chosen on validation)", params)
+        raw_test, features = served.forward(x_test, params.batch_size)
+        answers = served.answers_from(served.calibrate(raw_test), features, test_names)
+        test_report = report_split(y_test, served.calibrate(raw_test), class_names, x_test, test_names, out_dir / "test",
+                                   f"{best}, test split (chosen on validation)", params)
         test_report["calibration_uncalibrated"] = calibration_summary(y_test, raw_test, params)
-        gate = quality_gate(prepared, trained / MODELS_DIR / best, class_names, "test", y_test, raw_test.argmax(axis=1), x_test, params)
+        test_report["verdicts"] = verdict_counts(answers, y_test, class_names)
+        verdicts["test"] = test_report["verdicts"]
+        gate = quality_gate(served, x_train, y_train, class_names, "test", y_test, raw_test.argmax(axis=1), x_test,
+                            trained / MODELS_DIR / best, params)
     else:
-        gate = quality_gate(prepared, trained / MODELS_DIR / best, class_names, "valid", y_valid, valid_probs[best].argmax(axis=1), x_valid, params)
+        gate = quality_gate(served, x_train, y_train, class_names, "valid", y_valid, valid_probs[best].argmax(axis=1), x_valid,
+                            trained / MODELS_DIR / best, params)
     write_json_atomic(out_dir / GATE_FILE, gate)
     results[best]["calibration"] = calibration
+    results[best]["verdicts"] = verdicts
     write_json_atomic(out_dir / METRICS_FILE, {"selected_by": f"validation {params.select_metric}, ties by validation log loss",
                                                "models": results})
     best_record = {"name": best, "model": f"{BUNDLE_DIR}/{MODEL_FILE}", "bundle": BUNDLE_DIR, "temperature": temperature,
                    "pretrained": results[best]["pretrained"], "valid": _headline(results[best]["valid"]),
                    "test": _headline(test_report) if test_report else None, "calibration": calibration,
-                   "weak_model": gate["weak_model"], "weak_reasons": gate["reasons"]}
+                   "weak_model": gate["weak_model"], "weak_reasons": gate["reasons"], "verdicts": verdicts}
     write_json_atomic(out_dir / BEST_FILE, best_record)
-    card = model_card(best, results[best], test_report, calibration, spec, ingested, prepared, train_summary["models"][best], gate)
+    card = model_card(best, results[best], test_report, calibration, spec, ingested, prepared, train_summary["models"][best], gate, verdicts)
     (out_dir / MODEL_CARD).write_text(card, encoding="utf-8")
+    # the bundle is complete only with its card, metrics and the weak-model flag: rewrite spec and manifest last
     (bundle / MODEL_CARD).write_text(card, encoding="utf-8")
+    write_json_atomic(bundle / BUNDLE_METRICS, {k: best_record[k] for k in ("name", "valid", "test", "calibration", "verdicts")} | {"quality_gate": gate})
+    write_spec(bundle, dataclasses.replace(spec, weak_model=gate["weak_model"], weak_reasons=tuple(gate["reasons"])))
+    write_manifest(bundle)
     headline = {"best_model": best, "valid_accuracy": results[best]["valid"]["accuracy"], "valid_macro_f1": results[best]["valid"]["macro_f1"],
-                "weak_model": gate["weak_model"], "classical_macro_f1": gate["classical"]["macro_f1"], "majority_macro_f1": gate["majority"]["macro_f1"]}
+                "weak_model": gate["weak_model"], "classical_macro_f1": gate["classical"]["macro_f1"], "majority_macro_f1": gate["majority"]["macro_f1"],
+                "uncertain_threshold": spec.uncertain_threshold, "ood_threshold": spec.ood.threshold if spec.ood else None}
     if test_report:
         headline |= {"test_accuracy": test_report["accuracy"], "test_macro_f1": test_report["macro_f1"], "test_errors": test_report["errors"],
-                     "test_n": test_report["n"], "test_ece": test_report["calibration"]["ece"]}
-        log.info("test split (%s): %s, macro F1 %.4f", best, metrics.caption(test_report["n"], test_report["errors"]), test_report["macro_f1"])
+                     "test_n": test_report["n"], "test_ece": test_report["calibration"]["ece"],
+                     "test_flagged_share": test_report["verdicts"]["flagged_share"]}
+        log.info("test split (%s): %s, macro F1 %.4f; flagged %.1f %% (uncertain %d, out of distribution %d)", best,
+                 metrics.caption(test_report["n"], test_report["errors"]), test_report["macro_f1"],
+                 100 * test_report["verdicts"]["flagged_share"], test_report["verdicts"]["uncertain"], test_report["verdicts"]["out_of_distribution"])
     return {"metrics": headline, "temperature": temperature}
 
 
-def quality_gate(prepared: Path, model_dir: Path, class_names: list[str], split: str, y_eval: np.ndarray, model_pred: np.ndarray,
-                 x_eval: np.ndarray, params: EvaluationParams) -> dict[str, Any]:
+def fit_verdicts(predictor: Predictor, x_train: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray, records: dict[str, Any],
+                 params: EvaluationParams) -> tuple[ServingSpec, np.ndarray, dict[str, Any]]:
+    """The uncertainty threshold and the OOD reference and threshold, all fitted on train/validation."""
+    spec = predictor.spec
+    layer = ood.feature_layer(predictor.model)
+    provisional = dataclasses.replace(spec, ood=OodSpec(layer, params.ood_neighbours, float("inf"), "", 0, spec.color_mode == "grayscale"))
+    probe = Predictor(predictor.model, provisional)
+    keep = np.arange(len(x_train))
+    if len(keep) > OOD_MAX_REFERENCE:
+        keep = np.sort(np.random.default_rng(0).choice(len(keep), OOD_MAX_REFERENCE, replace=False))
+    reference = ood.normalise(probe.forward(x_train[keep], params.batch_size)[1])
+    raw_valid, valid_features = probe.forward(x_valid, params.batch_size)
+    valid_scores = ood.knn_scores(valid_features, reference, params.ood_neighbours)
+    ood_threshold = float(np.quantile(valid_scores, params.ood_valid_quantile)) if len(valid_scores) else float("inf")
+    ood_rule = (f"distance to the {params.ood_neighbours}-th nearest of {len(reference)} training images in L2-normalised "
+                f"'{layer}' features above the {params.ood_valid_quantile:g} quantile of the validation images' distances")
+    calibrated = probe.calibrate(raw_valid)
+    threshold, uncertain = uncertainty_threshold(calibrated.max(axis=1) if len(calibrated) else np.zeros(0),
+                                                 calibrated.argmax(axis=1) == y_valid if len(calibrated) else np.zeros(0, bool),
+                                                 params.uncertain_max_error, params.uncertain_max_share)
+    spec = dataclasses.replace(spec, uncertain_threshold=threshold, uncertain_rule=uncertain["rule"],
+                               ood=dataclasses.replace(provisional.ood, threshold=ood_threshold, rule=ood_rule, reference_count=len(reference)))
+    log.info("verdicts: uncertain below confidence %.3f (%s); out of distribution above OOD score %.3f", threshold, uncertain["rule"], ood_threshold)
+    return spec, reference.astype(np.float32), {"uncertain": uncertain, "ood": {"rule": ood_rule, "threshold": ood_threshold,
+                                                                                "valid_flagged": int(np.sum(valid_scores > ood_threshold))}}
+
+
+def uncertainty_threshold(confidence: np.ndarray, correct: np.ndarray, max_error: float, max_share: float) -> tuple[float, dict[str, Any]]:
+    """The lowest confidence threshold at which the validation images answered (confidence at or
+    above it) are wrong at most `max_error` of the time, flagging at most `max_share` of them.
+
+    When no threshold within the share reaches the error target (a weak model), the share
+    bound wins: the threshold flags `max_share` of validation, the least confident first.
+    """
+    rule = (f"lowest confidence at which validation answers above it err at most {max_error:g} of the time, "
+            f"flagging at most {max_share:g} of validation")
+    n = len(confidence)
+    if n == 0:
+        return 0.0, {"rule": rule, "valid_n": 0, "reached_error_target": False}
+    order = np.argsort(confidence, kind="stable")
+    conf, wrong = confidence[order], ~correct[order]
+    # answered = images from position i on; error among them for every i
+    wrong_after = np.cumsum(wrong[::-1])[::-1]
+    errors = wrong_after / (n - np.arange(n))
+    allowed = int(np.floor(max_share * n))
+    candidates = [i for i in range(allowed + 1) if i < n and errors[i] <= max_error]
+    reached = bool(candidates)
+    cut = candidates[0] if reached else allowed
+    threshold = 0.0 if cut == 0 else float(conf[min(cut, n - 1)] if cut < n else conf[-1])
+    # images tied at the threshold's confidence are answered; those strictly below are flagged
+    flagged = int(np.sum(confidence < threshold))
+    answered = confidence >= threshold
+    return threshold, {"rule": rule, "valid_n": n, "reached_error_target": reached, "valid_flagged": flagged,
+                       "valid_error_answered": float(np.mean(~correct[answered])) if answered.any() else None,
+                       "valid_error_all": float(np.mean(~correct))}
+
+
+def verdict_counts(answers: list[Any], y_true: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """How many answers were flagged, and how accurate the unflagged ones were."""
+    n = len(answers)
+    uncertain = sum(a.verdict == UNCERTAIN for a in answers)
+    outside = sum(a.verdict == OUT_OF_DISTRIBUTION for a in answers)
+    kept = [i for i, a in enumerate(answers) if not a.flagged]
+    wrong_flagged = sum(1 for i, a in enumerate(answers) if a.flagged and a.label != class_names[y_true[i]])
+    return {"n": n, "uncertain": uncertain, "out_of_distribution": outside, "flagged_share": (uncertain + outside) / n if n else 0.0,
+            "accuracy_unflagged": float(np.mean([answers[i].label == class_names[y_true[i]] for i in kept])) if kept else None,
+            "errors_flagged": wrong_flagged, "errors_total": sum(a.label != class_names[y_true[i]] for i, a in enumerate(answers))}
+
+
+def quality_gate(predictor: Predictor, x_train: np.ndarray, y_train: np.ndarray, class_names: list[str], split: str, y_eval: np.ndarray,
+                 model_pred: np.ndarray, x_eval: np.ndarray, model_dir: Path, params: EvaluationParams) -> dict[str, Any]:
     """Is the chosen model clearly better than what a much simpler method gets on the same split?
 
     Flags `weak_model` with a reason when the model underfits (training accuracy at the last
@@ -126,7 +238,6 @@ def quality_gate(prepared: Path, model_dir: Path, class_names: list[str], split:
     import time
 
     started = time.perf_counter()
-    x_train, y_train, _ = load_split(prepared, "train")
     if len(y_train) > BASELINE_MAX_TRAIN:
         keep = np.sort(np.random.default_rng(0).choice(len(y_train), BASELINE_MAX_TRAIN, replace=False))
         x_train, y_train = x_train[keep], y_train[keep]
@@ -142,7 +253,7 @@ def quality_gate(prepared: Path, model_dir: Path, class_names: list[str], split:
     majority = score(majority_pred) | {"class": class_names[int(majority_pred[0])] if len(majority_pred) else None}
     # Can the model fit its own training images? Measured on them as they are (no augmentation,
     # dropout off): the last epoch's running accuracy is lowered by both and is no fair test.
-    train_pred = predict_probabilities(load_model(model_dir / MODEL_FILE), x_train, params.batch_size).argmax(axis=1)
+    train_pred = predictor.raw_probabilities(x_train, params.batch_size).argmax(axis=1)
     train_accuracy = float(np.mean(train_pred == y_train)) if len(y_train) else None
     history = read_json(model_dir / "history.json") if (model_dir / "history.json").is_file() else []
     last_epoch = next((row["accuracy"] for row in reversed(history) if "accuracy" in row), None)
@@ -227,8 +338,8 @@ def _headline(report: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: report[k] for k in keys} | {"ece": report["calibration"]["ece"], "ece_ci95": report["calibration"]["ece_ci95"]}
 
 
-def model_card(name: str, result: dict[str, Any], test: dict[str, Any] | None, calibration: dict[str, Any], spec: dict[str, Any],
-               ingested: Path, prepared: Path, train_info: dict[str, Any], gate: dict[str, Any]) -> str:
+def model_card(name: str, result: dict[str, Any], test: dict[str, Any] | None, calibration: dict[str, Any], spec: ServingSpec,
+               ingested: Path, prepared: Path, train_info: dict[str, Any], gate: dict[str, Any], verdicts: dict[str, Any]) -> str:
     """A Markdown model card: data, split, model, metrics with intervals, calibration, known limits."""
     ingestion = read_json(ingested / INGESTION_REPORT)
     pre = read_json(prepared / PREPROCESSING_REPORT)
@@ -251,7 +362,7 @@ def model_card(name: str, result: dict[str, Any], test: dict[str, Any] | None, c
     train_acc = gate["train_accuracy"]
     return f"""# Model card: {name}
 
-Created {spec['created']}.
+Created {spec.created}.
 
 ## Quality gate
 {verdict}
@@ -268,9 +379,9 @@ On the {gate['split']} split (n={gate['n']}); accuracy on its own training image
 - Source: `{ingestion['source']}` ({ingestion['source_kind']}, {ingestion['layout']} layout), {ingestion['images_found']} images found,
   {ingestion['skipped_count']} files skipped at ingestion, {len(pre['skipped'])} unusable at decoding,
   {sum(len(d['dropped']) for d in pre['duplicates'])} exact duplicates dropped.
-- Classes (label order): {', '.join(spec['class_names'])}.
+- Classes (label order): {', '.join(spec.class_names)}.
 - Split ({'kept from the source' if pre['presplit'] else 'stratified, seeded'}): {counts}.
-- Input contract: {spec['image_size']}×{spec['image_size']} {spec['color_mode']}, uint8 pixels, non-square images {'padded (aspect ratio kept)' if spec['resize'] == 'pad' else 'stretched'}; resizing and mode conversion by
+- Input contract: {spec.image_size}×{spec.image_size} {spec.color_mode}, uint8 pixels, non-square images {'padded (aspect ratio kept)' if spec.resize == 'pad' else 'stretched'}; resizing and mode conversion by
   `to_model_input` (the same function for training and serving); normalisation inside the model.
 
 ## Model
@@ -299,13 +410,32 @@ validation NLL {calibration['valid_nll_before']:.4f} → {calibration['valid_nll
 validation ECE {calibration['valid_ece_before']:.4f} → {calibration['valid_ece_after']:.4f}.
 Test ECE above is with the stored temperature{'' if not test else f"; without it {test['calibration_uncalibrated']['ece']:.4f}"}.
 
+## Verdicts: "uncertain" and "out of distribution"
+{_verdict_text(spec, verdicts)}
+
 ## Known limits
-- Trained only on the images above: {len(spec['class_names'])} classes; an image of anything else (another defect type, another
+- Trained only on the images above: {len(spec.class_names)} classes; an image of anything else (another defect type, another
   material, another camera or lighting) still gets one of these labels, often with high confidence.
 - The test split is small: the interval above, not the point estimate, is what the data supports.
 - Calibration was fitted and checked on small splits; confidences near 1.0 are the least certain part of it.
-- Images are reduced to {spec['image_size']}×{spec['image_size']} {spec['color_mode']}: defects smaller than a few pixels at that scale may be missed.
+- Images are reduced to {spec.image_size}×{spec.image_size} {spec.color_mode}: defects smaller than a few pixels at that scale may be missed.
 """
+
+
+def _verdict_text(spec: ServingSpec, verdicts: dict[str, Any]) -> str:
+    unc = verdicts["uncertain"]
+    lines = [f"- `uncertain` when the calibrated confidence is below {spec.uncertain_threshold:.3f}: the {unc['rule']}"
+             f"{'' if unc.get('reached_error_target', True) else ' (the error target was not reachable within the share: a weak model)'}; "
+             f"{unc.get('valid_flagged', 0)} of {unc.get('valid_n', 0)} validation images flagged.",
+             f"- `out_of_distribution` when the {verdicts['ood']['rule']} (OOD score > {verdicts['ood']['threshold']:.3f}); "
+             f"{verdicts['ood']['valid_flagged']} validation images flagged. Also when the image has no usable content "
+             f"(blank, or a few pixels){' or is in colour (this model was trained on grayscale images)' if spec.ood and spec.ood.colour_is_ood else ''}."]
+    test = verdicts.get("test")
+    if test:
+        lines.append(f"- Test split: {test['uncertain']} uncertain and {test['out_of_distribution']} out of distribution of {test['n']} "
+                     f"({test['flagged_share']:.1%} flagged); {test['errors_flagged']} of the {test['errors_total']} wrong answers were among the flagged.")
+    lines.append("- Both thresholds are stored in `serving.json`; `predict --threshold T` (and the app's slider) overrides the uncertainty one per call.")
+    return "\n".join(lines)
 
 
 def _macs(counts: dict[str, Any]) -> str:
@@ -315,7 +445,7 @@ def _macs(counts: dict[str, Any]) -> str:
 def publish(store: ArtifactStore, run_id: str, output: Path) -> dict[str, Any]:
     """Point the served model at this evaluation's bundle (written atomically)."""
     best = read_json(output / BEST_FILE)
-    pointer = {"run_id": run_id, "bundle": str(output / BUNDLE_DIR), "model_name": best["name"], "temperature": best["temperature"],
+    pointer = {"run_id": run_id, "bundle": pointer_value(store, output / BUNDLE_DIR), "model_name": best["name"], "temperature": best["temperature"],
                "valid": best["valid"], "test": best["test"], "weak_model": best.get("weak_model", False), "weak_reasons": best.get("weak_reasons", []),
                "promoted": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
     store.set_served(pointer)
@@ -331,8 +461,6 @@ def evaluate_folder(folder: Path, predictor: Predictor, config: Any, out_dir: Pa
     Classes map onto the model's classes through the schema aliases; every split of a
     pre-split tree counts. Writes the same metrics and plots as the evaluation stage.
     """
-    import dataclasses
-
     from metal_defect.components import c01_data_ingestion as c01
 
     class_names = predictor.class_names
@@ -342,13 +470,15 @@ def evaluate_folder(folder: Path, predictor: Predictor, config: Any, out_dir: Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     items, skipped, meta = c01.ingest(source, schema, out_dir / "_ingest", config.paths.download_cache, require_all_classes=False)
     paths = [i.path if Path(i.path).is_absolute() else str(out_dir / "_ingest" / i.path) for i in items]
-    images, ok, problems = predictor.load_images(paths)
+    images, ok, problems, reasons = predictor.load_images(paths)
     labels = np.array([class_names.index(items[i].label) for i in ok])
     names = [paths[i] for i in ok]
-    probs = predictor.probabilities(images, config.evaluation.batch_size)
-    title = f"{predictor.spec['model_name']} on {Path(folder).name}"
+    raw, features = predictor.forward(images, config.evaluation.batch_size)
+    probs = predictor.calibrate(raw)
+    answers = predictor.answers_from(probs, features, names, reasons)
+    title = f"{predictor.spec.model_name} on {Path(folder).name}"
     report = report_split(labels, probs, class_names, images, names, out_dir, title, config.evaluation)
-    report |= {"folder": str(folder), "layout": meta["layout"], "bundle": str(predictor.bundle), "temperature": predictor.temperature,
+    report |= {"verdicts": verdict_counts(answers, labels, class_names), "folder": str(folder), "layout": meta["layout"], "bundle": str(predictor.bundle), "temperature": predictor.temperature,
                "skipped_at_ingestion": [dataclasses.asdict(s) for s in skipped], "unreadable": problems}
     write_json_atomic(out_dir / "metrics.json", report)
     shutil.rmtree(out_dir / "_ingest", ignore_errors=True)

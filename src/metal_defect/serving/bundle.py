@@ -1,0 +1,230 @@
+"""The model bundle: the folder a served model lives in, and the pointer that names it.
+
+Layout (every file listed with its sha256 in `bundle_manifest.json`, checked on load):
+
+    serving.json        the contract (ServingSpec): input size/mode/resize, classes, temperature,
+                        verdict thresholds, OOD settings; versioned by `spec_version`
+    model.keras         the Keras model (loaded with safe_mode: no code from the file runs)
+    ood_reference.npy   normalised penultimate features of the training images (no pickle)
+    model_card.md       what the model is, how good, where it fails
+    metrics.json        headline metrics (validation, test, quality gate)
+    model.tflite        optional: the LiteRT export (written by `main.py export`)
+
+Nothing in a bundle is unpickled: a bundle may come from elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from metal_defect.artifacts import ArtifactStore, read_json, write_json_atomic
+from metal_defect.errors import ArtifactError
+
+SPEC_VERSION = 2
+BUNDLE_DIR = "served"
+SERVING_SPEC = "serving.json"
+MODEL_FILE = "model.keras"
+TFLITE_FILE = "model.tflite"
+MODEL_CARD = "model_card.md"
+METRICS_FILE = "metrics.json"
+OOD_REFERENCE = "ood_reference.npy"
+MANIFEST = "bundle_manifest.json"
+BUNDLE_ENV = "METAL_DEFECT_BUNDLE"  # a bundle folder to serve instead of the served pointer (containers)
+
+
+@dataclass(frozen=True)
+class OodSpec:
+    """k-nearest-neighbour distance in L2-normalised penultimate features (Sun et al., ICML 2022)."""
+
+    feature_layer: str
+    neighbours: int
+    threshold: float
+    rule: str
+    reference_count: int
+    colour_is_ood: bool  # a grayscale model treats a colourful image as out of distribution
+    min_image_side: int = 16
+    min_pixel_std: float = 0.004
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """What a bundle promises: how to turn an image into input, and how to read the output."""
+
+    model_name: str
+    class_names: tuple[str, ...]
+    image_size: int
+    color_mode: str
+    resize: str = "stretch"  # bundles written before aspect-preserving resize existed stretched
+    temperature: float = 1.0
+    pretrained: bool = False
+    created: str = ""
+    run_id: str | None = None
+    uncertain_threshold: float = 0.0
+    uncertain_rule: str = "none stored (bundle older than spec_version 2)"
+    ood: OodSpec | None = None
+    max_image_pixels: int = 40_000_000
+    max_file_mb: float = 50.0
+    extensions: tuple[str, ...] = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")  # what a folder walk answers
+    weak_model: bool = False
+    weak_reasons: tuple[str, ...] = ()
+    input_dtype: str = "uint8"
+    spec_version: int = SPEC_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "grayscale" else 3
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["class_names"] = list(self.class_names)
+        data["weak_reasons"] = list(self.weak_reasons)
+        data["extensions"] = list(self.extensions)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: Path | str = SERVING_SPEC) -> ServingSpec:
+        version = int(data.get("spec_version", 1))
+        if version > SPEC_VERSION:
+            raise ArtifactError(f"{where}: spec_version {version} is newer than this program understands ({SPEC_VERSION}); "
+                                "update metal-defect to serve this bundle")
+        missing = [k for k in ("model_name", "class_names", "image_size", "color_mode") if k not in data]
+        if missing:
+            raise ArtifactError(f"{where}: not a serving spec (missing {', '.join(missing)})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["extra"] = {k: v for k, v in data.items() if k not in known}
+        values["class_names"] = tuple(data["class_names"])
+        values["weak_reasons"] = tuple(data.get("weak_reasons", ()))
+        if "extensions" in data:
+            values["extensions"] = tuple(data["extensions"])
+        values["spec_version"] = version
+        if data.get("ood"):
+            values["ood"] = OodSpec(**data["ood"])
+        return cls(**values)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(bundle: Path) -> dict[str, str]:
+    """Record the sha256 of every file in the bundle (call after the last file is written)."""
+    files = {p.relative_to(bundle).as_posix(): file_sha256(p) for p in sorted(bundle.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    write_json_atomic(bundle / MANIFEST, {"files": files})
+    return files
+
+
+def verify_bundle(bundle: Path) -> dict[str, str]:
+    """Check every file against the manifest; ArtifactError naming the first problem."""
+    manifest = bundle / MANIFEST
+    if not manifest.is_file():
+        raise ArtifactError(f"{bundle}: no {MANIFEST}; re-export the bundle with `python main.py export DIR`")
+    files = read_json(manifest).get("files", {})
+    for name, expected in files.items():
+        path = bundle / name
+        if not path.is_file():
+            raise ArtifactError(f"{bundle}: {name} is listed in {MANIFEST} but missing; the bundle is incomplete")
+        if file_sha256(path) != expected:
+            raise ArtifactError(f"{bundle}: {name} does not match its sha256 in {MANIFEST} (changed or damaged); re-export the bundle")
+    return files
+
+
+def read_spec(bundle: Path) -> ServingSpec:
+    path = bundle / SERVING_SPEC
+    if not path.is_file():
+        raise ArtifactError(f"{bundle}: not a model bundle (no {SERVING_SPEC})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable serving spec ({exc})") from exc
+    return ServingSpec.from_json(data, path)
+
+
+def write_spec(bundle: Path, spec: ServingSpec) -> None:
+    write_json_atomic(bundle / SERVING_SPEC, spec.to_json())
+
+
+def load_model(path: Path) -> Any:
+    """Load a saved .keras model in Keras' safe mode with this package's custom objects registered."""
+    import keras
+
+    from metal_defect.serving import keras_objects  # noqa: F401  (registers the custom layers and loss)
+
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: cannot load the model ({exc})") from exc
+
+
+# ----------------------------------------------------------------------------- which bundle
+def bundle_of_run(store: ArtifactStore, run_id: str) -> Path:
+    """The model bundle an evaluation in run `run_id` wrote."""
+    manifest = store.manifest(run_id)
+    stage = manifest.get("stages", {}).get("evaluation")
+    if not stage or stage.get("status") not in ("succeeded", "reused"):
+        raise ArtifactError(f"run {run_id} has no finished evaluation (status {manifest.get('status')}); "
+                            "only runs that reached the evaluation stage can be served")
+    bundle = _rebase(store, Path(stage["output"])) / BUNDLE_DIR
+    if not (bundle / SERVING_SPEC).is_file():
+        raise ArtifactError(f"run {run_id}: model bundle {bundle} is missing; re-run `python main.py`")
+    return bundle
+
+
+def _rebase(store: ArtifactStore, recorded: Path) -> Path:
+    """A path recorded under an artifacts folder that has since been moved or mounted elsewhere."""
+    if recorded.exists() or "stages" not in recorded.parts:
+        return recorded
+    parts = recorded.parts
+    return store.root.joinpath(*parts[len(parts) - 1 - parts[::-1].index("stages"):])
+
+
+def pointer_value(store: ArtifactStore, bundle: Path) -> str:
+    """How the served pointer records a bundle: relative to the artifacts folder when inside it."""
+    try:
+        return Path(os.path.relpath(Path(bundle).resolve(), store.root.resolve())).as_posix() if _inside(bundle, store.root) else str(bundle)
+    except ValueError:  # another drive (Windows)
+        return str(bundle)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
+
+
+def served_bundle(store: ArtifactStore) -> tuple[Path, dict[str, Any]]:
+    """The bundle the served pointer names (relative to the artifacts folder; absolute in old pointers)."""
+    pointer = store.served()
+    if pointer is None:
+        raise ArtifactError(f"no model is served yet ({store.served_pointer} missing): train one with `python main.py`, "
+                            "or serve an earlier run with `python main.py promote RUN_ID`")
+    recorded = Path(pointer["bundle"])
+    bundle = recorded if recorded.is_absolute() else store.root / recorded
+    if not (bundle / SERVING_SPEC).is_file():
+        bundle = _rebase(store, recorded)
+    return bundle, pointer
+
+
+def resolve_bundle(store: ArtifactStore | None, model: str | None) -> Path:
+    """`--model` (a run id or a bundle folder), else $METAL_DEFECT_BUNDLE, else the served pointer."""
+    choice = model or os.environ.get(BUNDLE_ENV) or None
+    if choice and (Path(choice) / SERVING_SPEC).is_file():
+        return Path(choice)
+    if choice and store is not None and (store.runs_dir / choice).is_dir():
+        return bundle_of_run(store, choice)
+    if choice:
+        source = "--model" if model else f"${BUNDLE_ENV}"
+        raise ArtifactError(f"{source}={choice}: neither a bundle folder (with {SERVING_SPEC}) nor a run id under "
+                            f"{store.runs_dir if store else 'the artifacts folder'}; see `python main.py runs`")
+    if store is None:
+        raise ArtifactError(f"no model: give a bundle folder (--model DIR or ${BUNDLE_ENV})")
+    return served_bundle(store)[0]

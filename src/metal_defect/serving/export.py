@@ -1,0 +1,77 @@
+"""Self-contained bundles and the LiteRT model: `python main.py export DIR`.
+
+The LiteRT model computes what the Keras serving model computes (probabilities and, when
+the bundle has an OOD reference, the penultimate features), so the predictor can run either.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metal_defect.artifacts import staging_dir
+from metal_defect.errors import ArtifactError
+from metal_defect.serving import bundle as bundles
+
+log = logging.getLogger(__name__)
+
+
+def export_litert(serving_model: Any, path: Path) -> Path:
+    """Write `serving_model` as a LiteRT flatbuffer (Keras' own exporter; the path ends in .tflite)."""
+    import io
+    from contextlib import redirect_stdout
+
+    with redirect_stdout(io.StringIO()):  # the converter prints its saved-artifact summary
+        serving_model.export(str(path), format="litert", verbose=False)
+    return path
+
+
+def export_bundle(predictor: Any, destination: Path) -> dict[str, Any]:
+    """Copy the predictor's bundle to `destination`, add model.tflite, and write a fresh sha256 manifest."""
+    destination = Path(destination)
+    if destination.exists() and any(destination.iterdir()) and not (destination / bundles.SERVING_SPEC).is_file():
+        raise ArtifactError(f"export: {destination} exists and is not a model bundle; give an empty or new folder")
+    with staging_dir(destination) as staged:
+        for item in sorted(predictor.bundle.iterdir()):
+            if item.name in (bundles.MANIFEST, bundles.TFLITE_FILE) or not item.is_file():
+                continue
+            shutil.copy2(item, staged / item.name)
+        export_litert(predictor.serving_model(), staged / bundles.TFLITE_FILE)
+        files = bundles.write_manifest(staged)
+    log.info("exported %s (%d files) to %s", predictor.spec.model_name, len(files) + 1, destination)
+    return {"folder": str(destination), "files": sorted(files)}
+
+
+class LiteRtRunner:
+    """Runs a .tflite serving model: uint8 images [N, H, W, C] -> (probabilities, features) or probabilities."""
+
+    def __init__(self, path: Path, n_classes: int, threads: int | None = None):
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:  # pragma: no cover - the runtime requirement; TensorFlow's copy is deprecated
+            from tensorflow.lite import Interpreter  # type: ignore[no-redef]
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.n_classes = n_classes
+        self._batch = 0
+
+    def _resize(self, batch: int) -> None:
+        if batch != self._batch:
+            index = self.interpreter.get_input_details()[0]["index"]
+            self.interpreter.resize_tensor_input(index, [batch, *self.interpreter.get_input_details()[0]["shape"][1:]])
+            self.interpreter.allocate_tensors()
+            self._batch = batch
+            outputs = self.interpreter.get_output_details()
+            # outputs are matched by shape: the probabilities have one column per class
+            self._order = sorted(range(len(outputs)), key=lambda i: outputs[i]["shape"][-1] != self.n_classes)
+            self._outputs = outputs
+
+    def __call__(self, images: np.ndarray) -> Any:
+        self._resize(len(images))
+        self.interpreter.set_tensor(self.interpreter.get_input_details()[0]["index"], np.ascontiguousarray(images, dtype=np.uint8))
+        self.interpreter.invoke()
+        values = [self.interpreter.get_tensor(self._outputs[i]["index"]) for i in self._order]
+        return tuple(values) if len(values) > 1 else values[0]

@@ -1,0 +1,323 @@
+"""The predictor: one implementation for the CLI, the app, evaluation and benchmarks.
+
+It loads a model bundle (see bundle.py), converts images with `serving.images` (the same
+functions that prepared the training data) and answers each image with the most probable
+class, its calibrated confidence, every class probability, an out-of-distribution score and
+a verdict: the class name, `uncertain` (confidence below the bundle's threshold) or
+`out_of_distribution` (unlike the training images, colour in a grayscale model's input, or
+no content at all). Unusable files get an answer with `error` set; nothing here raises for a
+bad image.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metal_defect.artifacts import ArtifactStore
+from metal_defect.metrics import apply_temperature
+from metal_defect.serving import bundle as bundles
+from metal_defect.serving import ood
+from metal_defect.serving.images import ImageProblem, content_problem, convert_decoded, decode_image, is_colourful
+
+log = logging.getLogger(__name__)
+
+UNCERTAIN = "uncertain"
+OUT_OF_DISTRIBUTION = "out_of_distribution"
+LEADING_COLUMNS = ("path", "label", "confidence", "verdict", "ood_score")
+TRAILING_COLUMNS = ("model_run", "model_sha256", "threshold", "ms", "error")
+PREDICTIONS_LOG = "predictions.jsonl"
+
+
+@dataclass
+class Answer:
+    """The predictor's answer for one image (or why it could not answer)."""
+
+    path: str
+    label: str | None = None
+    confidence: float | None = None
+    verdict: str | None = None
+    ood_score: float | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    model_run: str | None = None
+    model_sha256: str = ""
+    threshold: float | None = None
+    ms: float | None = None
+    error: str | None = None
+    reason: str = ""  # why the verdict is not the class name (shown on screen and in the log)
+    sha256: str = ""  # of the file's bytes (the predictions log)
+
+    @property
+    def flagged(self) -> bool:
+        return self.verdict in (UNCERTAIN, OUT_OF_DISTRIBUTION)
+
+    def row(self, class_names: Sequence[str]) -> dict[str, Any]:
+        """CSV/JSON columns in their documented order."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in LEADING_COLUMNS}
+        out |= {f"p_{c}": self.probabilities.get(c) for c in class_names}
+        return out | {k: getattr(self, k) for k in TRAILING_COLUMNS}
+
+
+def columns(class_names: Sequence[str]) -> list[str]:
+    return [*LEADING_COLUMNS, *(f"p_{c}" for c in class_names), *TRAILING_COLUMNS]
+
+
+class Predictor:
+    """A loaded model bundle. `answer_paths` for files, `answer_arrays` for converted images."""
+
+    def __init__(self, model: Any, spec: bundles.ServingSpec, bundle: Path | None = None, reference: np.ndarray | None = None,
+                 model_sha256: str = "", backend: str = "compiled"):
+        self.model, self.spec, self.bundle, self.reference, self.model_sha256 = model, spec, bundle, reference, model_sha256
+        self.backend = backend
+        self._graph: Any = None
+        self._litert: Any = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_bundle(cls, bundle: Path | str, backend: str = "compiled", verify: bool = True) -> Predictor:
+        """Load a bundle folder, checking every file against its sha256 manifest first."""
+        bundle = Path(bundle)
+        spec = bundles.read_spec(bundle)
+        files = bundles.verify_bundle(bundle) if verify or (bundle / bundles.MANIFEST).is_file() else {}
+        reference = None
+        if spec.ood is not None:
+            reference = np.load(bundle / bundles.OOD_REFERENCE, allow_pickle=False).astype(np.float32)
+        model = bundles.load_model(bundle / bundles.MODEL_FILE)
+        sha = files.get(bundles.MODEL_FILE) or bundles.file_sha256(bundle / bundles.MODEL_FILE)
+        predictor = cls(model, spec, bundle, reference, sha, backend)
+        if backend == "litert":
+            predictor.use_litert()
+        return predictor
+
+    @classmethod
+    def load(cls, store: ArtifactStore | None, model: str | None = None, backend: str = "compiled") -> Predictor:
+        """`model` is a run id or a bundle folder; default $METAL_DEFECT_BUNDLE, then the served model."""
+        return cls.from_bundle(bundles.resolve_bundle(store, model), backend)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.spec.class_names)
+
+    @property
+    def temperature(self) -> float:
+        return float(self.spec.temperature)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.spec.uncertain_threshold)
+
+    def use_litert(self) -> None:
+        """Answer through the bundle's LiteRT model (model.tflite, written by `main.py export`)."""
+        from metal_defect.serving.export import LiteRtRunner
+
+        path = (self.bundle or Path(".")) / bundles.TFLITE_FILE
+        if not path.is_file():
+            raise bundles.ArtifactError(f"{self.bundle}: no {bundles.TFLITE_FILE}; write one with `python main.py export DIR`")
+        self._litert, self.backend = LiteRtRunner(path, len(self.class_names)), "litert"
+
+    # ------------------------------------------------------------------ the network
+    def serving_model(self) -> Any:
+        """The Keras model returning (probabilities, penultimate features), or probabilities only."""
+        return ood.with_features(self.model, self.spec.ood.feature_layer) if self.spec.ood else self.model
+
+    def _compiled(self) -> Any:
+        if self._graph is None:
+            import tensorflow as tf
+
+            network = self.serving_model()
+            signature = [tf.TensorSpec([None, self.spec.image_size, self.spec.image_size, self.spec.channels], tf.uint8, name="pixels")]
+
+            @tf.function(input_signature=signature, reduce_retracing=True)
+            def graph(pixels: Any) -> Any:
+                return network(pixels, training=False)
+
+            self._graph = graph
+        return self._graph
+
+    def forward(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw softmax [N, K] (float64, no temperature) and penultimate features (or None) for uint8 images."""
+        k = len(self.class_names)
+        if len(images) == 0:
+            return np.zeros((0, k)), (np.zeros((0, 0), np.float32) if self.spec.ood else None)
+        probs, feats = [], []
+        for start in range(0, len(images), batch_size):
+            chunk = np.ascontiguousarray(images[start:start + batch_size], dtype=np.uint8)
+            if self.backend == "litert":
+                out = self._litert(chunk)
+            elif self.backend == "eager":
+                out = self.serving_model()(chunk, training=False)
+            else:
+                out = self._compiled()(chunk)
+            p, f = (out if self.spec.ood else (out, None))
+            probs.append(np.asarray(p, dtype=np.float64))
+            if f is not None:
+                feats.append(np.asarray(f, dtype=np.float32))
+        return np.concatenate(probs), (np.concatenate(feats) if feats else None)
+
+    def raw_probabilities(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Model softmax output for uint8 images [N, H, W, C] (no temperature)."""
+        return self.forward(images, batch_size)[0]
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Calibrated probabilities (the stored temperature applied)."""
+        return self.calibrate(self.raw_probabilities(images, batch_size))
+
+    def calibrate(self, raw: np.ndarray) -> np.ndarray:
+        return apply_temperature(raw, self.temperature) if self.temperature != 1.0 and len(raw) else raw
+
+    def ood_scores(self, features: np.ndarray | None) -> np.ndarray | None:
+        if features is None or self.reference is None or self.spec.ood is None:
+            return None
+        return ood.knn_scores(features, self.reference, self.spec.ood.neighbours)
+
+    # ------------------------------------------------------------------ answers
+    def answer_arrays(self, images: np.ndarray, threshold: float | None = None, names: Sequence[str] | None = None,
+                      reasons: Sequence[str] | None = None, batch_size: int = 64) -> list[Answer]:
+        """Answers for converted uint8 images; `reasons[i]` (non-empty) forces out_of_distribution."""
+        raw, features = self.forward(images, batch_size)
+        return self._answers(self.calibrate(raw), self.ood_scores(features), threshold, names, reasons)
+
+    def answers_from(self, probs: np.ndarray, features: np.ndarray | None, names: Sequence[str] | None = None,
+                     reasons: Sequence[str] | None = None, threshold: float | None = None) -> list[Answer]:
+        """Answers from calibrated probabilities and penultimate features already computed (evaluation)."""
+        return self._answers(probs, self.ood_scores(features), threshold, names, reasons)
+
+    def _answers(self, probs: np.ndarray, scores: np.ndarray | None, threshold: float | None, names: Sequence[str] | None,
+                 reasons: Sequence[str] | None) -> list[Answer]:
+        threshold = self.threshold if threshold is None else float(threshold)
+        ood_threshold = self.spec.ood.threshold if self.spec.ood else None
+        answers = []
+        for i, row in enumerate(probs):
+            best = int(row.argmax())
+            score = None if scores is None else float(scores[i])
+            answer = Answer(path=names[i] if names else str(i), label=self.class_names[best], confidence=float(row[best]),
+                            ood_score=score, probabilities=dict(zip(self.class_names, map(float, row))),
+                            model_run=self.spec.run_id, model_sha256=self.model_sha256, threshold=threshold)
+            forced = reasons[i] if reasons else ""
+            if forced:
+                answer.verdict, answer.reason = OUT_OF_DISTRIBUTION, forced
+            elif score is not None and ood_threshold is not None and score > ood_threshold:
+                answer.verdict = OUT_OF_DISTRIBUTION
+                answer.reason = f"unlike the training images: OOD score {score:.3f} above {ood_threshold:.3f}"
+            elif answer.confidence < threshold:
+                answer.verdict, answer.reason = UNCERTAIN, f"confidence {answer.confidence:.3f} below {threshold:.3f}"
+            else:
+                answer.verdict = answer.label
+            answers.append(answer)
+        return answers
+
+    def convert(self, source: str | os.PathLike | bytes) -> tuple[np.ndarray, str, str]:
+        """File (path or bytes) -> (model input, forced-OOD reason or "", sha256 of the bytes). Raises ImageProblem."""
+        data = _read_limited(source, int(self.spec.max_file_mb * 1e6))
+        image = decode_image(data, max_pixels=self.spec.max_image_pixels)
+        reason = ""
+        if self.spec.ood is not None:
+            problem = content_problem(image, self.spec.ood.min_image_side, self.spec.ood.min_pixel_std)
+            if problem:
+                reason = f"no usable content: {problem}"
+            elif self.spec.ood.colour_is_ood and is_colourful(image):
+                reason = "a colour image; this model was trained on grayscale images"
+        array = convert_decoded(image, self.spec.image_size, self.spec.color_mode, self.spec.resize)
+        return array, reason, hashlib.sha256(data).hexdigest()
+
+    def load_images(self, paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, list[int], list[dict[str, str]], list[str]]:
+        """Convert files to model input: (images, indices of the usable ones, problems, forced-OOD reasons)."""
+        arrays, ok, problems, reasons = [], [], [], []
+        for i, path in enumerate(paths):
+            try:
+                array, reason, _ = self.convert(path)
+            except (ImageProblem, OSError) as exc:
+                problems.append({"path": str(path), "reason": self._failed(str(path), exc, None, time.perf_counter()).error or ""})
+                continue
+            arrays.append(array)
+            ok.append(i)
+            reasons.append(reason)
+        empty = np.zeros((0, self.spec.image_size, self.spec.image_size, self.spec.channels), dtype=np.uint8)
+        return (np.stack(arrays) if arrays else empty), ok, problems, reasons
+
+    def answer_file(self, source: str | os.PathLike | bytes, name: str | None = None, threshold: float | None = None) -> Answer:
+        """The fast path: one file (path or bytes) to an answer, through the compiled graph or LiteRT."""
+        started = time.perf_counter()
+        name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+        try:
+            array, reason, sha = self.convert(source)
+        except (ImageProblem, OSError) as exc:
+            return self._failed(name, exc, threshold, started)
+        answer = self.answer_arrays(array[None], threshold, [name], [reason])[0]
+        answer.sha256, answer.ms = sha, round((time.perf_counter() - started) * 1000, 3)
+        return answer
+
+    def answer_paths(self, paths: Iterable[str | os.PathLike], threshold: float | None = None, batch_size: int = 32) -> list[Answer]:
+        """Answers for many files, converted one by one and run through the network in batches."""
+        out: list[Answer] = []
+        batch: list[tuple[Answer | None, np.ndarray, str, str, str, float]] = []
+
+        def flush() -> None:
+            if not batch:
+                return
+            started = time.perf_counter()
+            answers = self.answer_arrays(np.stack([b[1] for b in batch]), threshold, [b[2] for b in batch], [b[3] for b in batch])
+            share = (time.perf_counter() - started) * 1000 / len(batch)
+            for answer, item in zip(answers, batch):
+                answer.sha256, answer.ms = item[4], round(item[5] + share, 3)
+                out.append(answer)
+            batch.clear()
+
+        for path in paths:
+            started = time.perf_counter()
+            try:
+                array, reason, sha = self.convert(path)
+            except (ImageProblem, OSError) as exc:
+                flush()
+                out.append(self._failed(str(path), exc, threshold, started))
+                continue
+            batch.append((None, array, str(path), reason, sha, (time.perf_counter() - started) * 1000))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+        return out
+
+    def _failed(self, name: str, exc: Exception, threshold: float | None, started: float) -> Answer:
+        reason = str(exc) if isinstance(exc, ImageProblem) else f"unreadable: {getattr(exc, 'strerror', None) or exc}"
+        return Answer(path=name, model_run=self.spec.run_id, model_sha256=self.model_sha256,
+                      threshold=self.threshold if threshold is None else threshold, error=reason,
+                      ms=round((time.perf_counter() - started) * 1000, 3))
+
+
+def _read_limited(source: str | os.PathLike | bytes, max_bytes: int) -> bytes:
+    if isinstance(source, bytes):
+        data = source
+    else:
+        path = Path(source)
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ImageProblem(f"too large: {size / 1e6:.1f} MB is more than the model's limit ({max_bytes / 1e6:g} MB)")
+        data = path.read_bytes()
+    if not data:
+        raise ImageProblem("empty file: 0 bytes")
+    if len(data) > max_bytes:
+        raise ImageProblem(f"too large: {len(data) / 1e6:.1f} MB is more than the model's limit ({max_bytes / 1e6:g} MB)")
+    return data
+
+
+def append_log(path: Path, answers: Iterable[Answer], source: str) -> int:
+    """Append answers to the predictions log (JSON lines): the audit trail and the review queue."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    lines = [json.dumps({"time": now, "source": source, "file": Path(a.path).name, "path": a.path, "sha256": a.sha256,
+                         "label": a.label, "confidence": a.confidence, "verdict": a.verdict, "reason": a.reason or None,
+                         "ood_score": a.ood_score, "model_run": a.model_run, "model_sha256": a.model_sha256, "error": a.error})
+             for a in answers]
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+    return len(lines)

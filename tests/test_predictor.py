@@ -1,0 +1,224 @@
+"""The predictor on a tiny trained model: formats, bad files, verdicts, export, LiteRT, CLI, log."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_SCHEMA, _deep_merge, tiny_training_params, write_config
+from PIL import Image
+
+from metal_defect import synthetic
+from metal_defect.artifacts import ArtifactStore
+from metal_defect.cli import main
+from metal_defect.components.c06_evaluation import uncertainty_threshold
+from metal_defect.config import load_config
+from metal_defect.errors import ArtifactError
+from metal_defect.pipeline import Runner
+from metal_defect.serving import bundle as bundles
+from metal_defect.serving import ood
+from metal_defect.serving.images import to_model_input
+from metal_defect.serving.predictor import OUT_OF_DISTRIBUTION, UNCERTAIN, Predictor, columns
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A trained and evaluated tiny model; its bundle and a folder of its kind of images."""
+    root = tmp_path_factory.mktemp("predictor")
+    data = synthetic.make_dataset(root / "data", per_class=24)
+    folder = write_config(root / "cfg", _deep_merge(tiny_training_params(), {"data_ingestion": {"source": str(data)}}), TINY_SCHEMA)
+    manifest = Runner(load_config(folder)).run()
+    store = ArtifactStore(folder / "artifacts")
+    return {"folder": folder, "data": data, "run_id": manifest["run_id"], "bundle": bundles.bundle_of_run(store, manifest["run_id"]),
+            "predictor": Predictor.from_bundle(bundles.bundle_of_run(store, manifest["run_id"]))}
+
+
+def _sample(tiny, label: str = "patches", n: int = 1) -> list[Path]:
+    return sorted((tiny["data"] / label).glob("*.png"))[:n]
+
+
+def test_bundle_holds_a_versioned_spec_fitted_thresholds_and_no_pickle(tiny):
+    bundle = tiny["bundle"]
+    spec = bundles.read_spec(bundle)
+    assert spec.spec_version == bundles.SPEC_VERSION and spec.run_id == tiny["run_id"]
+    assert spec.class_names == tuple(synthetic.CLASSES) and spec.resize == "pad"
+    assert spec.ood and spec.ood.threshold > 0 and spec.ood.reference_count > 0 and "nearest" in spec.ood.rule
+    assert 0.0 <= spec.uncertain_threshold < 1.0 and "validation" in spec.uncertain_rule
+    assert not list(bundle.glob("*.joblib")) and not list(bundle.glob("*.pkl"))
+    files = bundles.verify_bundle(bundle)
+    assert set(files) >= {"model.keras", "serving.json", "ood_reference.npy", "model_card.md", "metrics.json"}
+    assert "out of distribution" in (bundle / "model_card.md").read_text().lower()
+
+
+def test_every_mode_and_format_is_answered(tiny, tmp_path):
+    predictor = tiny["predictor"]
+    base = np.asarray(Image.open(_sample(tiny)[0]))
+    cases = {"grey.png": Image.fromarray(base), "grey.bmp": Image.fromarray(base), "grey.jpg": Image.fromarray(base),
+             "grey.tif": Image.fromarray(base), "rgb_grey.png": Image.fromarray(base).convert("RGB"),
+             "rgba.png": Image.fromarray(base).convert("RGBA"), "palette.png": Image.fromarray(base).convert("P"),
+             "sixteen.png": Image.fromarray(base.astype(np.uint16) * 257), "cmyk.jpg": Image.fromarray(base).convert("CMYK"),
+             "webp.webp": Image.fromarray(base)}
+    paths = []
+    for name, image in cases.items():
+        image.save(tmp_path / name)
+        paths.append(tmp_path / name)
+    answers = predictor.answer_paths(paths)
+    assert [a.error for a in answers] == [None] * len(cases)
+    assert {a.label for a in answers} == {"patches"}, [(a.path, a.label) for a in answers]
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height pixels (a decompression bomb's signature)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b"")
+
+
+def test_bad_files_get_an_error_answer_and_the_rest_go_on(tiny, tmp_path):
+    good = _sample(tiny)[0]
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:60])
+    (tmp_path / "bomb.png").write_bytes(_bomb_png(30000, 30000))
+    names = ["text.png", "empty.jpg", "truncated.png", "bomb.png", "missing.png"]
+    answers = tiny["predictor"].answer_paths([tmp_path / n for n in names[:2]] + [good] + [tmp_path / n for n in names[2:]])
+    errors = {Path(a.path).name: a.error for a in answers}
+    assert errors.pop(good.name) is None
+    assert "not an image" in errors["text.png"] and "empty" in errors["empty.jpg"]
+    assert "truncated" in errors["truncated.png"] and "too many pixels" in errors["bomb.png"]
+    assert "No such file" in errors["missing.png"] or "unreadable" in errors["missing.png"]
+    assert all(a.label is None and a.verdict is None for a in answers if a.error)
+
+
+def test_no_content_and_colour_are_out_of_distribution_not_errors(tiny):
+    predictor = tiny["predictor"]
+    constant = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(constant, format="PNG")
+    tiny_image = io.BytesIO()
+    Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4) * 16).save(tiny_image, format="PNG")
+    colour = io.BytesIO()
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 0], rgb[..., 2] = 220, np.asarray(Image.open(_sample(tiny)[0]))
+    Image.fromarray(rgb).save(colour, format="PNG")
+    answers = [predictor.answer_file(b.getvalue(), name) for b, name in ((constant, "constant"), (tiny_image, "tiny"), (colour, "colour"))]
+    assert [a.verdict for a in answers] == [OUT_OF_DISTRIBUTION] * 3
+    assert all(a.error is None and a.label in synthetic.CLASSES for a in answers)
+    assert "blank" in answers[0].reason and "too small" in answers[1].reason and "colour" in answers[2].reason
+
+
+def test_answer_equals_the_model_on_the_converted_array(tiny):
+    predictor = tiny["predictor"]
+    path = _sample(tiny, "inclusion")[0]
+    answer = predictor.answer_file(path)
+    array = to_model_input(path, predictor.spec.image_size, predictor.spec.color_mode, resize=predictor.spec.resize)
+    raw = np.asarray(predictor.model(array[None], training=False), dtype=np.float64)
+    expected = predictor.calibrate(raw)[0]
+    np.testing.assert_allclose([answer.probabilities[c] for c in predictor.class_names], expected, atol=1e-6)
+    assert answer.label == predictor.class_names[int(expected.argmax())] and answer.confidence == pytest.approx(expected.max(), abs=1e-6)
+
+
+def test_uncertain_follows_the_threshold_and_ood_the_score(tiny):
+    # a high temperature softens the tiny model's near-1.0 confidences, so a threshold can sit above one
+    trained = tiny["predictor"]
+    predictor = Predictor(trained.model, dataclasses.replace(trained.spec, temperature=50.0), trained.bundle, trained.reference)
+    path = _sample(tiny)[0]
+    answer = predictor.answer_file(path)
+    assert answer.verdict == "patches" and answer.confidence < 0.99
+    strict = predictor.answer_file(path, threshold=answer.confidence + 1e-6)
+    assert strict.verdict == UNCERTAIN and strict.label == "patches" and "below" in strict.reason
+    # the verdict rule on constructed probabilities and scores
+    probs = np.array([[0.5, 0.3, 0.2], [0.98, 0.01, 0.01], [0.98, 0.01, 0.01]])
+    scores = np.array([0.0, 0.0, predictor.spec.ood.threshold + 0.01])
+    answers = predictor._answers(probs, scores, 0.6, ["a", "b", "c"], None)
+    assert [a.verdict for a in answers] == [UNCERTAIN, "crazing", OUT_OF_DISTRIBUTION]
+    assert [a.label for a in answers] == ["crazing"] * 3
+
+
+def test_knn_score_and_uncertainty_rule_by_hand():
+    reference = ood.normalise(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    # (2, 0) normalised is (1, 0): nearest is itself (distance 0), 2nd nearest (1,1)/sqrt2 at sqrt(2 - sqrt2)
+    assert ood.knn_scores(np.array([[2.0, 0.0]]), reference, 1)[0] == pytest.approx(0.0, abs=1e-6)
+    assert ood.knn_scores(np.array([[2.0, 0.0]]), reference, 2)[0] == pytest.approx(np.sqrt(2 - np.sqrt(2)), abs=1e-5)
+    conf = np.array([0.30, 0.40, 0.55, 0.90, 0.95, 0.97, 0.99, 0.99, 0.99, 0.99])
+    correct = np.array([False, True, False, True, True, True, True, True, True, True])
+    # answering from 0.55 up leaves 1 error in 8 (12.5 %); from 0.90 up none: the threshold is 0.90 (3 flagged)
+    threshold, info = uncertainty_threshold(conf, correct, max_error=0.05, max_share=0.5)
+    assert threshold == pytest.approx(0.90) and info["valid_flagged"] == 3 and info["reached_error_target"]
+    # allowed to flag at most 20 %: the target is out of reach, the share bound wins (2 flagged)
+    threshold, info = uncertainty_threshold(conf, correct, max_error=0.05, max_share=0.2)
+    assert threshold == pytest.approx(0.55) and info["valid_flagged"] == 2 and not info["reached_error_target"]
+    assert uncertainty_threshold(conf, np.ones(10, bool), 0.01, 0.25)[0] == 0.0
+
+
+def test_export_reloads_with_identical_answers_and_litert_parity(tiny, tmp_path):
+    predictor = tiny["predictor"]
+    files = [p for label in synthetic.CLASSES for p in _sample(tiny, label, 4)]
+    assert main(["export", str(tmp_path / "bundle"), "--model", tiny["run_id"], "--config", str(tiny["folder"])]) == 0
+    exported = Predictor.from_bundle(tmp_path / "bundle")
+    before, after = predictor.answer_paths(files), exported.answer_paths(files)
+    assert [(a.label, a.verdict, a.probabilities, a.ood_score) for a in before] == [(a.label, a.verdict, a.probabilities, a.ood_score) for a in after]
+    lite = Predictor.from_bundle(tmp_path / "bundle", backend="litert")
+    arrays = exported.load_images(files)[0]
+    keras_probs, keras_feats = exported.forward(arrays)
+    lite_probs, lite_feats = lite.forward(arrays)
+    assert np.abs(keras_probs - lite_probs).max() < 1e-4 and (keras_probs.argmax(1) == lite_probs.argmax(1)).all()
+    assert np.abs(keras_feats - lite_feats).max() < 1e-3
+    assert [a.verdict for a in lite.answer_paths(files)] == [a.verdict for a in after]
+
+
+def test_a_changed_bundle_file_or_newer_spec_is_refused(tiny, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], copy)
+    reference = np.load(copy / bundles.OOD_REFERENCE)
+    np.save(copy / bundles.OOD_REFERENCE, reference * 0.5)
+    with pytest.raises(ArtifactError, match="ood_reference.npy does not match its sha256"):
+        Predictor.from_bundle(copy)
+    shutil.copy2(tiny["bundle"] / bundles.OOD_REFERENCE, copy / bundles.OOD_REFERENCE)
+    spec = json.loads((copy / "serving.json").read_text())
+    with pytest.raises(ArtifactError, match="newer than this program"):
+        bundles.ServingSpec.from_json(spec | {"spec_version": bundles.SPEC_VERSION + 1})
+
+
+def test_served_pointer_is_relative_and_survives_moving_the_artifacts(tiny, tmp_path):
+    pointer = json.loads((tiny["folder"] / "artifacts" / "served.json").read_text())
+    assert not Path(pointer["bundle"]).is_absolute()
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny["folder"] / "artifacts", moved)
+    predictor = Predictor.load(ArtifactStore(moved))
+    assert predictor.bundle.resolve().is_relative_to(moved.resolve())
+    assert predictor.answer_file(_sample(tiny)[0]).label == "patches"
+
+
+def test_cli_columns_exit_codes_and_predictions_log(tiny, tmp_path):
+    folder = tiny["folder"]
+    images = tmp_path / "in"
+    shutil.copytree(tiny["data"] / "inclusion", images / "sub")
+    (images / "notes.txt").write_text("a note")
+    out_csv, out_json = tmp_path / "a.csv", tmp_path / "a.json"
+    log = folder / "artifacts" / "predictions.jsonl"
+    before = len(log.read_text().splitlines()) if log.is_file() else 0
+    assert main(["predict", str(images), "--csv", str(out_csv), "--json", str(out_json), "--config", str(folder)]) == 0
+    rows = list(csv.DictReader(out_csv.open()))
+    assert list(rows[0]) == columns(synthetic.CLASSES) and len(rows) == 24  # notes.txt is skipped, not answered
+    assert list(rows[0])[:5] == ["path", "label", "confidence", "verdict", "ood_score"] and list(rows[0])[-5:] == [
+        "model_run", "model_sha256", "threshold", "ms", "error"]
+    assert {r["label"] for r in rows} == {"inclusion"} and all(r["model_run"] == tiny["run_id"] for r in rows)
+    assert json.loads(out_json.read_text())[0]["p_inclusion"] > 0.5
+    entries = [json.loads(line) for line in log.read_text().splitlines()[before:]]
+    assert len(entries) == 24 and {"time", "file", "sha256", "label", "confidence", "verdict", "model_run"} <= set(entries[0])
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    code = main(["predict", str(_sample(tiny)[0]), str(tmp_path / "broken.png"), "--csv", str(out_csv), "--config", str(folder)])
+    rows = list(csv.DictReader(out_csv.open()))
+    assert code == 3 and rows[0]["error"] == "" and rows[1]["error"] and rows[1]["label"] == ""
+    assert main(["predict", str(_sample(tiny)[0]), "--threshold", "1.5", "--config", str(folder)]) == 2
+    assert main(["predict", str(_sample(tiny)[0]), "--model", "no-such-run", "--config", str(folder)]) == 4  # ArtifactError
