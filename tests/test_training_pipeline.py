@@ -18,8 +18,8 @@ from metal_defect.artifacts import ArtifactStore
 from metal_defect.cli import main
 from metal_defect.components.c03_dataset_loader import read_records
 from metal_defect.config import load_config
-from metal_defect.serving.predictor import Predictor
 from metal_defect.pipeline import Runner
+from metal_defect.serving.predictor import Predictor
 
 
 def train_and_evaluate(config_folder: Path, data: Path) -> tuple[Path, dict]:
