@@ -181,7 +181,7 @@ def test_a_changed_bundle_file_or_newer_spec_is_refused(tiny, tmp_path):
     shutil.copytree(tiny["bundle"], copy)
     reference = np.load(copy / bundles.OOD_REFERENCE)
     np.save(copy / bundles.OOD_REFERENCE, reference * 0.5)
-    with pytest.raises(ArtifactError, match="ood_reference.npy does not match its sha256"):
+    with pytest.raises(ArtifactError, match=r"ood_reference\.npy does not match its sha256"):
         Predictor.from_bundle(copy)
     shutil.copy2(tiny["bundle"] / bundles.OOD_REFERENCE, copy / bundles.OOD_REFERENCE)
     spec = json.loads((copy / "serving.json").read_text())
