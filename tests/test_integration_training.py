@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import write_config
 
@@ -11,15 +13,60 @@ from metal_defect.pipeline import Runner
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_custom_cnn_learns_neu_in_a_few_epochs(tmp_path, neu_images):
-    folder = write_config(tmp_path / "cfg", params={
+@pytest.fixture(scope="module")
+def neu_run(tmp_path_factory, neu_images):
+    """The default recipe on the real NEU images, 4 epochs: (config folder, manifest)."""
+    folder = write_config(tmp_path_factory.mktemp("neu") / "cfg", params={
         "data_ingestion": {"source": str(neu_images)},
         "train": {"epochs": 4, "min_steps": 0, "verbose": 2},
         "callbacks": {"tensorboard": False},
         "evaluation": {"bootstrap_samples": 200},
     })
-    manifest = Runner(load_config(folder)).run()
+    return folder, Runner(load_config(folder)).run()
+
+
+def test_custom_cnn_learns_neu_in_a_few_epochs(neu_run):
+    _folder, manifest = neu_run
     metrics = manifest["metrics"]
     # chance is 1/6 = 0.17; a few epochs on 2 cores already give well above 0.6
     assert metrics["valid_accuracy"] > 0.6 and metrics["test_accuracy"] > 0.6, metrics
     assert manifest["stages"]["train"]["summary"]["models"]["custom_cnn"]["epochs_run"] == 4
+
+
+def test_served_neu_model_answers_re_encoded_images_alike_and_litert_matches(tmp_path, neu_run):
+    """On a briefly trained NEU model: a test image as BMP, grayscale PNG and 256 px JPEG gets the
+    same label and no flag; the LiteRT export gives the same probabilities (1e-4) and labels on
+    every test image."""
+    import numpy as np
+    from PIL import Image
+
+    from metal_defect.artifacts import ArtifactStore, read_json
+    from metal_defect.serving import bundle as bundles
+    from metal_defect.serving.export import export_bundle
+    from metal_defect.serving.predictor import Predictor
+
+    folder, manifest = neu_run
+    store = ArtifactStore(folder / "artifacts")
+    predictor = Predictor.from_bundle(bundles.bundle_of_run(store, manifest["run_id"]))
+    prepared = manifest["stages"]["data_preprocessing"]["output"]
+    test_files = [r["source"] for r in read_json(Path(prepared) / "records.json")["records"] if r["split"] == "test"]
+    answers = predictor.answer_paths(test_files)
+    assert sum(a.flagged for a in answers) / len(answers) < 0.10
+    # the clearest answers (well inside both thresholds), re-encoded three ways
+    clear = [a for a in answers if not a.flagged and a.ood_score < 0.8 * predictor.spec.ood.threshold][:8]
+    assert len(clear) == 8
+    for i, answer in enumerate(clear):
+        grey = Image.open(answer.path).convert("L")
+        variants = [tmp_path / f"{i}.bmp", tmp_path / f"{i}.png", tmp_path / f"{i}.jpg"]
+        grey.save(variants[0])
+        grey.save(variants[1])
+        grey.resize((256, 256), Image.Resampling.BILINEAR).save(variants[2], quality=95)
+        for variant in predictor.answer_paths(variants):
+            assert (variant.label, variant.flagged) == (answer.label, False), (answer.path, variant.path, variant.verdict, variant.reason)
+
+    export_bundle(predictor, tmp_path / "bundle")
+    lite = Predictor.from_bundle(tmp_path / "bundle", backend="litert")
+    arrays = predictor.load_images(test_files)[0]
+    keras_probs, lite_probs = predictor.raw_probabilities(arrays), lite.raw_probabilities(arrays)
+    assert np.abs(keras_probs - lite_probs).max() < 1e-4
+    assert (keras_probs.argmax(axis=1) == lite_probs.argmax(axis=1)).all()

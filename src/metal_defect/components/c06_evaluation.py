@@ -161,16 +161,17 @@ def fit_verdicts(predictor: Predictor, x_train: np.ndarray, x_valid: np.ndarray,
     """The uncertainty threshold and the OOD reference and threshold, all fitted on train/validation."""
     spec = predictor.spec
     layer = ood.feature_layer(predictor.model)
-    provisional = dataclasses.replace(spec, ood=OodSpec(layer, params.ood_neighbours, float("inf"), "", 0, spec.color_mode == "grayscale"))
-    probe = Predictor(predictor.model, provisional)
     keep = np.arange(len(x_train))
     if len(keep) > OOD_MAX_REFERENCE:
         keep = np.sort(np.random.default_rng(0).choice(len(keep), OOD_MAX_REFERENCE, replace=False))
+    k = ood.neighbours_for(len(keep)) if params.ood_neighbours == "auto" else int(params.ood_neighbours)
+    provisional = dataclasses.replace(spec, ood=OodSpec(layer, k, float("inf"), "", 0, spec.color_mode == "grayscale"))
+    probe = Predictor(predictor.model, provisional)
     reference = ood.normalise(probe.forward(x_train[keep], params.batch_size)[1])
     raw_valid, valid_features = probe.forward(x_valid, params.batch_size)
-    valid_scores = ood.knn_scores(valid_features, reference, params.ood_neighbours)
+    valid_scores = ood.knn_scores(valid_features, reference, k)
     ood_threshold = float(np.quantile(valid_scores, params.ood_valid_quantile)) if len(valid_scores) else float("inf")
-    ood_rule = (f"distance to the {params.ood_neighbours}-th nearest of {len(reference)} training images in L2-normalised "
+    ood_rule = (f"distance to the {k}-th nearest of {len(reference)} training images in L2-normalised "
                 f"'{layer}' features above the {params.ood_valid_quantile:g} quantile of the validation images' distances")
     calibrated = probe.calibrate(raw_valid)
     threshold, uncertain = uncertainty_threshold(calibrated.max(axis=1) if len(calibrated) else np.zeros(0),

@@ -128,18 +128,32 @@ def convert_decoded(image: Image.Image, image_size: int, color_mode: str, resize
     image = image.convert("L" if color_mode == "grayscale" else "RGB")
     width, height = image.size
     if (width, height) != (image_size, image_size):
-        if resize == "stretch" or width == height:
+        x0, y0, x1, y1 = content_box(width, height, image_size, resize)
+        if (x1 - x0, y1 - y0) == (image_size, image_size):
             image = image.resize((image_size, image_size), RESAMPLE)
         else:
-            scale = image_size / max(width, height)
-            inner = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), RESAMPLE)
+            inner = image.resize((x1 - x0, y1 - y0), RESAMPLE)
             mean = np.asarray(inner, dtype=np.float64).reshape(-1, len(inner.getbands())).mean(axis=0)
             fill = tuple(int(v + 0.5) for v in mean) if inner.mode == "RGB" else int(mean[0] + 0.5)
             canvas = Image.new(inner.mode, (image_size, image_size), fill)
-            canvas.paste(inner, ((image_size - inner.size[0]) // 2, (image_size - inner.size[1]) // 2))
+            canvas.paste(inner, (x0, y0))
             image = canvas
     arr = np.asarray(image, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+def content_box(width: int, height: int, image_size: int, resize: str = "pad") -> tuple[int, int, int, int]:
+    """Where a width x height image lands in the image_size square model input: (x0, y0, x1, y1).
+
+    The whole square when stretched (or square); the centred, aspect-preserving band when
+    padded. Heatmaps use it to map the model's frame back onto the original pixels.
+    """
+    if resize == "stretch" or width == height:
+        return 0, 0, image_size, image_size
+    scale = image_size / max(width, height)
+    inner_w, inner_h = max(1, round(width * scale)), max(1, round(height * scale))
+    x0, y0 = (image_size - inner_w) // 2, (image_size - inner_h) // 2
+    return x0, y0, x0 + inner_w, y0 + inner_h
 
 
 def is_colourful(image: Image.Image) -> bool:

@@ -14,6 +14,12 @@ from typing import Any
 import numpy as np
 
 
+def neighbours_for(reference_count: int) -> int:
+    """k for `ood_neighbours: auto`: 0.1 % of the reference images, at least 1 (the ratio of Sun et al.'s
+    k=50 for CIFAR-10's 50,000 and k=1000 for ImageNet's 1.28 M training images)."""
+    return max(1, round(reference_count / 1000))
+
+
 def feature_layer(model: Any) -> str:
     """Name of the layer whose output feeds the final classifier (dropout layers skipped)."""
     import keras

@@ -1,0 +1,187 @@
+"""Where the model looked: Grad-CAM heatmaps, and how often they point at the defect.
+
+Grad-CAM (Selvaraju et al., 2017): the feature map of the last spatial layer, weighted by
+the mean gradient of the predicted class's score over it, summed over channels, ReLU. The
+map is computed in the model's input frame, then the padding is cut away and it is resized
+to the original image's pixel frame, so a peak is a pixel of the file the user gave.
+
+Pointing accuracy: a hit when the heatmap's peak lies inside a ground-truth box (Pascal VOC
+annotations), and the pointing game's variant with a 15-pixel tolerance (Zhang et al., 2016).
+Nothing here runs unless a heatmap is asked for: the predictor's fast path never builds it.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from metal_defect.serving.images import content_box
+
+POINTING_TOLERANCE_PX = 15
+
+
+def heatmap_layer(model: Any) -> str:
+    """The last layer with a spatial (4-D) output that feeds the classifier.
+
+    For a keras.applications backbone nested in the model the answer is `backbone/layer`
+    (the backbone's last spatial layer, before its global pooling).
+    """
+    import keras
+
+    for layer in reversed(model.layers):
+        if isinstance(layer, keras.Model):
+            inner = [x for x in layer.layers if len(_shape(x)) == 4]
+            if inner:
+                return f"{layer.name}/{inner[-1].name}"
+        elif len(_shape(layer)) == 4 and not isinstance(layer, keras.layers.InputLayer) and layer.name != "preprocess":
+            return layer.name
+    raise ValueError(f"{model.name}: no layer with a spatial output to explain")
+
+
+def _shape(layer: Any) -> tuple:
+    try:
+        return tuple(layer.output.shape)
+    except (AttributeError, ValueError):
+        return ()
+
+
+def gradcam_model(model: Any, layer: str) -> Any:
+    """A model returning (feature map of `layer`, probabilities)."""
+    import keras
+
+    if "/" not in layer:
+        return keras.Model(model.inputs, [model.get_layer(layer).output, model.outputs[0]])
+    outer_name, inner_name = layer.split("/", 1)
+    backbone = model.get_layer(outer_name)
+    split = keras.Model(backbone.inputs, [backbone.get_layer(inner_name).output, backbone.outputs[0]])
+    # our transfer models are a chain: input -> preprocess -> backbone -> head layers
+    inputs = keras.Input(model.inputs[0].shape[1:], dtype=model.inputs[0].dtype)
+    x, feature = inputs, None
+    for current in model.layers[1:]:
+        if current is backbone:
+            feature, x = split(x)
+        else:
+            x = current(x)
+    return keras.Model(inputs, [feature, x])
+
+
+class GradCam:
+    """Grad-CAM for one model; call with uint8 images [N, H, W, C] and class indices."""
+
+    def __init__(self, model: Any, layer: str | None = None):
+        import tensorflow as tf
+
+        self.layer = layer or heatmap_layer(model)
+        network = gradcam_model(model, self.layer)
+
+        @tf.function(reduce_retracing=True)
+        def maps(pixels: Any, classes: Any) -> Any:
+            with tf.GradientTape() as tape:
+                feature, probs = network(pixels, training=False)
+                tape.watch(feature)
+                # the log-probability keeps gradients alive when the softmax saturates at 1.0
+                score = tf.gather(tf.math.log(probs + 1e-12), classes, axis=1, batch_dims=1)
+            grads = tape.gradient(score, feature)
+            weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+            return tf.nn.relu(tf.reduce_sum(weights * feature, axis=-1))
+
+        self._maps = maps
+
+    def __call__(self, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """Heatmaps [N, h, w] in the feature map's frame, each scaled to 0..1."""
+        out = np.asarray(self._maps(np.ascontiguousarray(images, dtype=np.uint8), np.asarray(classes, dtype=np.int32)), dtype=np.float64)
+        top = out.reshape(len(out), -1).max(axis=1).reshape(-1, 1, 1)
+        return np.divide(out, top, out=np.zeros_like(out), where=top > 0)
+
+
+def to_original_frame(heat: np.ndarray, original_size: tuple[int, int], image_size: int, resize: str) -> np.ndarray:
+    """A heatmap over the model input, resized to the input, cut to the image's area and resized to (width, height)."""
+    width, height = original_size
+    full = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((image_size, image_size), Image.Resampling.BILINEAR))
+    x0, y0, x1, y1 = content_box(width, height, image_size, resize)
+    inner = Image.fromarray(np.ascontiguousarray(full[y0:y1, x0:x1]), mode="F")
+    return np.asarray(inner.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float64)
+
+
+def peak(heat: np.ndarray) -> tuple[int, int]:
+    """(x, y) of the heatmap's maximum (the first one in reading order on ties)."""
+    y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return int(x), int(y)
+
+
+def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.45) -> Image.Image:
+    """The image in grey with the heatmap in a colour scale over it, and the peak marked."""
+    from matplotlib import colormaps
+    from PIL import ImageDraw
+
+    grey = np.asarray(image.convert("L").convert("RGB"), dtype=np.float64)
+    colour = colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
+    blended = Image.fromarray(np.clip((1 - alpha) * grey + alpha * colour, 0, 255).astype(np.uint8))
+    x, y = peak(heat)
+    radius = max(3, min(blended.size) // 40)
+    draw = ImageDraw.Draw(blended)
+    draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=(255, 255, 255), width=max(1, radius // 2))
+    return blended
+
+
+# ----------------------------------------------------------------------------- pointing accuracy
+@dataclass(frozen=True)
+class Boxes:
+    """Ground-truth boxes of one image in its Pascal VOC frame."""
+
+    width: int
+    height: int
+    boxes: tuple[tuple[float, float, float, float], ...]  # xmin, ymin, xmax, ymax (pixels, inclusive)
+
+    def scaled_to(self, width: int, height: int) -> Boxes:
+        sx, sy = width / self.width, height / self.height
+        return Boxes(width, height, tuple((a * sx, b * sy, c * sx, d * sy) for a, b, c, d in self.boxes))
+
+    def distance(self, x: float, y: float) -> float:
+        """Pixels from (x, y) to the nearest box (0 inside one)."""
+        best = np.inf
+        for xmin, ymin, xmax, ymax in self.boxes:
+            dx = max(xmin - x, 0.0, x - xmax)
+            dy = max(ymin - y, 0.0, y - ymax)
+            best = min(best, float(np.hypot(dx, dy)))
+        return best
+
+    def share(self) -> float:
+        """Share of the image inside the union of the boxes (the chance rate of a random peak)."""
+        mask = np.zeros((self.height, self.width), bool)
+        for xmin, ymin, xmax, ymax in self.boxes:
+            mask[int(max(ymin, 0)):int(min(ymax, self.height - 1)) + 1, int(max(xmin, 0)):int(min(xmax, self.width - 1)) + 1] = True
+        return float(mask.mean())
+
+
+def read_voc(path: Path) -> Boxes:
+    """Boxes of a Pascal VOC XML file. Raises ValueError naming the file when it cannot be read."""
+    try:
+        root = ET.parse(path).getroot()
+        width, height = int(root.findtext("size/width")), int(root.findtext("size/height"))
+        boxes = tuple(tuple(float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")) for obj in root.iter("object"))
+    except (ET.ParseError, TypeError, ValueError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Pascal VOC annotation ({exc})") from exc
+    if width < 1 or height < 1 or not boxes:
+        raise ValueError(f"{path}: no size or no boxes")
+    return Boxes(width, height, boxes)
+
+
+def pointing_accuracy(peaks: list[tuple[int, int]], boxes: list[Boxes], labels: list[str], tolerance: float = POINTING_TOLERANCE_PX) -> dict[str, Any]:
+    """Strict hits (peak inside a box) and tolerant hits (within `tolerance` px), per class and overall, beside chance."""
+    strict = [b.distance(x, y) == 0 for (x, y), b in zip(peaks, boxes)]
+    tolerant = [b.distance(x, y) <= tolerance for (x, y), b in zip(peaks, boxes)]
+    chance = [b.share() for b in boxes]
+
+    def summary(index: list[int]) -> dict[str, Any]:
+        return {"n": len(index), "strict": float(np.mean([strict[i] for i in index])) if index else None,
+                "tolerant": float(np.mean([tolerant[i] for i in index])) if index else None,
+                "chance": float(np.mean([chance[i] for i in index])) if index else None}
+
+    per_class = {label: summary([i for i, lab in enumerate(labels) if lab == label]) for label in dict.fromkeys(labels)}
+    return {"overall": summary(list(range(len(peaks)))), "per_class": per_class, "tolerance_px": tolerance, "hits": strict}
