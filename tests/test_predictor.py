@@ -50,11 +50,12 @@ def test_bundle_holds_a_versioned_spec_fitted_thresholds_and_no_pickle(tiny):
     spec = bundles.read_spec(bundle)
     assert spec.spec_version == bundles.SPEC_VERSION and spec.run_id == tiny["run_id"]
     assert spec.class_names == tuple(synthetic.CLASSES) and spec.resize == "pad"
-    assert spec.ood and spec.ood.threshold > 0 and spec.ood.reference_count > 0 and "nearest" in spec.ood.rule
+    assert spec.ood and spec.ood.feature_threshold > 0 and spec.ood.statistics_threshold > 0 and spec.ood.reference_count > 0
+    assert "nearest" in spec.ood.rule and len(spec.ood.statistics_mean) == len(ood.STATISTICS)
     assert 0.0 <= spec.uncertain_threshold < 1.0 and "validation" in spec.uncertain_rule
     assert not list(bundle.glob("*.joblib")) and not list(bundle.glob("*.pkl"))
     files = bundles.verify_bundle(bundle)
-    assert set(files) >= {"model.keras", "serving.json", "ood_reference.npy", "model_card.md", "metrics.json"}
+    assert set(files) >= {"model.keras", "serving.json", "ood_reference.npy", "ood_statistics.npy", "model_card.md", "metrics.json"}
     assert "out of distribution" in (bundle / "model_card.md").read_text().lower()
 
 
@@ -130,7 +131,7 @@ def test_answer_equals_the_model_on_the_converted_array(tiny):
 def test_uncertain_follows_the_threshold_and_ood_the_score(tiny):
     # a high temperature softens the tiny model's near-1.0 confidences, so a threshold can sit above one
     trained = tiny["predictor"]
-    predictor = Predictor(trained.model, dataclasses.replace(trained.spec, temperature=50.0), trained.bundle, trained.reference)
+    predictor = Predictor(trained.model, dataclasses.replace(trained.spec, temperature=50.0), trained.bundle, trained.scorer)
     path = _sample(tiny)[0]
     answer = predictor.answer_file(path)
     assert answer.verdict == "patches" and answer.confidence < 0.99
@@ -138,7 +139,7 @@ def test_uncertain_follows_the_threshold_and_ood_the_score(tiny):
     assert strict.verdict == UNCERTAIN and strict.label == "patches" and "below" in strict.reason
     # the verdict rule on constructed probabilities and scores
     probs = np.array([[0.5, 0.3, 0.2], [0.98, 0.01, 0.01], [0.98, 0.01, 0.01]])
-    scores = np.array([0.0, 0.0, predictor.spec.ood.threshold + 0.01])
+    scores = np.array([0.0, 0.0, 1.01])  # the OOD score is relative: above 1 is out of distribution
     answers = predictor._answers(probs, scores, 0.6, ["a", "b", "c"], None)
     assert [a.verdict for a in answers] == [UNCERTAIN, "crazing", OUT_OF_DISTRIBUTION]
     assert [a.label for a in answers] == ["crazing"] * 3
@@ -151,13 +152,16 @@ def test_knn_score_and_uncertainty_rule_by_hand():
     assert ood.knn_scores(np.array([[2.0, 0.0]]), reference, 2)[0] == pytest.approx(np.sqrt(2 - np.sqrt(2)), abs=1e-5)
     conf = np.array([0.30, 0.40, 0.55, 0.90, 0.95, 0.97, 0.99, 0.99, 0.99, 0.99])
     correct = np.array([False, True, False, True, True, True, True, True, True, True])
-    # answering from 0.55 up leaves 1 error in 8 (12.5 %); from 0.90 up none: the threshold is 0.90 (3 flagged)
-    threshold, info = uncertainty_threshold(conf, correct, max_error=0.05, max_share=0.5)
-    assert threshold == pytest.approx(0.90) and info["valid_flagged"] == 3 and info["reached_error_target"]
-    # allowed to flag at most 20 %: the target is out of reach, the share bound wins (2 flagged)
-    threshold, info = uncertainty_threshold(conf, correct, max_error=0.05, max_share=0.2)
-    assert threshold == pytest.approx(0.55) and info["valid_flagged"] == 2 and not info["reached_error_target"]
-    assert uncertainty_threshold(conf, np.ones(10, bool), 0.01, 0.25)[0] == 0.0
+    # cost of flagging the i least confident = wrong answers left + cost x i:
+    # review cost 0.5: i=0: 2, i=1: 1.5, i=2: 2, i=3: 1.5 -> the first minimum, threshold 0.40 (1 flagged)
+    threshold, info = uncertainty_threshold(conf, correct, review_cost=0.5, max_share=0.5)
+    assert threshold == pytest.approx(0.40) and info["valid_flagged"] == 1
+    # review cost 0.3: i=1: 1.3, i=3: 0.9 -> threshold 0.90 (3 flagged, no error left)
+    threshold, info = uncertainty_threshold(conf, correct, review_cost=0.3, max_share=0.5)
+    assert threshold == pytest.approx(0.90) and info["valid_flagged"] == 3 and info["valid_error_answered"] == 0
+    # at most 20 % may be flagged: i <= 2, best i=1
+    assert uncertainty_threshold(conf, correct, review_cost=0.3, max_share=0.2)[0] == pytest.approx(0.40)
+    assert uncertainty_threshold(conf, np.ones(10, bool), 0.5, 0.25)[0] == 0.0
 
 
 def test_export_reloads_with_identical_answers_and_litert_parity(tiny, tmp_path):

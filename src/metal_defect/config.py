@@ -205,7 +205,7 @@ class EvaluationParams:
     gate_min_train_accuracy: float = _f(ge=0, le=1)
     gate_majority_margin: float = _f(ge=0, le=1)
     gate_good_macro_f1: float = _f(ge=0, le=1)
-    uncertain_max_error: float = _f(gt=0, lt=1)
+    uncertain_review_cost: float = _f(gt=0, lt=1)
     uncertain_max_share: float = _f(ge=0, le=1)
     ood_neighbours: int | Literal["auto"] = _f(ge=1, le=10000)
     ood_valid_quantile: float = _f(gt=0.5, le=1)

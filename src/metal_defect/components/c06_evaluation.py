@@ -32,6 +32,7 @@ from metal_defect.serving.bundle import (
     BUNDLE_DIR,
     MODEL_CARD,
     OOD_REFERENCE,
+    OOD_STATISTICS,
     OodSpec,
     ServingSpec,
     load_model,
@@ -100,12 +101,13 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
     temperature, calibration = calibrate(y_valid, valid_probs[best], params)
     chosen = Predictor(load_model(trained / MODELS_DIR / best / MODEL_FILE), dataclasses.replace(spec, temperature=temperature))
     x_train, y_train, _ = load_split(prepared, "train")
-    spec, reference, verdicts = fit_verdicts(chosen, x_train, x_valid, y_valid, records, params)
+    spec, scorer, verdicts = fit_verdicts(chosen, x_train, x_valid, y_valid, records, params)
 
     bundle = out_dir / BUNDLE_DIR
     bundle.mkdir(parents=True)
     shutil.copy2(trained / MODELS_DIR / best / MODEL_FILE, bundle / MODEL_FILE)
-    np.save(bundle / OOD_REFERENCE, reference, allow_pickle=False)
+    np.save(bundle / OOD_REFERENCE, scorer.features.astype(np.float32), allow_pickle=False)
+    np.save(bundle / OOD_STATISTICS, scorer.statistics.astype(np.float32), allow_pickle=False)
     spec = dataclasses.replace(spec, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     write_spec(bundle, spec)
     write_manifest(bundle)
@@ -115,7 +117,7 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
     served = Predictor.from_bundle(bundle)
     if len(y_test):
         raw_test, features = served.forward(x_test, params.batch_size)
-        answers = served.answers_from(served.calibrate(raw_test), features, test_names)
+        answers = served.answers_from(served.calibrate(raw_test), features, x_test, test_names)
         test_report = report_split(y_test, served.calibrate(raw_test), class_names, x_test, test_names, out_dir / "test",
                                    f"{best}, test split (chosen on validation)", params)
         test_report["calibration_uncalibrated"] = calibration_summary(y_test, raw_test, params)
@@ -145,7 +147,7 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
     write_manifest(bundle)
     headline = {"best_model": best, "valid_accuracy": results[best]["valid"]["accuracy"], "valid_macro_f1": results[best]["valid"]["macro_f1"],
                 "weak_model": gate["weak_model"], "classical_macro_f1": gate["classical"]["macro_f1"], "majority_macro_f1": gate["majority"]["macro_f1"],
-                "uncertain_threshold": spec.uncertain_threshold, "ood_threshold": spec.ood.threshold if spec.ood else None}
+                "uncertain_threshold": spec.uncertain_threshold}
     if test_report:
         headline |= {"test_accuracy": test_report["accuracy"], "test_macro_f1": test_report["macro_f1"], "test_errors": test_report["errors"],
                      "test_n": test_report["n"], "test_ece": test_report["calibration"]["ece"],
@@ -157,59 +159,66 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
 
 
 def fit_verdicts(predictor: Predictor, x_train: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray, records: dict[str, Any],
-                 params: EvaluationParams) -> tuple[ServingSpec, np.ndarray, dict[str, Any]]:
-    """The uncertainty threshold and the OOD reference and threshold, all fitted on train/validation."""
+                 params: EvaluationParams) -> tuple[ServingSpec, ood.OodScorer, dict[str, Any]]:
+    """The uncertainty threshold, and the OOD references and thresholds, fitted on train/validation.
+
+    OOD thresholds are quantiles over validation plus its benign copies (JPEG, resampled): an
+    image saved another way or at another size is still in distribution.
+    """
     spec = predictor.spec
     layer = ood.feature_layer(predictor.model)
     keep = np.arange(len(x_train))
     if len(keep) > OOD_MAX_REFERENCE:
         keep = np.sort(np.random.default_rng(0).choice(len(keep), OOD_MAX_REFERENCE, replace=False))
     k = ood.neighbours_for(len(keep)) if params.ood_neighbours == "auto" else int(params.ood_neighbours)
-    provisional = dataclasses.replace(spec, ood=OodSpec(layer, k, float("inf"), "", 0, spec.color_mode == "grayscale"))
-    probe = Predictor(predictor.model, provisional)
-    reference = ood.normalise(probe.forward(x_train[keep], params.batch_size)[1])
-    raw_valid, valid_features = probe.forward(x_valid, params.batch_size)
-    valid_scores = ood.knn_scores(valid_features, reference, k)
-    ood_threshold = float(np.quantile(valid_scores, params.ood_valid_quantile)) if len(valid_scores) else float("inf")
-    ood_rule = (f"distance to the {k}-th nearest of {len(reference)} training images in L2-normalised "
-                f"'{layer}' features above the {params.ood_valid_quantile:g} quantile of the validation images' distances")
+    probe = Predictor(predictor.model, dataclasses.replace(spec, ood=OodSpec(layer, k, 1.0, 1.0, (), (), "", 0, False)))
+    scorer = ood.fit_scorer(probe.forward(x_train[keep], params.batch_size)[1], x_train[keep], k)
+    raw_valid, _ = probe.forward(x_valid, params.batch_size)
+    fitting = np.concatenate([x_valid, ood.benign_variants(x_valid)]) if len(x_valid) else x_valid
+    feature_distance, statistics_distance = scorer.components(probe.forward(fitting, params.batch_size)[1], fitting)
+    q = params.ood_valid_quantile
+    if len(fitting):
+        scorer.feature_threshold = max(float(np.quantile(feature_distance, q)), 1e-6)
+        scorer.statistics_threshold = max(float(np.quantile(statistics_distance, q)), 1e-6)
+    rule = (f"distance to the {k}-th nearest of {len(keep)} training images, in L2-normalised '{layer}' features or in "
+            f"{scorer.statistics.shape[1]} standardised image statistics, above the {q:g} quantile of the same distances over "
+            f"{len(x_valid)} validation images and their JPEG and resampled copies")
     calibrated = probe.calibrate(raw_valid)
     threshold, uncertain = uncertainty_threshold(calibrated.max(axis=1) if len(calibrated) else np.zeros(0),
                                                  calibrated.argmax(axis=1) == y_valid if len(calibrated) else np.zeros(0, bool),
-                                                 params.uncertain_max_error, params.uncertain_max_share)
-    spec = dataclasses.replace(spec, uncertain_threshold=threshold, uncertain_rule=uncertain["rule"],
-                               ood=dataclasses.replace(provisional.ood, threshold=ood_threshold, rule=ood_rule, reference_count=len(reference)))
-    log.info("verdicts: uncertain below confidence %.3f (%s); out of distribution above OOD score %.3f", threshold, uncertain["rule"], ood_threshold)
-    return spec, reference.astype(np.float32), {"uncertain": uncertain, "ood": {"rule": ood_rule, "threshold": ood_threshold,
-                                                                                "valid_flagged": int(np.sum(valid_scores > ood_threshold))}}
+                                                 params.uncertain_review_cost, params.uncertain_max_share)
+    ood_spec = OodSpec(layer, k, scorer.feature_threshold, scorer.statistics_threshold, tuple(map(float, scorer.stats_mean)),
+                       tuple(map(float, scorer.stats_scale)), rule, len(keep), spec.color_mode == "grayscale")
+    spec = dataclasses.replace(spec, uncertain_threshold=threshold, uncertain_rule=uncertain["rule"], ood=ood_spec)
+    valid_scores = scorer(probe.forward(x_valid, params.batch_size)[1], x_valid) if len(x_valid) else np.zeros(0)
+    log.info("verdicts: uncertain below confidence %.3f (%s); out of distribution: %s", threshold, uncertain["rule"], rule)
+    return spec, scorer, {"uncertain": uncertain, "ood": {"rule": rule, "feature_threshold": scorer.feature_threshold,
+                                                          "statistics_threshold": scorer.statistics_threshold,
+                                                          "valid_flagged": int(np.sum(valid_scores > 1.0))}}
 
 
-def uncertainty_threshold(confidence: np.ndarray, correct: np.ndarray, max_error: float, max_share: float) -> tuple[float, dict[str, Any]]:
-    """The lowest confidence threshold at which the validation images answered (confidence at or
-    above it) are wrong at most `max_error` of the time, flagging at most `max_share` of them.
+def uncertainty_threshold(confidence: np.ndarray, correct: np.ndarray, review_cost: float, max_share: float) -> tuple[float, dict[str, Any]]:
+    """The confidence threshold that minimises, on validation, wrong answers given plus `review_cost`
+    times the images flagged (the least confident first), flagging at most `max_share` of them.
 
-    When no threshold within the share reaches the error target (a weak model), the share
-    bound wins: the threshold flags `max_share` of validation, the least confident first.
+    With review_cost 0.5 a band of low confidences is flagged when the model was wrong there more
+    often than right; a model that errs only at high confidence gets threshold 0 (nothing flagged).
+    Ties keep the lower threshold.
     """
-    rule = (f"lowest confidence at which validation answers above it err at most {max_error:g} of the time, "
-            f"flagging at most {max_share:g} of validation")
+    rule = (f"confidence threshold minimising wrong answers + {review_cost:g} x flagged images on validation, "
+            f"flagging at most {max_share:g} of it")
     n = len(confidence)
     if n == 0:
-        return 0.0, {"rule": rule, "valid_n": 0, "reached_error_target": False}
+        return 0.0, {"rule": rule, "valid_n": 0, "valid_flagged": 0}
     order = np.argsort(confidence, kind="stable")
     conf, wrong = confidence[order], ~correct[order]
-    # answered = images from position i on; error among them for every i
-    wrong_after = np.cumsum(wrong[::-1])[::-1]
-    errors = wrong_after / (n - np.arange(n))
-    allowed = int(np.floor(max_share * n))
-    candidates = [i for i in range(allowed + 1) if i < n and errors[i] <= max_error]
-    reached = bool(candidates)
-    cut = candidates[0] if reached else allowed
-    threshold = 0.0 if cut == 0 else float(conf[min(cut, n - 1)] if cut < n else conf[-1])
-    # images tied at the threshold's confidence are answered; those strictly below are flagged
-    flagged = int(np.sum(confidence < threshold))
+    wrong_from = np.r_[np.cumsum(wrong[::-1])[::-1], 0]  # wrong answers among positions i.. (i = 0..n)
+    allowed = min(int(np.floor(max_share * n)), n - 1)
+    cost = [wrong_from[i] + review_cost * i for i in range(allowed + 1)]
+    cut = int(np.argmin(cost))
+    threshold = 0.0 if cut == 0 else float(conf[cut])
     answered = confidence >= threshold
-    return threshold, {"rule": rule, "valid_n": n, "reached_error_target": reached, "valid_flagged": flagged,
+    return threshold, {"rule": rule, "valid_n": n, "valid_flagged": int(n - answered.sum()),
                        "valid_error_answered": float(np.mean(~correct[answered])) if answered.any() else None,
                        "valid_error_all": float(np.mean(~correct))}
 
@@ -425,10 +434,10 @@ Test ECE above is with the stored temperature{'' if not test else f"; without it
 
 def _verdict_text(spec: ServingSpec, verdicts: dict[str, Any]) -> str:
     unc = verdicts["uncertain"]
-    lines = [f"- `uncertain` when the calibrated confidence is below {spec.uncertain_threshold:.3f}: the {unc['rule']}"
-             f"{'' if unc.get('reached_error_target', True) else ' (the error target was not reachable within the share: a weak model)'}; "
+    lines = [f"- `uncertain` when the calibrated confidence is below {spec.uncertain_threshold:.3f}: the {unc['rule']}; "
              f"{unc.get('valid_flagged', 0)} of {unc.get('valid_n', 0)} validation images flagged.",
-             f"- `out_of_distribution` when the {verdicts['ood']['rule']} (OOD score > {verdicts['ood']['threshold']:.3f}); "
+             f"- `out_of_distribution` when the {verdicts['ood']['rule']} (the OOD score is the larger distance over its threshold: "
+             f"above 1 is out of distribution); "
              f"{verdicts['ood']['valid_flagged']} validation images flagged. Also when the image has no usable content "
              f"(blank, or a few pixels){' or is in colour (this model was trained on grayscale images)' if spec.ood and spec.ood.colour_is_ood else ''}."]
     test = verdicts.get("test")
@@ -476,7 +485,7 @@ def evaluate_folder(folder: Path, predictor: Predictor, config: Any, out_dir: Pa
     names = [paths[i] for i in ok]
     raw, features = predictor.forward(images, config.evaluation.batch_size)
     probs = predictor.calibrate(raw)
-    answers = predictor.answers_from(probs, features, names, reasons)
+    answers = predictor.answers_from(probs, features, images, names, reasons)
     title = f"{predictor.spec.model_name} on {Path(folder).name}"
     report = report_split(labels, probs, class_names, images, names, out_dir, title, config.evaluation)
     report |= {"verdicts": verdict_counts(answers, labels, class_names), "folder": str(folder), "layout": meta["layout"], "bundle": str(predictor.bundle), "temperature": predictor.temperature,

@@ -6,6 +6,7 @@ Layout (every file listed with its sha256 in `bundle_manifest.json`, checked on 
                         verdict thresholds, OOD settings; versioned by `spec_version`
     model.keras         the Keras model (loaded with safe_mode: no code from the file runs)
     ood_reference.npy   normalised penultimate features of the training images (no pickle)
+    ood_statistics.npy  their standardised image statistics (no pickle)
     model_card.md       what the model is, how good, where it fails
     metrics.json        headline metrics (validation, test, quality gate)
     model.tflite        optional: the LiteRT export (written by `main.py export`)
@@ -33,23 +34,30 @@ MODEL_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
 MODEL_CARD = "model_card.md"
 METRICS_FILE = "metrics.json"
-OOD_REFERENCE = "ood_reference.npy"
+OOD_REFERENCE = "ood_reference.npy"  # normalised penultimate features of the training images
+OOD_STATISTICS = "ood_statistics.npy"  # their standardised image statistics
 MANIFEST = "bundle_manifest.json"
 BUNDLE_ENV = "METAL_DEFECT_BUNDLE"  # a bundle folder to serve instead of the served pointer (containers)
 
 
 @dataclass(frozen=True)
 class OodSpec:
-    """k-nearest-neighbour distance in L2-normalised penultimate features (Sun et al., ICML 2022)."""
+    """Out-of-distribution settings (see serving/ood.py): k-NN distances to the training images in
+    L2-normalised penultimate features (Sun et al., ICML 2022) and in standardised image statistics,
+    each divided by its validation threshold; the OOD score is the larger, flagged above 1."""
 
     feature_layer: str
     neighbours: int
-    threshold: float
+    feature_threshold: float
+    statistics_threshold: float
+    statistics_mean: tuple[float, ...]
+    statistics_scale: tuple[float, ...]
     rule: str
     reference_count: int
     colour_is_ood: bool  # a grayscale model treats a colourful image as out of distribution
     min_image_side: int = 16
     min_pixel_std: float = 0.004
+    threshold: float = 1.0  # on the combined score
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,9 @@ class ServingSpec:
             values["extensions"] = tuple(data["extensions"])
         values["spec_version"] = version
         if data.get("ood"):
-            values["ood"] = OodSpec(**data["ood"])
+            ood = dict(data["ood"])
+            ood["statistics_mean"], ood["statistics_scale"] = tuple(ood["statistics_mean"]), tuple(ood["statistics_scale"])
+            values["ood"] = OodSpec(**ood)
         return cls(**values)
 
 

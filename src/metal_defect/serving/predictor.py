@@ -75,9 +75,9 @@ def columns(class_names: Sequence[str]) -> list[str]:
 class Predictor:
     """A loaded model bundle. `answer_paths` for files, `answer_arrays` for converted images."""
 
-    def __init__(self, model: Any, spec: bundles.ServingSpec, bundle: Path | None = None, reference: np.ndarray | None = None,
+    def __init__(self, model: Any, spec: bundles.ServingSpec, bundle: Path | None = None, scorer: ood.OodScorer | None = None,
                  model_sha256: str = "", backend: str = "compiled"):
-        self.model, self.spec, self.bundle, self.reference, self.model_sha256 = model, spec, bundle, reference, model_sha256
+        self.model, self.spec, self.bundle, self.scorer, self.model_sha256 = model, spec, bundle, scorer, model_sha256
         self.backend = backend
         self._graph: Any = None
         self._litert: Any = None
@@ -89,12 +89,15 @@ class Predictor:
         bundle = Path(bundle)
         spec = bundles.read_spec(bundle)
         files = bundles.verify_bundle(bundle) if verify or (bundle / bundles.MANIFEST).is_file() else {}
-        reference = None
+        scorer = None
         if spec.ood is not None:
-            reference = np.load(bundle / bundles.OOD_REFERENCE, allow_pickle=False).astype(np.float32)
+            scorer = ood.OodScorer(np.load(bundle / bundles.OOD_REFERENCE, allow_pickle=False).astype(np.float32),
+                                   np.load(bundle / bundles.OOD_STATISTICS, allow_pickle=False).astype(np.float32),
+                                   np.asarray(spec.ood.statistics_mean, np.float32), np.asarray(spec.ood.statistics_scale, np.float32),
+                                   spec.ood.neighbours, spec.ood.feature_threshold, spec.ood.statistics_threshold)
         model = bundles.load_model(bundle / bundles.MODEL_FILE)
         sha = files.get(bundles.MODEL_FILE) or bundles.file_sha256(bundle / bundles.MODEL_FILE)
-        predictor = cls(model, spec, bundle, reference, sha, backend)
+        predictor = cls(model, spec, bundle, scorer, sha, backend)
         if backend == "litert":
             predictor.use_litert()
         return predictor
@@ -175,22 +178,23 @@ class Predictor:
     def calibrate(self, raw: np.ndarray) -> np.ndarray:
         return apply_temperature(raw, self.temperature) if self.temperature != 1.0 and len(raw) else raw
 
-    def ood_scores(self, features: np.ndarray | None) -> np.ndarray | None:
-        if features is None or self.reference is None or self.spec.ood is None:
+    def ood_scores(self, features: np.ndarray | None, images: np.ndarray) -> np.ndarray | None:
+        """The OOD score per image (above spec.ood.threshold = out of distribution), or None without a scorer."""
+        if features is None or self.scorer is None:
             return None
-        return ood.knn_scores(features, self.reference, self.spec.ood.neighbours)
+        return self.scorer(features, images)
 
     # ------------------------------------------------------------------ answers
     def answer_arrays(self, images: np.ndarray, threshold: float | None = None, names: Sequence[str] | None = None,
                       reasons: Sequence[str] | None = None, batch_size: int = 64) -> list[Answer]:
         """Answers for converted uint8 images; `reasons[i]` (non-empty) forces out_of_distribution."""
         raw, features = self.forward(images, batch_size)
-        return self._answers(self.calibrate(raw), self.ood_scores(features), threshold, names, reasons)
+        return self._answers(self.calibrate(raw), self.ood_scores(features, images), threshold, names, reasons)
 
-    def answers_from(self, probs: np.ndarray, features: np.ndarray | None, names: Sequence[str] | None = None,
+    def answers_from(self, probs: np.ndarray, features: np.ndarray | None, images: np.ndarray, names: Sequence[str] | None = None,
                      reasons: Sequence[str] | None = None, threshold: float | None = None) -> list[Answer]:
-        """Answers from calibrated probabilities and penultimate features already computed (evaluation)."""
-        return self._answers(probs, self.ood_scores(features), threshold, names, reasons)
+        """Answers from calibrated probabilities and penultimate features already computed for `images` (evaluation)."""
+        return self._answers(probs, self.ood_scores(features, images), threshold, names, reasons)
 
     def _answers(self, probs: np.ndarray, scores: np.ndarray | None, threshold: float | None, names: Sequence[str] | None,
                  reasons: Sequence[str] | None) -> list[Answer]:
@@ -208,7 +212,7 @@ class Predictor:
                 answer.verdict, answer.reason = OUT_OF_DISTRIBUTION, forced
             elif score is not None and ood_threshold is not None and score > ood_threshold:
                 answer.verdict = OUT_OF_DISTRIBUTION
-                answer.reason = f"unlike the training images: OOD score {score:.3f} above {ood_threshold:.3f}"
+                answer.reason = f"unlike the training images: OOD score {score:.2f} (above {ood_threshold:g} is out of distribution)"
             elif answer.confidence < threshold:
                 answer.verdict, answer.reason = UNCERTAIN, f"confidence {answer.confidence:.3f} below {threshold:.3f}"
             else:
