@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--csv", metavar="FILE", type=Path, help="write the answers as CSV")
     predict.add_argument("--json", metavar="FILE", type=Path, help="write the answers as JSON")
     predict.add_argument("--threshold", type=float, metavar="T", help="uncertain below this confidence (default: the bundle's, fitted on validation)")
+    predict.add_argument("--heatmaps", metavar="DIR", type=Path, help="write a Grad-CAM overlay PNG per answered image into DIR and add "
+                         "heat_peak_x, heat_peak_y (the heatmap's maximum in the image's pixels) to the CSV/JSON rows")
     predict.add_argument("--backend", choices=("compiled", "litert", "eager"), default="compiled",
                          help="compiled TensorFlow graph (default), the bundle's LiteRT model, or eager Keras")
 
@@ -231,7 +233,7 @@ def _dispatch(args: argparse.Namespace, config: Any) -> int:
         print(commands.evaluate(config, args.folder, args.model, args.out))
         return 0
     if args.command == "predict":
-        text, code = commands.predict(config, args.paths, args.model, args.csv, args.json, args.threshold, args.backend)
+        text, code = commands.predict(config, args.paths, args.model, args.csv, args.json, args.threshold, args.backend, args.heatmaps)
         print(text)
         return code
     if args.command == "export":

@@ -144,7 +144,7 @@ def expand_paths(arguments: list[str], extensions: tuple[str, ...]) -> tuple[lis
 
 
 def predict(config: Config, arguments: list[str], model: str | None, csv_path: Path | None, json_path: Path | None,
-            threshold: float | None, backend: str = "compiled") -> tuple[str, int]:
+            threshold: float | None, backend: str = "compiled", heatmaps: Path | None = None) -> tuple[str, int]:
     """`main.py predict`: answer every image; returns the screen table and the exit code (3 if a named file failed)."""
     import csv
     import json
@@ -159,15 +159,18 @@ def predict(config: Config, arguments: list[str], model: str | None, csv_path: P
     if not files:
         raise DataError(f"predict: no image files in {' '.join(arguments)} (extensions {', '.join(predictor.spec.extensions)})")
     answers = predictor.answer_paths(files, threshold)
+    if heatmaps is not None:
+        written = predictor.write_heatmaps(answers, heatmaps)
+        log.info("%d heatmap overlays in %s", written, heatmaps)
     names = predictor.class_names
-    rows = [a.row(names) for a in answers]
+    rows = [a.row(names, heatmaps is not None) for a in answers]
     for target, write in ((csv_path, "csv"), (json_path, "json")):
         if target is None:
             continue
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         if write == "csv":
             with open(target, "w", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=columns(names))
+                writer = csv.DictWriter(handle, fieldnames=columns(names, heatmaps is not None))
                 writer.writeheader()
                 writer.writerows(rows)
         else:

@@ -27,7 +27,7 @@ from metal_defect.components.c02_data_preprocessing import RECORDS_FILE
 from metal_defect.components.c02_data_preprocessing import REPORT_FILE as PREPROCESSING_REPORT
 from metal_defect.components.c06_training import MODEL_FILE, MODELS_DIR, TRAIN_SUMMARY
 from metal_defect.config import DataPreprocessingParams, EvaluationParams, SchemaConfig
-from metal_defect.serving import ood
+from metal_defect.serving import explain, ood
 from metal_defect.serving.bundle import (
     BUNDLE_DIR,
     MODEL_CARD,
@@ -108,7 +108,8 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
     shutil.copy2(trained / MODELS_DIR / best / MODEL_FILE, bundle / MODEL_FILE)
     np.save(bundle / OOD_REFERENCE, scorer.features.astype(np.float32), allow_pickle=False)
     np.save(bundle / OOD_STATISTICS, scorer.statistics.astype(np.float32), allow_pickle=False)
-    spec = dataclasses.replace(spec, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    spec = dataclasses.replace(spec, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                               heatmap_layer=explain.heatmap_layer(chosen.model))
     write_spec(bundle, spec)
     write_manifest(bundle)
 
@@ -123,6 +124,10 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
         test_report["calibration_uncalibrated"] = calibration_summary(y_test, raw_test, params)
         test_report["verdicts"] = verdict_counts(answers, y_test, class_names)
         verdicts["test"] = test_report["verdicts"]
+        test_records = [r for r in records["records"] if r["split"] == "test"]
+        pointing = pointing_report(served, x_test, test_records, raw_test.argmax(axis=1), class_names, params.annotations, out_dir / "test")
+        if pointing:
+            test_report["pointing"] = pointing
         gate = quality_gate(served, x_train, y_train, class_names, "test", y_test, raw_test.argmax(axis=1), x_test,
                             trained / MODELS_DIR / best, params)
     else:
@@ -221,6 +226,56 @@ def uncertainty_threshold(confidence: np.ndarray, correct: np.ndarray, review_co
     return threshold, {"rule": rule, "valid_n": n, "valid_flagged": int(n - answered.sum()),
                        "valid_error_answered": float(np.mean(~correct[answered])) if answered.any() else None,
                        "valid_error_all": float(np.mean(~correct))}
+
+
+def pointing_report(predictor: Predictor, images: np.ndarray, records: list[dict[str, Any]], predicted: np.ndarray, class_names: list[str],
+                    annotations: str | None, out_dir: Path) -> dict[str, Any] | None:
+    """Grad-CAM pointing accuracy on the test images that have Pascal VOC boxes (matched by file name),
+    and a grid of overlays, hits and misses; None when no test image has boxes."""
+    if not annotations or not Path(annotations).is_dir():
+        if annotations:
+            log.info("evaluation.annotations %s is not a folder: no pointing accuracy", annotations)
+        return None
+    import time
+
+    started = time.perf_counter()
+    chosen, boxes = [], []
+    for i, record in enumerate(records):
+        xml = Path(annotations) / f"{Path(record['source']).stem}.xml"
+        if xml.is_file():
+            try:
+                boxes.append(explain.read_voc(xml))
+                chosen.append(i)
+            except ValueError as exc:
+                log.warning("pointing accuracy: %s", exc)
+    if not chosen:
+        log.info("no test image has boxes in %s: no pointing accuracy", annotations)
+        return None
+    sizes = [tuple(records[i].get("original_size") or (b.width, b.height)) for i, b in zip(chosen, boxes)]
+    heat = predictor.heatmaps(images[chosen], predicted[chosen], sizes)
+    peaks = [explain.peak(h) for h in heat]
+    scaled = [b.scaled_to(*size) for b, size in zip(boxes, sizes)]
+    true_labels = [records[i]["label"] for i in chosen]
+    result = explain.pointing_accuracy(peaks, scaled, true_labels)
+    hits = result.pop("hits")
+    result |= {"layer": predictor.gradcam().layer, "annotations": str(annotations), "seconds": round(time.perf_counter() - started, 2),
+               "images_with_boxes": len(chosen), "of_test_images": len(records)}
+    overall = result["overall"]
+    log.info("Grad-CAM pointing accuracy on %d boxed test images: %.3f strict, %.3f within %d px (chance %.3f)", len(chosen),
+             overall["strict"], overall["tolerant"], result["tolerance_px"], overall["chance"])
+    shown = [j for j, hit in enumerate(hits) if hit][:12] + [j for j, hit in enumerate(hits) if not hit][:12]
+    pictures, captions = [], []
+    for j in shown:
+        record = records[chosen[j]]
+        original = Image.open(record["source"]) if Path(record["source"]).is_file() else Image.fromarray(images[chosen[j]].squeeze())
+        picture = explain.draw_boxes(explain.overlay(original.resize(sizes[j]), heat[j]), scaled[j])
+        pictures.append(picture)
+        captions.append(f"{'HIT' if hits[j] else 'MISS'}: {Path(record['source']).name}\npred {class_names[predicted[chosen[j]]]}")
+    explain.overlay_grid(pictures, captions, f"Grad-CAM ({result['layer']}) on test images with boxes: strict pointing {overall['strict']:.1%} "
+                         f"(chance {overall['chance']:.1%}); first hits, then misses; white ring = peak, boxes = ground truth",
+                         out_dir / "heatmaps.png")
+    write_json_atomic(out_dir / "pointing.json", result)
+    return result
 
 
 def verdict_counts(answers: list[Any], y_true: np.ndarray, class_names: list[str]) -> dict[str, Any]:

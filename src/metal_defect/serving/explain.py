@@ -100,12 +100,14 @@ class GradCam:
 
 
 def to_original_frame(heat: np.ndarray, original_size: tuple[int, int], image_size: int, resize: str) -> np.ndarray:
-    """A heatmap over the model input, resized to the input, cut to the image's area and resized to (width, height)."""
+    """A heatmap over the model input, resized to the input, cut to the image's area, resized to (width, height), scaled to 0..1."""
     width, height = original_size
     full = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((image_size, image_size), Image.Resampling.BILINEAR))
     x0, y0, x1, y1 = content_box(width, height, image_size, resize)
     inner = Image.fromarray(np.ascontiguousarray(full[y0:y1, x0:x1]), mode="F")
-    return np.asarray(inner.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float64)
+    out = np.clip(np.asarray(inner.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float64), 0, None)
+    top = out.max(initial=0.0)
+    return out / top if top > 0 else out
 
 
 def peak(heat: np.ndarray) -> tuple[int, int]:
@@ -185,3 +187,34 @@ def pointing_accuracy(peaks: list[tuple[int, int]], boxes: list[Boxes], labels: 
 
     per_class = {label: summary([i for i, lab in enumerate(labels) if lab == label]) for label in dict.fromkeys(labels)}
     return {"overall": summary(list(range(len(peaks)))), "per_class": per_class, "tolerance_px": tolerance, "hits": strict}
+
+
+def draw_boxes(picture: Image.Image, boxes: Boxes, colour: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    from PIL import ImageDraw
+
+    picture = picture.copy()
+    draw = ImageDraw.Draw(picture)
+    for xmin, ymin, xmax, ymax in boxes.scaled_to(*picture.size).boxes:
+        draw.rectangle((xmin, ymin, xmax, ymax), outline=colour, width=max(1, min(picture.size) // 100))
+    return picture
+
+
+def overlay_grid(pictures: list[Image.Image], captions: list[str], title: str, path: Path, columns: int = 6) -> None:
+    """A grid of overlay images with captions, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(1, -(-len(pictures) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.7 * rows + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, picture, caption in zip(axes.flat, pictures, captions):
+        ax.imshow(picture)
+        ax.set_title(caption, fontsize=7.5)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -36,6 +36,7 @@ UNCERTAIN = "uncertain"
 OUT_OF_DISTRIBUTION = "out_of_distribution"
 LEADING_COLUMNS = ("path", "label", "confidence", "verdict", "ood_score")
 TRAILING_COLUMNS = ("model_run", "model_sha256", "threshold", "ms", "error")
+HEATMAP_COLUMNS = ("heat_peak_x", "heat_peak_y")
 PREDICTIONS_LOG = "predictions.jsonl"
 
 
@@ -56,20 +57,23 @@ class Answer:
     error: str | None = None
     reason: str = ""  # why the verdict is not the class name (shown on screen and in the log)
     sha256: str = ""  # of the file's bytes (the predictions log)
+    heat_peak_x: int | None = None  # Grad-CAM maximum in the original image's pixels (when heatmaps were asked for)
+    heat_peak_y: int | None = None
 
     @property
     def flagged(self) -> bool:
         return self.verdict in (UNCERTAIN, OUT_OF_DISTRIBUTION)
 
-    def row(self, class_names: Sequence[str]) -> dict[str, Any]:
-        """CSV/JSON columns in their documented order."""
+    def row(self, class_names: Sequence[str], heatmaps: bool = False) -> dict[str, Any]:
+        """CSV/JSON columns in their documented order (two heatmap columns at the end when asked for)."""
         out: dict[str, Any] = {k: getattr(self, k) for k in LEADING_COLUMNS}
         out |= {f"p_{c}": self.probabilities.get(c) for c in class_names}
-        return out | {k: getattr(self, k) for k in TRAILING_COLUMNS}
+        out |= {k: getattr(self, k) for k in TRAILING_COLUMNS}
+        return out | ({k: getattr(self, k) for k in HEATMAP_COLUMNS} if heatmaps else {})
 
 
-def columns(class_names: Sequence[str]) -> list[str]:
-    return [*LEADING_COLUMNS, *(f"p_{c}" for c in class_names), *TRAILING_COLUMNS]
+def columns(class_names: Sequence[str], heatmaps: bool = False) -> list[str]:
+    return [*LEADING_COLUMNS, *(f"p_{c}" for c in class_names), *TRAILING_COLUMNS, *(HEATMAP_COLUMNS if heatmaps else ())]
 
 
 class Predictor:
@@ -81,6 +85,7 @@ class Predictor:
         self.backend = backend
         self._graph: Any = None
         self._litert: Any = None
+        self._gradcam: Any = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -290,6 +295,59 @@ class Predictor:
                 flush()
         flush()
         return out
+
+    # ------------------------------------------------------------------ heatmaps
+    def gradcam(self) -> Any:
+        """The Grad-CAM of this model (built on first use: the fast path never pays for it)."""
+        if self._gradcam is None:
+            from metal_defect.serving.explain import GradCam
+
+            self._gradcam = GradCam(self.model, self.spec.heatmap_layer)
+        return self._gradcam
+
+    def heatmaps(self, images: np.ndarray, classes: Sequence[int], original_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Grad-CAM of `classes` for converted images, each in its original (width, height) pixel frame, 0..1."""
+        from metal_defect.serving.explain import to_original_frame
+
+        maps = []
+        for start in range(0, len(images), 32):
+            maps.extend(self.gradcam()(images[start:start + 32], np.asarray(classes[start:start + 32])))
+        return [to_original_frame(m, size, self.spec.image_size, self.spec.resize) for m, size in zip(maps, original_sizes)]
+
+    def explain(self, source: str | os.PathLike | bytes, answer: Answer) -> tuple[np.ndarray, Any]:
+        """Heatmap (original pixel frame) and overlay image for an answered file; sets the answer's peak."""
+        from metal_defect.serving.explain import overlay, peak
+
+        data = _read_limited(source, int(self.spec.max_file_mb * 1e6))
+        image = decode_image(data, max_pixels=self.spec.max_image_pixels)
+        array = convert_decoded(image, self.spec.image_size, self.spec.color_mode, self.spec.resize)
+        heat = self.heatmaps(array[None], [self.class_names.index(answer.label)], [image.size])[0]
+        answer.heat_peak_x, answer.heat_peak_y = peak(heat)
+        return heat, overlay(image, heat)
+
+    def write_heatmaps(self, answers: Sequence[Answer], folder: Path) -> int:
+        """An overlay PNG per answered image in `folder` (<name>.heatmap.png; numbered when names repeat)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        used: set[str] = set()
+        written = 0
+        for answer in answers:
+            if answer.error is not None:
+                continue
+            stem = Path(answer.path).name
+            name, n = f"{stem}.heatmap.png", 1
+            while name in used:
+                n += 1
+                name = f"{stem}.{n}.heatmap.png"
+            used.add(name)
+            try:
+                _, picture = self.explain(answer.path, answer)
+            except (ImageProblem, OSError) as exc:  # the file changed since it was answered
+                log.warning("%s: no heatmap (%s)", answer.path, exc)
+                continue
+            picture.save(folder / name)
+            written += 1
+        return written
 
     def _failed(self, name: str, exc: Exception, threshold: float | None, started: float) -> Answer:
         reason = str(exc) if isinstance(exc, ImageProblem) else f"unreadable: {getattr(exc, 'strerror', None) or exc}"
