@@ -141,13 +141,14 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
     best_record = {"name": best, "model": f"{BUNDLE_DIR}/{MODEL_FILE}", "bundle": BUNDLE_DIR, "temperature": temperature,
                    "pretrained": results[best]["pretrained"], "valid": _headline(results[best]["valid"]),
                    "test": _headline(test_report) if test_report else None, "calibration": calibration,
-                   "weak_model": gate["weak_model"], "weak_reasons": gate["reasons"], "verdicts": verdicts}
+                   "weak_model": gate["weak_model"], "weak_reasons": gate["reasons"], "verdicts": verdicts,
+                   "pointing": test_report.get("pointing") if test_report else None}
     write_json_atomic(out_dir / BEST_FILE, best_record)
     card = model_card(best, results[best], test_report, calibration, spec, ingested, prepared, train_summary["models"][best], gate, verdicts)
     (out_dir / MODEL_CARD).write_text(card, encoding="utf-8")
     # the bundle is complete only with its card, metrics and the weak-model flag: rewrite spec and manifest last
     (bundle / MODEL_CARD).write_text(card, encoding="utf-8")
-    write_json_atomic(bundle / BUNDLE_METRICS, {k: best_record[k] for k in ("name", "valid", "test", "calibration", "verdicts")} | {"quality_gate": gate})
+    write_json_atomic(bundle / BUNDLE_METRICS, {k: best_record[k] for k in ("name", "valid", "test", "calibration", "verdicts", "pointing")} | {"quality_gate": gate})
     write_spec(bundle, dataclasses.replace(spec, weak_model=gate["weak_model"], weak_reasons=tuple(gate["reasons"])))
     write_manifest(bundle)
     headline = {"best_model": best, "valid_accuracy": results[best]["valid"]["accuracy"], "valid_macro_f1": results[best]["valid"]["macro_f1"],
@@ -157,6 +158,9 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
         headline |= {"test_accuracy": test_report["accuracy"], "test_macro_f1": test_report["macro_f1"], "test_errors": test_report["errors"],
                      "test_n": test_report["n"], "test_ece": test_report["calibration"]["ece"],
                      "test_flagged_share": test_report["verdicts"]["flagged_share"]}
+        if test_report.get("pointing"):
+            headline |= {"pointing_strict": test_report["pointing"]["overall"]["strict"],
+                         "pointing_tolerant": test_report["pointing"]["overall"]["tolerant"]}
         log.info("test split (%s): %s, macro F1 %.4f; flagged %.1f %% (uncertain %d, out of distribution %d)", best,
                  metrics.caption(test_report["n"], test_report["errors"]), test_report["macro_f1"],
                  100 * test_report["verdicts"]["flagged_share"], test_report["verdicts"]["uncertain"], test_report["verdicts"]["out_of_distribution"])
@@ -185,7 +189,7 @@ def fit_verdicts(predictor: Predictor, x_train: np.ndarray, x_valid: np.ndarray,
     if len(fitting):
         scorer.feature_threshold = max(float(np.quantile(feature_distance, q)), 1e-6)
         scorer.statistics_threshold = max(float(np.quantile(statistics_distance, q)), 1e-6)
-    rule = (f"distance to the {k}-th nearest of {len(keep)} training images, in L2-normalised '{layer}' features or in "
+    rule = (f"distance to the {'nearest' if k == 1 else f'{k}-th nearest'} of {len(keep)} training images, in L2-normalised '{layer}' features or in "
             f"{scorer.statistics.shape[1]} standardised image statistics, above the {q:g} quantile of the same distances over "
             f"{len(x_valid)} validation images and their JPEG and resampled copies")
     calibrated = probe.calibrate(raw_valid)
@@ -475,7 +479,7 @@ validation NLL {calibration['valid_nll_before']:.4f} → {calibration['valid_nll
 validation ECE {calibration['valid_ece_before']:.4f} → {calibration['valid_ece_after']:.4f}.
 Test ECE above is with the stored temperature{'' if not test else f"; without it {test['calibration_uncalibrated']['ece']:.4f}"}.
 
-## Verdicts: "uncertain" and "out of distribution"
+{_pointing_text(test.get("pointing") if test else None)}## Verdicts: "uncertain" and "out of distribution"
 {_verdict_text(spec, verdicts)}
 
 ## Known limits
@@ -484,6 +488,24 @@ Test ECE above is with the stored temperature{'' if not test else f"; without it
 - The test split is small: the interval above, not the point estimate, is what the data supports.
 - Calibration was fitted and checked on small splits; confidences near 1.0 are the least certain part of it.
 - Images are reduced to {spec.image_size}×{spec.image_size} {spec.color_mode}: defects smaller than a few pixels at that scale may be missed.
+"""
+
+
+def _pointing_text(pointing: dict[str, Any] | None) -> str:
+    if not pointing:
+        return ""
+    rows = "\n".join(f"| {c} | {v['n']} | {v['strict']:.3f} | {v['tolerant']:.3f} | {v['chance']:.3f} |" for c, v in pointing["per_class"].items())
+    o = pointing["overall"]
+    return f"""## Where it looks: Grad-CAM pointing accuracy
+On {pointing['images_with_boxes']} of {pointing['of_test_images']} test images with ground-truth boxes (`{pointing['annotations']}`),
+Grad-CAM of the predicted class at layer `{pointing['layer']}`: a hit when the heatmap's peak lies inside a box (strict), or within
+{pointing['tolerance_px']} px of one (the pointing game's tolerance). Chance = the mean share of the image inside boxes.
+
+| class | n | strict | within {pointing['tolerance_px']} px | chance |
+|---|---|---|---|---|
+{rows}
+| **all** | {o['n']} | **{o['strict']:.3f}** | {o['tolerant']:.3f} | {o['chance']:.3f} |
+
 """
 
 
