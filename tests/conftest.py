@@ -93,3 +93,21 @@ def tiny_training_params(epochs: int = 8) -> dict:
         "callbacks": {"tensorboard": True, "early_stopping": {"patience": 50}},
         "evaluation": {"bootstrap_samples": 100, "misclassified_max": 6},
     })
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A trained and evaluated tiny model (synthetic 3-class set, 32 px), shared by the predictor,
+    heatmap and app tests: config folder, data, run id, bundle and a loaded predictor."""
+    from metal_defect.artifacts import ArtifactStore
+    from metal_defect.config import load_config
+    from metal_defect.pipeline import Runner
+    from metal_defect.serving import bundle as bundles
+    from metal_defect.serving.predictor import Predictor
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    data = synthetic.make_dataset(root / "data", per_class=24)
+    folder = write_config(root / "cfg", _deep_merge(tiny_training_params(), {"data_ingestion": {"source": str(data)}}), TINY_SCHEMA)
+    manifest = Runner(load_config(folder)).run()
+    bundle = bundles.bundle_of_run(ArtifactStore(folder / "artifacts"), manifest["run_id"])
+    return {"folder": folder, "data": data, "run_id": manifest["run_id"], "bundle": bundle, "predictor": Predictor.from_bundle(bundle)}

@@ -101,17 +101,10 @@ def test_read_voc_and_its_errors(tmp_path):
         explain.read_voc(tmp_path / "b.xml")
 
 
-def test_cli_heatmaps_write_one_overlay_per_answered_image_and_fill_the_columns(tmp_path):
-    from conftest import TINY_SCHEMA, _deep_merge, tiny_training_params, write_config
-
-    from metal_defect import synthetic
+def test_cli_heatmaps_write_one_overlay_per_answered_image_and_fill_the_columns(tmp_path, tiny):
     from metal_defect.cli import main
-    from metal_defect.config import load_config
-    from metal_defect.pipeline import Runner
 
-    data = synthetic.make_dataset(tmp_path / "data", per_class=16)
-    folder = write_config(tmp_path / "cfg", _deep_merge(tiny_training_params(4), {"data_ingestion": {"source": str(data)}}), TINY_SCHEMA)
-    Runner(load_config(folder)).run()
+    data, folder = tiny["data"], tiny["folder"]
     images = tmp_path / "in"
     images.mkdir()
     for source in sorted((data / "patches").glob("*.png"))[:3]:

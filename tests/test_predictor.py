@@ -13,32 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_SCHEMA, _deep_merge, tiny_training_params, write_config
 from PIL import Image
 
 from metal_defect import synthetic
 from metal_defect.artifacts import ArtifactStore
 from metal_defect.cli import main
 from metal_defect.components.c06_evaluation import uncertainty_threshold
-from metal_defect.config import load_config
 from metal_defect.errors import ArtifactError
-from metal_defect.pipeline import Runner
 from metal_defect.serving import bundle as bundles
 from metal_defect.serving import ood
 from metal_defect.serving.images import to_model_input
 from metal_defect.serving.predictor import OUT_OF_DISTRIBUTION, UNCERTAIN, Predictor, columns
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A trained and evaluated tiny model; its bundle and a folder of its kind of images."""
-    root = tmp_path_factory.mktemp("predictor")
-    data = synthetic.make_dataset(root / "data", per_class=24)
-    folder = write_config(root / "cfg", _deep_merge(tiny_training_params(), {"data_ingestion": {"source": str(data)}}), TINY_SCHEMA)
-    manifest = Runner(load_config(folder)).run()
-    store = ArtifactStore(folder / "artifacts")
-    return {"folder": folder, "data": data, "run_id": manifest["run_id"], "bundle": bundles.bundle_of_run(store, manifest["run_id"]),
-            "predictor": Predictor.from_bundle(bundles.bundle_of_run(store, manifest["run_id"]))}
 
 
 def _sample(tiny, label: str = "patches", n: int = 1) -> list[Path]:

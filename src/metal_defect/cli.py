@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("destination", metavar="DIR", type=Path)
     export.add_argument("--model", metavar="RUN_ID|DIR", help="a run id or a bundle folder (default: the served model)")
 
+    app = sub.add_parser("app", parents=[common], help="start the Streamlit app on 0.0.0.0:$PORT (default 8501)",
+                         description="Start st_app_predict.py with Streamlit, bound to all interfaces on --port ($PORT, else 8501).")
+    app.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8501")))
+    app.add_argument("--address", default="0.0.0.0")
+
     bench = sub.add_parser("bench", parents=[common], help="measure accuracy, time and overhead; writes JSON under artifacts/bench/",
                            description="Benchmarks (not tests): `bench data` times ingestion + preprocessing and its throughput at 1x and "
                            "10x synthetic size; `bench train` runs the pipeline for several seeds and compares the training loop "
@@ -239,6 +244,11 @@ def _dispatch(args: argparse.Namespace, config: Any) -> int:
     if args.command == "export":
         print(commands.export(config, args.destination, args.model))
         return 0
+    if args.command == "app":
+        from metal_defect import launch_app
+
+        launch_app.main(["--port", str(args.port), "--address", args.address])
+        return 0  # pragma: no cover - main() replaces this process
     if args.command == "proxy-data":
         print(commands.proxy_data(config, args.neu, args.out, args.seed))
         return 0

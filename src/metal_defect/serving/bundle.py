@@ -239,3 +239,21 @@ def resolve_bundle(store: ArtifactStore | None, model: str | None) -> Path:
     if store is None:
         raise ArtifactError(f"no model: give a bundle folder (--model DIR or ${BUNDLE_ENV})")
     return served_bundle(store)[0]
+
+
+def evaluated_runs(store: ArtifactStore) -> list[tuple[str, Path]]:
+    """(run id, bundle) of every run whose evaluation wrote a bundle, newest first (duplicates of a reused stage once)."""
+    found: dict[Path, str] = {}
+    for run_id in reversed(store.run_ids()):
+        try:
+            bundle = bundle_of_run(store, run_id)
+        except ArtifactError:
+            continue
+        found.setdefault(bundle.resolve(), run_id)
+    return [(run_id, bundle) for bundle, run_id in found.items()]
+
+
+def read_metrics(bundle: Path) -> dict[str, Any]:
+    """The bundle's metrics.json ({} when absent: bundles older than spec_version 2)."""
+    path = bundle / METRICS_FILE
+    return read_json(path) if path.is_file() else {}

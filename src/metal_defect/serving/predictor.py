@@ -38,6 +38,7 @@ LEADING_COLUMNS = ("path", "label", "confidence", "verdict", "ood_score")
 TRAILING_COLUMNS = ("model_run", "model_sha256", "threshold", "ms", "error")
 HEATMAP_COLUMNS = ("heat_peak_x", "heat_peak_y")
 PREDICTIONS_LOG = "predictions.jsonl"
+FORCED_PREFIXES = ("no usable content", "a colour image")  # reasons set from the file itself, not from a score
 
 
 @dataclass
@@ -204,7 +205,6 @@ class Predictor:
     def _answers(self, probs: np.ndarray, scores: np.ndarray | None, threshold: float | None, names: Sequence[str] | None,
                  reasons: Sequence[str] | None) -> list[Answer]:
         threshold = self.threshold if threshold is None else float(threshold)
-        ood_threshold = self.spec.ood.threshold if self.spec.ood else None
         answers = []
         for i, row in enumerate(probs):
             best = int(row.argmax())
@@ -212,18 +212,32 @@ class Predictor:
             answer = Answer(path=names[i] if names else str(i), label=self.class_names[best], confidence=float(row[best]),
                             ood_score=score, probabilities=dict(zip(self.class_names, map(float, row))),
                             model_run=self.spec.run_id, model_sha256=self.model_sha256, threshold=threshold)
-            forced = reasons[i] if reasons else ""
-            if forced:
-                answer.verdict, answer.reason = OUT_OF_DISTRIBUTION, forced
-            elif score is not None and ood_threshold is not None and score > ood_threshold:
-                answer.verdict = OUT_OF_DISTRIBUTION
-                answer.reason = f"unlike the training images: OOD score {score:.2f} (above {ood_threshold:g} is out of distribution)"
-            elif answer.confidence < threshold:
-                answer.verdict, answer.reason = UNCERTAIN, f"confidence {answer.confidence:.3f} below {threshold:.3f}"
-            else:
-                answer.verdict = answer.label
+            self.judge(answer, threshold, reasons[i] if reasons else "")
             answers.append(answer)
         return answers
+
+    def judge(self, answer: Answer, threshold: float | None = None, forced: str | None = None) -> Answer:
+        """Set the verdict of an answer from its confidence and OOD score (again, for another threshold).
+
+        `forced` (a reason) makes it out_of_distribution whatever the scores; None keeps an earlier forced reason.
+        """
+        threshold = self.threshold if threshold is None else float(threshold)
+        if forced is None:
+            forced = answer.reason if answer.verdict == OUT_OF_DISTRIBUTION and answer.reason.startswith(FORCED_PREFIXES) else ""
+        ood_threshold = self.spec.ood.threshold if self.spec.ood else None
+        answer.threshold, answer.reason = threshold, ""
+        if answer.error is not None:
+            answer.verdict = None
+        elif forced:
+            answer.verdict, answer.reason = OUT_OF_DISTRIBUTION, forced
+        elif answer.ood_score is not None and ood_threshold is not None and answer.ood_score > ood_threshold:
+            answer.verdict = OUT_OF_DISTRIBUTION
+            answer.reason = f"unlike the training images: OOD score {answer.ood_score:.2f} (above {ood_threshold:g} is out of distribution)"
+        elif answer.confidence is not None and answer.confidence < threshold:
+            answer.verdict, answer.reason = UNCERTAIN, f"confidence {answer.confidence:.3f} below {threshold:.3f}"
+        else:
+            answer.verdict = answer.label
+        return answer
 
     def convert(self, source: str | os.PathLike | bytes) -> tuple[np.ndarray, str, str]:
         """File (path or bytes) -> (model input, forced-OOD reason or "", sha256 of the bytes). Raises ImageProblem."""
@@ -235,7 +249,7 @@ class Predictor:
             if problem:
                 reason = f"no usable content: {problem}"
             elif self.spec.ood.colour_is_ood and is_colourful(image):
-                reason = "a colour image; this model was trained on grayscale images"
+                reason = "a colour image: this model was trained on grayscale images"
         array = convert_decoded(image, self.spec.image_size, self.spec.color_mode, self.spec.resize)
         return array, reason, hashlib.sha256(data).hexdigest()
 

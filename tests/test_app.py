@@ -1,0 +1,190 @@
+"""The Streamlit page: AppTest in-process, then a real browser (Chromium through Playwright)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, write_config
+from PIL import Image
+
+from metal_defect.serving import bundle as bundles
+
+APP = str(REPO / "st_app_predict.py")
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _png(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _app(monkeypatch, home: Path, bundle: Path | None = None, log: Path | None = None):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("METAL_DEFECT_HOME", str(home))
+    if bundle is None:
+        monkeypatch.delenv(bundles.BUNDLE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(bundles.BUNDLE_ENV, str(bundle))
+    if log is not None:
+        monkeypatch.setenv("METAL_DEFECT_PREDICTIONS_LOG", str(log))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _text(at) -> str:
+    parts = [e.value for kind in ("markdown", "success", "warning", "error", "info", "caption", "subheader", "title") for e in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def _soft_bundle(tiny, tmp_path: Path, **changes) -> Path:
+    """A copy of the tiny bundle with spec changes (e.g. a high temperature so confidences are not all 1.0)."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], copy)
+    spec = bundles.read_spec(copy)
+    bundles.write_spec(copy, dataclasses.replace(spec, **changes))
+    bundles.write_manifest(copy)
+    return copy
+
+
+def test_empty_state_says_how_to_get_a_model(monkeypatch, tmp_path):
+    home = write_config(tmp_path / "cfg")
+    at = _app(monkeypatch, home)
+    assert "No trained model yet" in _text(at) and "python main.py" in _text(at)
+
+
+def test_upload_is_answered_and_logged_and_bad_files_get_a_message(monkeypatch, tiny, tmp_path):
+    at = _app(monkeypatch, tiny["folder"])
+    assert tiny["run_id"] in at.sidebar.selectbox[0].value
+    good = sorted((tiny["data"] / "patches").glob("*.png"))[0]
+    log = tiny["folder"] / "artifacts" / "predictions.jsonl"
+    before = len(log.read_text().splitlines()) if log.is_file() else 0
+    at.file_uploader[0].set_value([(good.name, _png(good), "image/png"), ("notes.png", b"not an image at all", "image/png"),
+                                   ("empty.png", b"", "image/png")]).run()
+    assert not at.exception, at.exception
+    assert any("patches" in s.value and "confidence" in s.value for s in at.success)
+    errors = "\n".join(e.value for e in at.error)
+    assert "notes.png" in errors and "not an image" in errors and "empty.png" in errors
+    assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 3
+    entries = [json.loads(line) for line in log.read_text().splitlines()[before:]]
+    assert [e["file"] for e in entries] == [good.name, "notes.png", "empty.png"] and entries[0]["label"] == "patches"
+    at.run()  # a rerun (any widget change) does not log the same answers again
+    assert len(log.read_text().splitlines()) == before + 3
+
+
+def test_threshold_slider_changes_the_verdict_of_a_borderline_image(monkeypatch, tiny, tmp_path):
+    from metal_defect.serving.predictor import Predictor
+
+    image = sorted((tiny["data"] / "inclusion").glob("*.png"))[0]
+    # a temperature that softens the tiny model's near-certain answer into a borderline one
+    for temperature in (2.0, 4.0, 8.0, 16.0, 32.0):
+        bundle = _soft_bundle(tiny, tmp_path / str(temperature), temperature=temperature, uncertain_threshold=0.0)
+        confidence = Predictor.from_bundle(bundle).answer_file(image).confidence
+        if confidence < 0.95:
+            break
+    assert 0.4 < confidence < 0.95
+    at = _app(monkeypatch, tiny["folder"], bundle)
+    assert at.sidebar.selectbox[0].value.startswith("bundle")
+    at.file_uploader[0].set_value((image.name, _png(image), "image/png")).run()
+    assert any("inclusion" in s.value for s in at.success) and not at.warning
+    at.sidebar.slider[0].set_value(round(min(confidence + 0.05, 1.0), 2)).run()
+    assert not at.success and any("Not sure" in w.value and "inclusion" in w.value for w in at.warning)
+
+
+def test_weak_model_is_announced_before_any_answer(monkeypatch, tiny, tmp_path):
+    bundle = _soft_bundle(tiny, tmp_path, weak_model=True, weak_reasons=("underfits: accuracy 0.500 on its own training images",))
+    at = _app(monkeypatch, tiny["folder"], bundle)
+    assert at.error and "Weak model" in at.error[0].value and "underfits" in at.error[0].value
+
+
+def test_colour_image_for_a_grayscale_model_is_flagged_in_words(monkeypatch, tiny):
+    at = _app(monkeypatch, tiny["folder"])
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 0] = 230
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    at.file_uploader[0].set_value(("red.png", buffer.getvalue(), "image/png")).run()
+    assert any("Not like the training images" in e.value and "colour" in e.value for e in at.error)
+
+
+def test_memory_stays_flat_over_fifty_uploads(monkeypatch, tiny):
+    import psutil
+
+    at = _app(monkeypatch, tiny["folder"])
+    files = sorted(p for label in ("crazing", "inclusion", "patches") for p in (tiny["data"] / label).glob("*.png"))
+    process = psutil.Process()
+    rss = {}
+    for i in range(1, 51):
+        path = files[i % len(files)]
+        # a different file each time (the same picture with one pixel changed), like a stream of new uploads
+        pixels = np.asarray(Image.open(path)).copy()
+        pixels[0, 0] = i
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        at.file_uploader[0].set_value((f"upload_{i}.png", buffer.getvalue(), "image/png")).run()
+        assert not at.exception
+        if i in (10, 50):
+            rss[i] = process.memory_info().rss / 1e6
+    assert rss[50] - rss[10] < 100, rss
+
+
+# ----------------------------------------------------------------------------- a real browser
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it with apt-get)")
+def test_a_person_uploads_an_image_in_chromium_and_reads_the_answer(tiny, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    port = _free_port()
+    env = dict(os.environ, METAL_DEFECT_HOME=str(tiny["folder"]), PYTHONUNBUFFERED="1")
+    env.pop(bundles.BUNDLE_ENV, None)
+    server = subprocess.Popen([sys.executable, "-m", "metal_defect.launch_app", "--port", str(port), "--address", "127.0.0.1"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        import urllib.request
+
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the app did not answer its health check within 60 s")
+        image = sorted((tiny["data"] / "crazing").glob("*.png"))[0]
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            page.get_by_text("Images of steel surfaces").wait_for(timeout=60_000)
+            started = time.perf_counter()
+            page.locator("input[type=file]").set_input_files(str(image))
+            page.get_by_text("confidence", exact=False).first.wait_for(timeout=60_000)
+            seconds = time.perf_counter() - started
+            body = page.inner_text("body")
+            page.screenshot(path=str(tmp_path / "answer.png"), full_page=True)
+            browser.close()
+        assert "crazing" in body and "confidence" in body, body[:2000]
+        assert "Traceback" not in body and "Error" not in body.split("Images of steel surfaces")[0]
+        print(f"answer shown {seconds:.2f} s after the upload; screenshot {tmp_path / 'answer.png'}")
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
