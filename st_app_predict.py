@@ -133,15 +133,15 @@ def answer_upload(predictor: Predictor, upload: Any, store: Any) -> Answer:
 def verdict_box(answer: Answer) -> None:
     """The verdict in colour, icon and words."""
     if answer.error:
-        st.error(f"**{answer.path}** could not be read: {answer.error}", icon="🚫")
+        st.error(f"**{answer.path}** could not be read: {answer.error}", icon=":material/broken_image:")
     elif answer.verdict == OUT_OF_DISTRIBUTION:
         st.error(f"**Not like the training images** — {answer.reason}. Most likely *{answer.label}* "
-                 f"({answer.confidence:.1%}), but do not trust this answer.", icon="⛔")
+                 f"({answer.confidence:.1%}), but do not trust this answer.", icon=":material/block:")
     elif answer.verdict == UNCERTAIN:
         st.warning(f"**Not sure** — most likely *{answer.label}* at {answer.confidence:.1%}, below the threshold "
-                   f"{answer.threshold:.0%}. Have a person check it.", icon="⚠️")
+                   f"{answer.threshold:.0%}. Have a person check it.", icon=":material/help:")
     else:
-        st.success(f"**{answer.label}** — confidence {answer.confidence:.1%}", icon="✅")
+        st.success(f"**{answer.label}** — confidence {answer.confidence:.1%}", icon=":material/check_circle:")
 
 
 def show_answer(predictor: Predictor, upload: Any, answer: Answer, show_heatmaps: bool) -> None:
@@ -173,7 +173,7 @@ def results_table(predictor: Predictor, answers: list[Answer]) -> None:
 
 
 def main() -> None:
-    st.set_page_config(page_title="metal-defect", page_icon="🔎", layout="wide")
+    st.set_page_config(page_title="metal-defect", page_icon=":material/search:", layout="wide")
     store = artifact_store()
     predictor, threshold, show_heatmaps = sidebar(store)
     if predictor is None:
@@ -183,7 +183,7 @@ def main() -> None:
     st.title("metal-defect")
     if spec.weak_model:
         st.error("**Weak model** — evaluation flagged this model; do not rely on its answers before the data is checked:\n\n"
-                 + "\n".join(f"- {reason}" for reason in spec.weak_reasons), icon="🚨")
+                 + "\n".join(f"- {reason}" for reason in spec.weak_reasons), icon=":material/report:")
     uploads = st.file_uploader(f"Images of steel surfaces ({', '.join(UPLOAD_TYPES)}); one or many", type=UPLOAD_TYPES,
                                accept_multiple_files=True)
     if not uploads:

@@ -25,7 +25,7 @@ def app_file() -> Path:
 
 def command(port: int, address: str) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(app_file()), "--server.port", str(port), "--server.address", address,
-            "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+            "--server.headless", "true", "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--address", default="0.0.0.0", help="default 0.0.0.0 (all interfaces)")
     args = parser.parse_args(argv)
     cmd = command(args.port, args.address)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up lines are no news to an operator
     os.execv(cmd[0], cmd)  # the server replaces this process: signals reach Streamlit directly
 
 
