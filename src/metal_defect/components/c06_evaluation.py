@@ -108,8 +108,10 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
     shutil.copy2(trained / MODELS_DIR / best / MODEL_FILE, bundle / MODEL_FILE)
     np.save(bundle / OOD_REFERENCE, scorer.features.astype(np.float32), allow_pickle=False)
     np.save(bundle / OOD_STATISTICS, scorer.statistics.astype(np.float32), allow_pickle=False)
-    spec = dataclasses.replace(spec, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                               heatmap_layer=explain.heatmap_layer(chosen.model))
+    valid_records = [r for r in records["records"] if r["split"] == "valid"]
+    layer, heatmap_choice = choose_heatmap_layer(chosen, x_valid, valid_records, params.annotations)
+    verdicts["heatmap"] = heatmap_choice
+    spec = dataclasses.replace(spec, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), heatmap_layer=layer)
     write_spec(bundle, spec)
     write_manifest(bundle)
 
@@ -232,52 +234,94 @@ def uncertainty_threshold(confidence: np.ndarray, correct: np.ndarray, review_co
                        "valid_error_all": float(np.mean(~correct))}
 
 
-def pointing_report(predictor: Predictor, images: np.ndarray, records: list[dict[str, Any]], predicted: np.ndarray, class_names: list[str],
-                    annotations: str | None, out_dir: Path) -> dict[str, Any] | None:
-    """Grad-CAM pointing accuracy on the test images that have Pascal VOC boxes (matched by file name),
-    and a grid of overlays, hits and misses; None when no test image has boxes."""
+def boxes_for(records: list[dict[str, Any]], annotations: str | None) -> tuple[list[int], list[explain.Boxes]]:
+    """Indices of the records with Pascal VOC boxes in `annotations` (matched by file name), and their
+    boxes scaled to each image's original size."""
     if not annotations or not Path(annotations).is_dir():
-        if annotations:
-            log.info("evaluation.annotations %s is not a folder: no pointing accuracy", annotations)
-        return None
-    import time
-
-    started = time.perf_counter()
+        return [], []
     chosen, boxes = [], []
     for i, record in enumerate(records):
         xml = Path(annotations) / f"{Path(record['source']).stem}.xml"
         if xml.is_file():
             try:
-                boxes.append(explain.read_voc(xml))
-                chosen.append(i)
+                found = explain.read_voc(xml)
             except ValueError as exc:
-                log.warning("pointing accuracy: %s", exc)
-    if not chosen:
-        log.info("no test image has boxes in %s: no pointing accuracy", annotations)
-        return None
+                log.warning("heatmap boxes: %s", exc)
+                continue
+            chosen.append(i)
+            boxes.append(found.scaled_to(*(record.get("original_size") or (found.width, found.height))))
+    return chosen, boxes
+
+
+def _pointing(predictor: Predictor, images: np.ndarray, records: list[dict[str, Any]], chosen: list[int], boxes: list[explain.Boxes],
+              classes: np.ndarray) -> tuple[dict[str, Any], list[np.ndarray]]:
     sizes = [tuple(records[i].get("original_size") or (b.width, b.height)) for i, b in zip(chosen, boxes)]
-    heat = predictor.heatmaps(images[chosen], predicted[chosen], sizes)
-    peaks = [explain.peak(h) for h in heat]
-    scaled = [b.scaled_to(*size) for b, size in zip(boxes, sizes)]
-    true_labels = [records[i]["label"] for i in chosen]
-    result = explain.pointing_accuracy(peaks, scaled, true_labels)
+    heat = predictor.heatmaps(images[chosen], classes[chosen], sizes)
+    return explain.pointing_accuracy([explain.peak(h) for h in heat], boxes, [records[i]["label"] for i in chosen]), heat
+
+
+def choose_heatmap_layer(predictor: Predictor, x_valid: np.ndarray, valid_records: list[dict[str, Any]],
+                         annotations: str | None) -> tuple[str, dict[str, Any]]:
+    """The heatmap layer: among the deepest layer of each feature-map size, the one whose LayerCAM
+    points into the validation boxes most often; without boxes, explain.heatmap_layer's default."""
+    size = int(predictor.spec.image_size)
+    default = explain.heatmap_layer(predictor.model, size)
+    chosen, boxes = boxes_for(valid_records, annotations)
+    if not chosen:
+        return default, {"layer": default, "method": "layercam", "chosen_by": "default rule (no validation boxes): the deepest layer at stride 4"}
+    predicted = predictor.raw_probabilities(x_valid).argmax(axis=1)
+    scores: dict[str, float] = {}
+    for layer, _side in explain.candidate_layers(predictor.model, size):
+        probe = Predictor(predictor.model, dataclasses.replace(predictor.spec, heatmap_layer=layer, heatmap_method="layercam"))
+        scores[layer] = _pointing(probe, x_valid, valid_records, chosen, boxes, predicted)[0]["overall"]["strict"]
+    best = max(scores, key=lambda name: (round(scores[name], 6), -list(scores).index(name)))  # ties: the deeper layer
+    log.info("heatmap layer %s: LayerCAM validation pointing accuracy %s", best, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    return best, {"layer": best, "method": "layercam", "chosen_by": f"validation pointing accuracy on {len(chosen)} boxed images",
+                  "validation_strict": scores}
+
+
+def pointing_report(predictor: Predictor, images: np.ndarray, records: list[dict[str, Any]], predicted: np.ndarray, class_names: list[str],
+                    annotations: str | None, out_dir: Path) -> dict[str, Any] | None:
+    """Pointing accuracy of the served heatmaps on the test images that have Pascal VOC boxes, beside
+    plain Grad-CAM at the last spatial layer, and a grid of overlays (hits and misses of every class);
+    None when no test image has boxes."""
+    import time
+
+    started = time.perf_counter()
+    chosen, boxes = boxes_for(records, annotations)
+    if not chosen:
+        if annotations:
+            log.info("no test image has boxes in %s: no pointing accuracy", annotations)
+        return None
+    result, heat = _pointing(predictor, images, records, chosen, boxes, predicted)
+    baseline_layer = explain.last_spatial_layer(predictor.model)
+    baseline = Predictor(predictor.model, dataclasses.replace(predictor.spec, heatmap_layer=baseline_layer, heatmap_method="gradcam"))
+    baseline_result = _pointing(baseline, images, records, chosen, boxes, predicted)[0]
     hits = result.pop("hits")
-    result |= {"layer": predictor.gradcam().layer, "annotations": str(annotations), "seconds": round(time.perf_counter() - started, 2),
-               "images_with_boxes": len(chosen), "of_test_images": len(records)}
+    baseline_result.pop("hits")
+    result |= {"layer": predictor.gradcam().layer, "method": predictor.gradcam().method, "annotations": str(annotations),
+               "images_with_boxes": len(chosen), "of_test_images": len(records),
+               "gradcam_last_layer": {"layer": baseline_layer, "overall": baseline_result["overall"]},
+               "seconds": round(time.perf_counter() - started, 2)}
     overall = result["overall"]
-    log.info("Grad-CAM pointing accuracy on %d boxed test images: %.3f strict, %.3f within %d px (chance %.3f)", len(chosen),
-             overall["strict"], overall["tolerant"], result["tolerance_px"], overall["chance"])
-    shown = [j for j, hit in enumerate(hits) if hit][:12] + [j for j, hit in enumerate(hits) if not hit][:12]
+    log.info("heatmap pointing accuracy on %d boxed test images (%s at %s): %.3f strict, %.3f within %d px (chance %.3f); "
+             "plain Grad-CAM at %s: %.3f strict", len(chosen), result["method"], result["layer"], overall["strict"], overall["tolerant"],
+             result["tolerance_px"], overall["chance"], baseline_layer, baseline_result["overall"]["strict"])
+    shown = []
+    for label in dict.fromkeys(records[i]["label"] for i in chosen):  # up to 2 hits and 2 misses per class
+        of_class = [j for j, i in enumerate(chosen) if records[i]["label"] == label]
+        shown += [j for j in of_class if hits[j]][:2] + [j for j in of_class if not hits[j]][:2]
     pictures, captions = [], []
     for j in shown:
         record = records[chosen[j]]
-        original = Image.open(record["source"]) if Path(record["source"]).is_file() else Image.fromarray(images[chosen[j]].squeeze())
-        picture = explain.draw_boxes(explain.overlay(original.resize(sizes[j]), heat[j]), scaled[j])
-        pictures.append(picture)
-        captions.append(f"{'HIT' if hits[j] else 'MISS'}: {Path(record['source']).name}\npred {class_names[predicted[chosen[j]]]}")
-    explain.overlay_grid(pictures, captions, f"Grad-CAM ({result['layer']}) on test images with boxes: strict pointing {overall['strict']:.1%} "
-                         f"(chance {overall['chance']:.1%}); first hits, then misses; white ring = peak, boxes = ground truth",
-                         out_dir / "heatmaps.png")
+        source = Path(record["source"])
+        original = Image.open(source) if source.is_file() else Image.fromarray(images[chosen[j]].squeeze())
+        size = tuple(record.get("original_size") or original.size)
+        pictures.append(explain.draw_boxes(explain.overlay(original.resize(size), heat[j]), boxes[j]))
+        captions.append(f"{'HIT' if hits[j] else 'MISS'}: {source.name}\npredicted {class_names[predicted[chosen[j]]]}")
+    explain.overlay_grid(pictures, captions, f"{result['method']} at {result['layer']} on boxed test images: peak inside a box "
+                         f"{overall['strict']:.1%} (chance {overall['chance']:.1%}); ring = peak, white boxes = ground truth",
+                         out_dir / "heatmaps.png", columns=8)
     write_json_atomic(out_dir / "pointing.json", result)
     return result
 
@@ -496,10 +540,12 @@ def _pointing_text(pointing: dict[str, Any] | None) -> str:
         return ""
     rows = "\n".join(f"| {c} | {v['n']} | {v['strict']:.3f} | {v['tolerant']:.3f} | {v['chance']:.3f} |" for c, v in pointing["per_class"].items())
     o = pointing["overall"]
-    return f"""## Where it looks: Grad-CAM pointing accuracy
+    base = pointing["gradcam_last_layer"]
+    return f"""## Where it looks: heatmap pointing accuracy
 On {pointing['images_with_boxes']} of {pointing['of_test_images']} test images with ground-truth boxes (`{pointing['annotations']}`),
-Grad-CAM of the predicted class at layer `{pointing['layer']}`: a hit when the heatmap's peak lies inside a box (strict), or within
+{pointing['method']} of the predicted class at layer `{pointing['layer']}`: a hit when the heatmap's peak lies inside a box (strict), or within
 {pointing['tolerance_px']} px of one (the pointing game's tolerance). Chance = the mean share of the image inside boxes.
+Plain Grad-CAM at the last spatial layer (`{base['layer']}`) scores {base['overall']['strict']:.3f} strict, {base['overall']['tolerant']:.3f} within {pointing['tolerance_px']} px.
 
 | class | n | strict | within {pointing['tolerance_px']} px | chance |
 |---|---|---|---|---|

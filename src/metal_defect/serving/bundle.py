@@ -76,7 +76,8 @@ class ServingSpec:
     uncertain_threshold: float = 0.0
     uncertain_rule: str = "none stored (bundle older than spec_version 2)"
     ood: OodSpec | None = None
-    heatmap_layer: str | None = None  # Grad-CAM's layer (serving/explain.py); None: found by its rule when asked
+    heatmap_layer: str | None = None  # the heatmap's layer (serving/explain.py); None: its default rule
+    heatmap_method: str = "layercam"
     max_image_pixels: int = 40_000_000
     max_file_mb: float = 50.0
     extensions: tuple[str, ...] = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")  # what a folder walk answers

@@ -312,15 +312,15 @@ class Predictor:
 
     # ------------------------------------------------------------------ heatmaps
     def gradcam(self) -> Any:
-        """The Grad-CAM of this model (built on first use: the fast path never pays for it)."""
+        """The heatmap maker of this model (built on first use: the fast path never pays for it)."""
         if self._gradcam is None:
             from metal_defect.serving.explain import GradCam
 
-            self._gradcam = GradCam(self.model, self.spec.heatmap_layer)
+            self._gradcam = GradCam(self.model, self.spec.heatmap_layer, self.spec.heatmap_method)
         return self._gradcam
 
     def heatmaps(self, images: np.ndarray, classes: Sequence[int], original_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Grad-CAM of `classes` for converted images, each in its original (width, height) pixel frame, 0..1."""
+        """Heatmaps of `classes` for converted images, each in its original (width, height) pixel frame, 0..1."""
         from metal_defect.serving.explain import to_original_frame
 
         maps = []
