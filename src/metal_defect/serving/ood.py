@@ -88,7 +88,8 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     gx = np.abs(np.diff(grey, axis=2)).reshape(n, -1).mean(axis=1)
     gy = np.abs(np.diff(grey, axis=1)).reshape(n, -1).mean(axis=1)
     lap = np.abs(grey[:, 1:-1, 1:-1] * 4 - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]).reshape(n, -1).mean(axis=1)
-    columns = [mean, std, (centred ** 3).mean(axis=1), np.log1p((centred ** 4).mean(axis=1)), gx, gy, lap,
+    squared = centred * centred  # (x ** 3 with an integer power takes numpy's slow general path: 2 ms a picture)
+    columns = [mean, std, (squared * centred).mean(axis=1), np.log1p((squared * squared).mean(axis=1)), gx, gy, lap,
                (flat < 0.02).mean(axis=1), (flat > 0.98).mean(axis=1)]
     if x.shape[-1] == 3:
         columns += [x[..., 0].reshape(n, -1).mean(axis=1) - x[..., 1].reshape(n, -1).mean(axis=1),
