@@ -22,5 +22,7 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     install_requires=_requirements(),
+    # the default configuration, for the installed command run outside a checkout (cli.installed_defaults)
+    data_files=[("share/metal-defect", ["params.yaml", "schema.yaml"]), ("share/metal-defect/config", ["config/config.yaml"])],
     entry_points={"console_scripts": ["metal-defect=metal_defect.cli:main"]},
 )

@@ -109,7 +109,7 @@ def sidebar(store: Any) -> tuple[Predictor | None, float, bool]:
     st.sidebar.header("Answers")
     threshold = st.sidebar.slider("Not sure below this confidence", 0.0, 1.0, float(predictor.threshold), 0.01,
                                   help=f"Default {predictor.threshold:.2f}: {spec.uncertain_rule}")
-    show_heatmaps = st.sidebar.toggle("Show where the model looked (Grad-CAM)", value=True)
+    show_heatmaps = st.sidebar.toggle("Show where the model looked (heatmap)", value=True)
     return predictor, threshold, show_heatmaps
 
 
@@ -154,7 +154,7 @@ def show_answer(predictor: Predictor, upload: Any, answer: Answer, show_heatmaps
         key = ("heatmap", answer.sha256, predictor.model_sha256, answer.label)
         if key not in st.session_state:
             st.session_state[key] = predictor.explain(upload.getvalue(), answer)[1]
-        right.image(st.session_state[key], caption=f"where it looked for '{answer.label}' (Grad-CAM, ring = peak)",
+        right.image(st.session_state[key], caption=f"where it looked for '{answer.label}' (heatmap, ring = peak)",
                     width="stretch")
     st.bar_chart({"probability": answer.probabilities}, horizontal=True, height=40 + 28 * len(answer.probabilities))
     if answer.ood_score is not None:

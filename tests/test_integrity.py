@@ -313,9 +313,9 @@ def test_tiny_and_blank_images_are_skipped_with_a_reason(tiny_config):
 @pytest.mark.integration
 @pytest.mark.parametrize("dataset", ["neu", "xsdd"])
 def test_no_real_image_is_skipped_as_degenerate(dataset):
-    root = REPO.parent / "shared" / "datasets" / dataset / "images"
-    if not root.is_dir():
-        pytest.fail(f"{root} is expected beside the checkout (../shared)")
+    from conftest import require_shared
+
+    root = require_shared(REPO.parent / "shared" / "datasets" / dataset / "images")
     params = load_config(REPO).data_preprocessing
     files = [p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp"}]
     assert len(files) >= 1360

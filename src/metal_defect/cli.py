@@ -175,6 +175,13 @@ def attach_log_file(logs_dir: Path) -> Path:
     return path
 
 
+def installed_defaults() -> Path | None:
+    """The default params.yaml, schema.yaml and config/config.yaml that `pip install .` puts in
+    <prefix>/share/metal-defect, or None (an editable install or a checkout has its own)."""
+    folder = Path(sys.prefix) / "share" / "metal-defect"
+    return folder if (folder / "params.yaml").is_file() else None
+
+
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -193,9 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from metal_defect.config import default_config_dir, load_config
 
         config_dir = args.config or default_config_dir()
-        with contextlib.suppress(MetalDefectError):  # best effort: the configured log folder is checked once loaded
-            log_file = attach_log_file(Path(config_dir) / "logs") if Path(config_dir).is_dir() else None
         overrides = list(getattr(args, "overrides", []) or [])
+        packaged = args.config is None and not (Path(config_dir) / "params.yaml").is_file() and installed_defaults() is not None
+        if packaged:
+            # the installed command outside a checkout: packaged defaults, outputs in the current folder
+            config_dir = args.config = installed_defaults()
+            overrides = [f"paths.{key}={Path.cwd() / value}" for key, value in
+                         (("artifacts", "artifacts"), ("logs", "logs"), ("download_cache", "artifacts/downloads"))] + overrides
+        with contextlib.suppress(MetalDefectError):  # best effort: the configured log folder is checked once loaded
+            log_file = attach_log_file(Path(config_dir) / "logs") if Path(config_dir).is_dir() and not packaged else None
         if getattr(args, "source", None):
             overrides.append(f"data_ingestion.source={args.source}")
         config = load_config(args.config, overrides)

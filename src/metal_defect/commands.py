@@ -182,7 +182,7 @@ def predict(config: Config, arguments: list[str], model: str | None, csv_path: P
     spec = predictor.spec
     lines = [f"model {spec.model_name} (run {spec.run_id or '-'}, {predictor.bundle}); uncertain below "
              f"{predictor.threshold if threshold is None else threshold:.3f}" + (" -- WEAK MODEL: " + "; ".join(spec.weak_reasons) if spec.weak_model else ""),
-             table, f"{len(answers)} answered: {len(answers) - flagged - failed} with a class, {flagged} flagged, {failed} unreadable"]
+             table, f"{len(answers)} files: {len(answers) - flagged - failed} answered with a class, {flagged} flagged, {failed} unreadable"]
     if skipped:
         lines.append(f"{len(skipped)} other files in the folders skipped (not image extensions), e.g. {skipped[0]['path']}")
     return "\n".join(lines), (3 if failed else 0)
