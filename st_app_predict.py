@@ -198,7 +198,7 @@ def main() -> None:
         results_table(predictor, answers)
     for upload, answer in zip(uploads, answers):
         if len(uploads) > 1:
-            with st.expander(f"{upload.name}: {answer.verdict or 'unreadable'}", expanded=answer.flagged or answer.error is not None):
+            with st.expander(f"{upload.name}: {answer.verdict or 'unreadable'}", expanded=len(uploads) <= 5 or answer.flagged or answer.error is not None):
                 show_answer(predictor, upload, answer, show_heatmaps)
         else:
             show_answer(predictor, upload, answer, show_heatmaps)

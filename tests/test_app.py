@@ -6,11 +6,8 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -141,50 +138,20 @@ def test_memory_stays_flat_over_fifty_uploads(monkeypatch, tiny):
 
 
 # ----------------------------------------------------------------------------- a real browser
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it with apt-get)")
-def test_a_person_uploads_an_image_in_chromium_and_reads_the_answer(tiny, tmp_path):
-    from playwright.sync_api import sync_playwright
+def test_a_person_uploads_images_in_chromium_and_reads_the_answers(tiny, tmp_path):
+    from metal_defect.screenshot import capture
 
-    port = _free_port()
-    env = dict(os.environ, METAL_DEFECT_HOME=str(tiny["folder"]), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, METAL_DEFECT_HOME=str(tiny["folder"]))
     env.pop(bundles.BUNDLE_ENV, None)
-    server = subprocess.Popen([sys.executable, "-m", "metal_defect.launch_app", "--port", str(port), "--address", "127.0.0.1"],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 60
-        import urllib.request
-
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the app did not answer its health check within 60 s")
-        image = sorted((tiny["data"] / "crazing").glob("*.png"))[0]
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
-            page.get_by_text("Images of steel surfaces").wait_for(timeout=60_000)
-            started = time.perf_counter()
-            page.locator("input[type=file]").set_input_files(str(image))
-            page.wait_for_function("document.body.innerText.includes('— confidence')", timeout=60_000)
-            seconds = time.perf_counter() - started
-            body = page.inner_text("body")
-            page.screenshot(path=str(tmp_path / "answer.png"), full_page=True)
-            browser.close()
-        assert "crazing" in body and "confidence" in body, body[:2000]
-        assert "Traceback" not in body and "Error" not in body.split("Images of steel surfaces")[0]
-        print(f"answer shown {seconds:.2f} s after the upload; screenshot {tmp_path / 'answer.png'}")
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
+    image = sorted((tiny["data"] / "crazing").glob("*.png"))[0]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG but nothing after")
+    shot = REPO / "artifacts" / "screenshots" / "browser-test.png"
+    result = capture([image, broken], shot, env, wait_for="could not be read")
+    body = result["text"]
+    assert "crazing" in body and re.search(r"confidence \d+\.\d%", body), body[:2000]
+    assert "broken.png could not be read" in body and "not an image" in body
+    assert "Traceback" not in body and shot.stat().st_size > 10_000
+    print(f"answers shown {result['seconds']:.2f} s after the upload; screenshot {shot}")

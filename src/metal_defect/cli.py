@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8501")))
     app.add_argument("--address", default="0.0.0.0")
 
+    shot = sub.add_parser("screenshot", parents=[common], help="the app answering one image with the served model, as a PNG",
+                          description="Start the app, upload an image (default: the served run's last test image) in Debian's "
+                          "chromium through Playwright, and save a screenshot (the README picture). Needs requirements-dev.txt.")
+    shot.add_argument("--image", type=Path, metavar="PATH", help="the image to upload")
+    shot.add_argument("--out", type=Path, default=Path("docs/images/app.png"), metavar="PNG", help="default docs/images/app.png")
+
     bench = sub.add_parser("bench", parents=[common], help="measure accuracy, time and overhead; writes JSON under artifacts/bench/",
                            description="Benchmarks (not tests): `bench data` times ingestion + preprocessing and its throughput at 1x and "
                            "10x synthetic size; `bench train` runs the pipeline for several seeds and compares the training loop "
@@ -262,6 +268,9 @@ def _dispatch(args: argparse.Namespace, config: Any) -> int:
 
         launch_app.main(["--port", str(args.port), "--address", args.address])
         return 0  # pragma: no cover - main() replaces this process
+    if args.command == "screenshot":
+        print(commands.screenshot(config, args.image, args.out))
+        return 0
     if args.command == "proxy-data":
         print(commands.proxy_data(config, args.neu, args.out, args.seed))
         return 0

@@ -205,3 +205,24 @@ def export(config: Config, destination: Path, model: str | None) -> str:
     predictor = Predictor.load(art.ArtifactStore(config.paths.artifacts), model)
     result = export_bundle(predictor, Path(destination))
     return f"exported {predictor.spec.model_name} (run {predictor.spec.run_id or '-'}) to {result['folder']}: {', '.join(result['files'])} + bundle_manifest.json"
+
+
+def screenshot(config: Config, image: Path | None, out: Path) -> str:
+    """`main.py screenshot`: the app answering one image with the served model, as a PNG (the README picture)."""
+    import os
+
+    from metal_defect import screenshot as shot
+    from metal_defect.serving.bundle import served_bundle
+
+    store = art.ArtifactStore(config.paths.artifacts)
+    _, pointer = served_bundle(store)
+    if image is None:
+        prepared = Path(store.manifest(pointer["run_id"])["stages"]["data_preprocessing"]["output"])
+        tests = [r["source"] for r in art.read_json(prepared / "records.json")["records"] if r["split"] == "test"]
+        if not tests:
+            raise DataError("screenshot: the served run has no test images; give one with --image")
+        image = Path(tests[-1])
+    env = dict(os.environ, METAL_DEFECT_HOME=str(config.config_dir))
+    env.pop("METAL_DEFECT_BUNDLE", None)
+    result = shot.capture([Path(image)], Path(out), env)
+    return f"{out}: the app answering {Path(image).name} with run {pointer['run_id']} ({result['seconds']} s from upload to answer)"
