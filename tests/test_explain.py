@@ -125,3 +125,20 @@ def test_cli_heatmaps_write_one_overlay_per_answered_image_and_fill_the_columns(
 def test_answers_without_heatmaps_keep_the_documented_columns():
     answer = Answer(path="x.png", label="a", confidence=0.9, verdict="a", probabilities={"a": 0.9, "b": 0.1})
     assert list(answer.row(["a", "b"]))[-1] == "error" and list(answer.row(["a", "b"], heatmaps=True))[-2:] == ["heat_peak_x", "heat_peak_y"]
+
+
+def test_heatmaps_reach_into_a_nested_keras_applications_backbone():
+    from conftest import REPO
+
+    from metal_defect.components.c04_model_builder import build_model
+    from metal_defect.config import load_config
+
+    params = load_config(REPO, ["model.transfer.weights=none"]).model
+    model = build_model("MobileNetV2", (64, 64, 1), 3, params).model
+    layers = explain.spatial_layers(model)
+    assert layers and all("/" in name for name, _ in layers)  # every spatial layer lives inside the backbone
+    layer = explain.heatmap_layer(model)
+    assert layer.startswith(model.layers[2].name + "/") and dict(layers)[layer] * 4 >= 64
+    heat = explain.GradCam(model, layer)(np.full((2, 64, 64, 1), 128, np.uint8), np.array([0, 1]))
+    assert heat.shape == (2, dict(layers)[layer], dict(layers)[layer]) and np.isfinite(heat).all()
+    assert explain.GradCam(model, explain.last_spatial_layer(model), "gradcam")(np.zeros((1, 64, 64, 1), np.uint8), np.array([2])).ndim == 3
