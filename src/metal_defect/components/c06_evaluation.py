@@ -319,7 +319,7 @@ def pointing_report(predictor: Predictor, images: np.ndarray, records: list[dict
         size = tuple(record.get("original_size") or original.size)
         pictures.append(explain.draw_boxes(explain.overlay(original.resize(size), heat[j]), boxes[j]))
         captions.append(f"{'HIT' if hits[j] else 'MISS'}: {source.name}\npredicted {class_names[predicted[chosen[j]]]}")
-    explain.overlay_grid(pictures, captions, f"{result['method']} at {result['layer']} on boxed test images: peak inside a box "
+    explain.overlay_grid(pictures, captions, f"{explain.METHOD_NAMES[result['method']]} at {result['layer']} on boxed test images: peak inside a box "
                          f"{overall['strict']:.1%} (chance {overall['chance']:.1%}); ring = peak, white boxes = ground truth",
                          out_dir / "heatmaps.png", columns=8)
     write_json_atomic(out_dir / "pointing.json", result)
@@ -531,6 +531,8 @@ Test ECE above is with the stored temperature{'' if not test else f"; without it
   material, another camera or lighting) still gets one of these labels, often with high confidence.
 - The test split is small: the interval above, not the point estimate, is what the data supports.
 - Calibration was fitted and checked on small splits; confidences near 1.0 are the least certain part of it.
+- The out-of-distribution check is fitted to these training images and catches many unlike images, not all: on NEU it
+  flagged half of grey X-SDD steel images and few grey photographs or inverted images (README, `bench ood`).
 - Images are reduced to {spec.image_size}×{spec.image_size} {spec.color_mode}: defects smaller than a few pixels at that scale may be missed.
 """
 
@@ -543,7 +545,7 @@ def _pointing_text(pointing: dict[str, Any] | None) -> str:
     base = pointing["gradcam_last_layer"]
     return f"""## Where it looks: heatmap pointing accuracy
 On {pointing['images_with_boxes']} of {pointing['of_test_images']} test images with ground-truth boxes (`{pointing['annotations']}`),
-{pointing['method']} of the predicted class at layer `{pointing['layer']}`: a hit when the heatmap's peak lies inside a box (strict), or within
+{explain.METHOD_NAMES[pointing['method']]} of the predicted class at layer `{pointing['layer']}`: a hit when the heatmap's peak lies inside a box (strict), or within
 {pointing['tolerance_px']} px of one (the pointing game's tolerance). Chance = the mean share of the image inside boxes.
 Plain Grad-CAM at the last spatial layer (`{base['layer']}`) scores {base['overall']['strict']:.3f} strict, {base['overall']['tolerant']:.3f} within {pointing['tolerance_px']} px.
 

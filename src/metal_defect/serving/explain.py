@@ -29,6 +29,7 @@ POINTING_TOLERANCE_PX = 15
 
 
 METHODS = ("layercam", "gradcam")
+METHOD_NAMES = {"layercam": "LayerCAM", "gradcam": "Grad-CAM"}
 
 
 def spatial_layers(model: Any) -> list[tuple[str, int]]:
