@@ -70,7 +70,7 @@ def test_each_augmentation_can_be_switched_off(tmp_path):
     train_x, _ = _epoch(data["train"].dataset)
     originals = {np.asarray(Image.open(f)).tobytes() for f in data["train"].files}
     assert all(img[..., 0].tobytes() in originals for img in train_x)
-    for option in ("rotation_degrees=15", "brightness=0.2", "contrast=0.3", "noise_std=0.05"):
+    for option in ("rotation_degrees=15", "brightness=0.2", "contrast=0.3", "noise_std=0.05", "resample_blur=0.5"):
         altered = c03.build_datasets(folder, _loader(*off, f"data_loader.augmentation.{option}"), seed=1)
         x, _ = _epoch(altered["train"].dataset)
         assert not all(img[..., 0].tobytes() in originals for img in x), option
@@ -126,3 +126,19 @@ def test_memory_stays_bounded_when_the_data_is_larger_than_the_cache(tmp_path):
     cached_large = _peak_mb(large, "100000")  # the same data cached: memory really grows, so the bound above is meaningful
     assert cached_large - streamed_large > 60, (streamed_large, cached_large)  # about half the 138 MB decoded
     print(f"peak MB, streamed 500 / 5000, cached 5000: {streamed_small} / {streamed_large} / {cached_large}")
+
+
+def test_resample_blur_softens_detail_and_keeps_shape_and_brightness():
+    import tensorflow as tf
+
+    from metal_defect.config import AugmentationParams
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 1), dtype=np.uint8)
+    aug = AugmentationParams(flip_horizontal=False, flip_vertical=False, rotate90=False, rotation_degrees=0.0, brightness=0.0, contrast=0.0,
+                             noise_std=0.0, resample_blur=0.5)
+    out = np.asarray(c03.augment(tf.constant(image), tf.constant([3, 4], tf.int64), aug))
+    again = np.asarray(c03.augment(tf.constant(image), tf.constant([3, 4], tf.int64), aug))
+    assert out.shape == image.shape and out.dtype == np.uint8 and np.array_equal(out, again)  # seeded
+    detail = lambda x: np.abs(np.diff(x.astype(np.float32), axis=1)).mean()  # noqa: E731
+    assert detail(out) < 0.9 * detail(image) and abs(float(out.mean()) - float(image.mean())) < 3

@@ -108,6 +108,7 @@ class AugmentationParams:
     brightness: float = _f(ge=0, le=1)
     contrast: float = _f(ge=0, le=1)
     noise_std: float = _f(ge=0, le=1)
+    resample_blur: float = _f(ge=0, lt=1)
 
 
 @dataclass(frozen=True)

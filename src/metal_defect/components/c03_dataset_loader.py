@@ -114,14 +114,15 @@ def _decode_png(path: Any, shape: tuple[int, int, int]) -> Any:
 
 
 def augmentation_enabled(aug: AugmentationParams) -> bool:
-    return any([aug.flip_horizontal, aug.flip_vertical, aug.rotate90, aug.rotation_degrees, aug.brightness, aug.contrast, aug.noise_std])
+    return any([aug.flip_horizontal, aug.flip_vertical, aug.rotate90, aug.rotation_degrees, aug.brightness, aug.contrast, aug.noise_std,
+                aug.resample_blur])
 
 
 def augment(image: Any, seed: Any, aug: AugmentationParams) -> Any:
     """Random label-preserving changes to one uint8 image; deterministic given `seed` ([2] int64)."""
     import tensorflow as tf
 
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=7)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=8)
     if aug.flip_horizontal:
         image = tf.image.stateless_random_flip_left_right(image, seeds[0])
     if aug.flip_vertical:
@@ -129,10 +130,17 @@ def augment(image: Any, seed: Any, aug: AugmentationParams) -> Any:
     if aug.rotate90:
         k = tf.random.stateless_uniform([], seeds[2], 0, 4, dtype=tf.int32)
         image = tf.image.rot90(image, k)
-    photometric = aug.rotation_degrees or aug.brightness or aug.contrast or aug.noise_std
+    photometric = aug.rotation_degrees or aug.brightness or aug.contrast or aug.noise_std or aug.resample_blur
     if not photometric:
         return image
     x = tf.cast(image, tf.float32)
+    if aug.resample_blur:
+        # the losses of a second resampling (a file saved at another size, then converted again):
+        # down to a random share of the resolution, antialiased, and back up
+        share = tf.random.stateless_uniform([], seeds[7], 1.0 - aug.resample_blur, 1.0)
+        size = tf.shape(x)[:2]
+        smaller = tf.maximum(tf.cast(tf.round(tf.cast(size, tf.float32) * share), tf.int32), 1)
+        x = tf.image.resize(tf.image.resize(x, smaller, antialias=True), size)
     if aug.rotation_degrees:
         angle = tf.random.stateless_uniform([], seeds[3], -aug.rotation_degrees, aug.rotation_degrees) * (math.pi / 180.0)
         x = _rotate(x, angle)
