@@ -372,7 +372,7 @@ def bench_ood(config: Config, args: Any) -> dict[str, Any]:
 
     import numpy as np
 
-    from metal_defect.artifacts import read_json
+    from metal_defect.components.c03_dataset_loader import read_records
     from metal_defect.serving import ood
     from metal_defect.serving.predictor import OUT_OF_DISTRIBUTION
 
@@ -380,7 +380,7 @@ def bench_ood(config: Config, args: Any) -> dict[str, Any]:
     store = art.ArtifactStore(config.paths.artifacts)
     run = predictor.spec.run_id or store.served()["run_id"]
     prepared = Path(store.manifest(run)["stages"]["data_preprocessing"]["output"])
-    test_sources = [Path(r["source"]) for r in read_json(prepared / "records.json")["records"] if r["split"] == "test"]
+    test_sources = [Path(r["source"]) for r in read_records(prepared)["records"] if r["split"] == "test"]
     xsdd = Path(config.data_ingestion.source).parents[1] / "xsdd" / "images"
     results: dict[str, Any] = {}
     scores: dict[str, np.ndarray] = {}

@@ -212,13 +212,14 @@ def screenshot(config: Config, image: Path | None, out: Path) -> str:
     import os
 
     from metal_defect import screenshot as shot
+    from metal_defect.components.c03_dataset_loader import read_records
     from metal_defect.serving.bundle import served_bundle
 
     store = art.ArtifactStore(config.paths.artifacts)
     _, pointer = served_bundle(store)
     if image is None:
         prepared = Path(store.manifest(pointer["run_id"])["stages"]["data_preprocessing"]["output"])
-        tests = [r["source"] for r in art.read_json(prepared / "records.json")["records"] if r["split"] == "test"]
+        tests = [r["source"] for r in read_records(prepared)["records"] if r["split"] == "test"]
         if not tests:
             raise DataError("screenshot: the served run has no test images; give one with --image")
         image = Path(tests[-1])

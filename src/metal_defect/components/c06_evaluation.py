@@ -101,7 +101,7 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
     temperature, calibration = calibrate(y_valid, valid_probs[best], params)
     chosen = Predictor(load_model(trained / MODELS_DIR / best / MODEL_FILE), dataclasses.replace(spec, temperature=temperature))
     x_train, y_train, _ = load_split(prepared, "train")
-    spec, scorer, verdicts = fit_verdicts(chosen, x_train, x_valid, y_valid, records, params)
+    spec, scorer, verdicts = fit_verdicts(chosen, x_train, x_valid, y_valid, params)
 
     bundle = out_dir / BUNDLE_DIR
     bundle.mkdir(parents=True)
@@ -109,7 +109,7 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
     np.save(bundle / OOD_REFERENCE, scorer.features.astype(np.float32), allow_pickle=False)
     np.save(bundle / OOD_STATISTICS, scorer.statistics.astype(np.float32), allow_pickle=False)
     valid_records = [r for r in records["records"] if r["split"] == "valid"]
-    layer, heatmap_choice = choose_heatmap_layer(chosen, x_valid, valid_records, params.annotations)
+    layer, heatmap_choice = choose_heatmap_layer(chosen, x_valid, valid_probs[best].argmax(axis=1), valid_records, params.annotations)
     verdicts["heatmap"] = heatmap_choice
     spec = dataclasses.replace(spec, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), heatmap_layer=layer)
     write_spec(bundle, spec)
@@ -169,8 +169,7 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
     return {"metrics": headline, "temperature": temperature}
 
 
-def fit_verdicts(predictor: Predictor, x_train: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray, records: dict[str, Any],
-                 params: EvaluationParams) -> tuple[ServingSpec, ood.OodScorer, dict[str, Any]]:
+def fit_verdicts(predictor: Predictor, x_train: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray, params: EvaluationParams) -> tuple[ServingSpec, ood.OodScorer, dict[str, Any]]:
     """The uncertainty threshold, and the OOD references and thresholds, fitted on train/validation.
 
     OOD thresholds are quantiles over validation plus its benign copies (JPEG, resampled): an
@@ -184,9 +183,11 @@ def fit_verdicts(predictor: Predictor, x_train: np.ndarray, x_valid: np.ndarray,
     k = ood.neighbours_for(len(keep)) if params.ood_neighbours == "auto" else int(params.ood_neighbours)
     probe = Predictor(predictor.model, dataclasses.replace(spec, ood=OodSpec(layer, k, 1.0, 1.0, (), (), "", 0, False)))
     scorer = ood.fit_scorer(probe.forward(x_train[keep], params.batch_size)[1], x_train[keep], k)
-    raw_valid, _ = probe.forward(x_valid, params.batch_size)
+    # validation first, then its benign copies: one pass gives both the validation answers and the fitting distances
     fitting = np.concatenate([x_valid, ood.benign_variants(x_valid)]) if len(x_valid) else x_valid
-    feature_distance, statistics_distance = scorer.components(probe.forward(fitting, params.batch_size)[1], fitting)
+    raw_fitting, fitting_features = probe.forward(fitting, params.batch_size)
+    raw_valid = raw_fitting[:len(x_valid)]
+    feature_distance, statistics_distance = scorer.components(fitting_features, fitting)
     q = params.ood_valid_quantile
     if len(fitting):
         scorer.feature_threshold = max(float(np.quantile(feature_distance, q)), 1e-6)
@@ -201,7 +202,7 @@ def fit_verdicts(predictor: Predictor, x_train: np.ndarray, x_valid: np.ndarray,
     ood_spec = OodSpec(layer, k, scorer.feature_threshold, scorer.statistics_threshold, tuple(map(float, scorer.stats_mean)),
                        tuple(map(float, scorer.stats_scale)), rule, len(keep), spec.color_mode == "grayscale")
     spec = dataclasses.replace(spec, uncertain_threshold=threshold, uncertain_rule=uncertain["rule"], ood=ood_spec)
-    valid_scores = scorer(probe.forward(x_valid, params.batch_size)[1], x_valid) if len(x_valid) else np.zeros(0)
+    valid_scores = scorer.combine(feature_distance[:len(x_valid)], statistics_distance[:len(x_valid)])
     log.info("verdicts: uncertain below confidence %.3f (%s); out of distribution: %s", threshold, uncertain["rule"], rule)
     return spec, scorer, {"uncertain": uncertain, "ood": {"rule": rule, "feature_threshold": scorer.feature_threshold,
                                                           "statistics_threshold": scorer.statistics_threshold,
@@ -260,7 +261,7 @@ def _pointing(predictor: Predictor, images: np.ndarray, records: list[dict[str, 
     return explain.pointing_accuracy([explain.peak(h) for h in heat], boxes, [records[i]["label"] for i in chosen]), heat
 
 
-def choose_heatmap_layer(predictor: Predictor, x_valid: np.ndarray, valid_records: list[dict[str, Any]],
+def choose_heatmap_layer(predictor: Predictor, x_valid: np.ndarray, predicted: np.ndarray, valid_records: list[dict[str, Any]],
                          annotations: str | None) -> tuple[str, dict[str, Any]]:
     """The heatmap layer: among the deepest layer of each feature-map size, the one whose LayerCAM
     points into the validation boxes most often; without boxes, explain.heatmap_layer's default."""
@@ -269,7 +270,6 @@ def choose_heatmap_layer(predictor: Predictor, x_valid: np.ndarray, valid_record
     chosen, boxes = boxes_for(valid_records, annotations)
     if not chosen:
         return default, {"layer": default, "method": "layercam", "chosen_by": "default rule (no validation boxes): the deepest layer at stride 4"}
-    predicted = predictor.raw_probabilities(x_valid).argmax(axis=1)
     scores: dict[str, float] = {}
     for layer, _side in explain.candidate_layers(predictor.model, size):
         probe = Predictor(predictor.model, dataclasses.replace(predictor.spec, heatmap_layer=layer, heatmap_method="layercam"))

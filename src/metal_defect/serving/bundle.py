@@ -17,14 +17,13 @@ Nothing in a bundle is unpickled: a bundle may come from elsewhere.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metal_defect.artifacts import ArtifactStore, read_json, write_json_atomic
+from metal_defect.artifacts import ArtifactStore, read_json, sha256_file, write_json_atomic
 from metal_defect.errors import ArtifactError
 
 SPEC_VERSION = 2
@@ -122,17 +121,9 @@ class ServingSpec:
         return cls(**values)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(bundle: Path) -> dict[str, str]:
     """Record the sha256 of every file in the bundle (call after the last file is written)."""
-    files = {p.relative_to(bundle).as_posix(): file_sha256(p) for p in sorted(bundle.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {p.relative_to(bundle).as_posix(): sha256_file(p) for p in sorted(bundle.rglob("*")) if p.is_file() and p.name != MANIFEST}
     write_json_atomic(bundle / MANIFEST, {"files": files})
     return files
 
@@ -147,7 +138,7 @@ def verify_bundle(bundle: Path) -> dict[str, str]:
         path = bundle / name
         if not path.is_file():
             raise ArtifactError(f"{bundle}: {name} is listed in {MANIFEST} but missing; the bundle is incomplete")
-        if file_sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise ArtifactError(f"{bundle}: {name} does not match its sha256 in {MANIFEST} (changed or damaged); re-export the bundle")
     return files
 

@@ -40,7 +40,7 @@ def decode_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, max
     if isinstance(source, Image.Image):
         image = source
     else:
-        data = _read_bytes(source, max_bytes)
+        data = read_bytes(source, max_bytes)
         try:
             image = Image.open(_io.BytesIO(data))
         except UnidentifiedImageError as exc:
@@ -73,7 +73,10 @@ def content_problem(image: Image.Image, min_side: int, min_std: float) -> str | 
     return None
 
 
-def _read_bytes(source: str | os.PathLike | bytes | BinaryIO, max_bytes: int | None) -> bytes:
+def read_bytes(source: str | os.PathLike | bytes | BinaryIO, max_bytes: int | None,
+               limit: str = "data_preprocessing.max_file_mb") -> bytes:
+    """The bytes of a file (path, bytes or file object), refusing empty files and files over
+    `max_bytes` (checked from the size on disk before reading); `limit` names the setting in the message."""
     if isinstance(source, bytes):
         data = source
     elif hasattr(source, "read"):
@@ -82,12 +85,12 @@ def _read_bytes(source: str | os.PathLike | bytes | BinaryIO, max_bytes: int | N
         path = Path(source)
         size = path.stat().st_size
         if max_bytes is not None and size > max_bytes:
-            raise ImageProblem(f"too large: {size / 1e6:.1f} MB is more than data_preprocessing.max_file_mb ({max_bytes / 1e6:g} MB)")
+            raise ImageProblem(f"too large: {size / 1e6:.1f} MB is more than {limit} ({max_bytes / 1e6:g} MB)")
         data = path.read_bytes()
     if not data:
         raise ImageProblem("empty file: 0 bytes")
     if max_bytes is not None and len(data) > max_bytes:
-        raise ImageProblem(f"too large: {len(data) / 1e6:.1f} MB is more than data_preprocessing.max_file_mb ({max_bytes / 1e6:g} MB)")
+        raise ImageProblem(f"too large: {len(data) / 1e6:.1f} MB is more than {limit} ({max_bytes / 1e6:g} MB)")
     return data
 
 

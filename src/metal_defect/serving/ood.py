@@ -50,11 +50,11 @@ def normalise(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
-def knn_scores(features: np.ndarray, reference: np.ndarray, k: int, exclude_self: bool = False) -> np.ndarray:
+def knn_scores(features: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray:
     """Distance of each (normalised) feature row to its k-th nearest reference row."""
     if len(features) == 0:
         return np.zeros(0, dtype=np.float64)
-    k = min(k + int(exclude_self), len(reference))
+    k = min(k, len(reference))
     similarity = normalise(features) @ reference.T
     kth = -np.partition(-similarity, k - 1, axis=1)[:, k - 1]
     return np.sqrt(np.maximum(2.0 - 2.0 * kth.astype(np.float64), 0.0))
@@ -125,9 +125,12 @@ class OodScorer:
         k = min(self.neighbours, len(self.statistics))
         return np.sqrt(np.maximum(np.partition(d2, k - 1, axis=1)[:, k - 1], 0.0)).astype(np.float64)
 
-    def __call__(self, features: np.ndarray, images: np.ndarray) -> np.ndarray:
-        feature_distance, statistics_distance = self.components(features, images)
+    def combine(self, feature_distance: np.ndarray, statistics_distance: np.ndarray) -> np.ndarray:
+        """The OOD score from the two distances: the larger one over its threshold."""
         return np.maximum(feature_distance / self.feature_threshold, statistics_distance / self.statistics_threshold)
+
+    def __call__(self, features: np.ndarray, images: np.ndarray) -> np.ndarray:
+        return self.combine(*self.components(features, images))
 
 
 def fit_scorer(train_features: np.ndarray, train_images: np.ndarray, neighbours: int) -> OodScorer:

@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from metal_defect.artifacts import ArtifactStore
+from metal_defect.artifacts import ArtifactStore, sha256_file
 from metal_defect.metrics import apply_temperature
 from metal_defect.serving import bundle as bundles
 from metal_defect.serving import ood
-from metal_defect.serving.images import ImageProblem, content_problem, convert_decoded, decode_image, is_colourful
+from metal_defect.serving.images import ImageProblem, content_problem, convert_decoded, decode_image, is_colourful, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ LEADING_COLUMNS = ("path", "label", "confidence", "verdict", "ood_score")
 TRAILING_COLUMNS = ("model_run", "model_sha256", "threshold", "ms", "error")
 HEATMAP_COLUMNS = ("heat_peak_x", "heat_peak_y")
 PREDICTIONS_LOG = "predictions.jsonl"
-FORCED_PREFIXES = ("no usable content", "a colour image")  # reasons set from the file itself, not from a score
 
 
 @dataclass
@@ -58,6 +57,7 @@ class Answer:
     error: str | None = None
     reason: str = ""  # why the verdict is not the class name (shown on screen and in the log)
     sha256: str = ""  # of the file's bytes (the predictions log)
+    content_reason: str = ""  # set from the file itself (no content, colour): out of distribution whatever the scores
     heat_peak_x: int | None = None  # Grad-CAM maximum in the original image's pixels (when heatmaps were asked for)
     heat_peak_y: int | None = None
 
@@ -102,7 +102,7 @@ class Predictor:
                                    np.asarray(spec.ood.statistics_mean, np.float32), np.asarray(spec.ood.statistics_scale, np.float32),
                                    spec.ood.neighbours, spec.ood.feature_threshold, spec.ood.statistics_threshold)
         model = bundles.load_model(bundle / bundles.MODEL_FILE)
-        sha = files.get(bundles.MODEL_FILE) or bundles.file_sha256(bundle / bundles.MODEL_FILE)
+        sha = files.get(bundles.MODEL_FILE) or sha256_file(bundle / bundles.MODEL_FILE)
         predictor = cls(model, spec, bundle, scorer, sha, backend)
         if backend == "litert":
             predictor.use_litert()
@@ -211,25 +211,21 @@ class Predictor:
             score = None if scores is None else float(scores[i])
             answer = Answer(path=names[i] if names else str(i), label=self.class_names[best], confidence=float(row[best]),
                             ood_score=score, probabilities=dict(zip(self.class_names, map(float, row))),
-                            model_run=self.spec.run_id, model_sha256=self.model_sha256, threshold=threshold)
-            self.judge(answer, threshold, reasons[i] if reasons else "")
+                            model_run=self.spec.run_id, model_sha256=self.model_sha256, threshold=threshold,
+                            content_reason=reasons[i] if reasons else "")
+            self.judge(answer, threshold)
             answers.append(answer)
         return answers
 
-    def judge(self, answer: Answer, threshold: float | None = None, forced: str | None = None) -> Answer:
-        """Set the verdict of an answer from its confidence and OOD score (again, for another threshold).
-
-        `forced` (a reason) makes it out_of_distribution whatever the scores; None keeps an earlier forced reason.
-        """
+    def judge(self, answer: Answer, threshold: float | None = None) -> Answer:
+        """Set the verdict of an answer from its content reason, OOD score and confidence (again, for another threshold)."""
         threshold = self.threshold if threshold is None else float(threshold)
-        if forced is None:
-            forced = answer.reason if answer.verdict == OUT_OF_DISTRIBUTION and answer.reason.startswith(FORCED_PREFIXES) else ""
         ood_threshold = self.spec.ood.threshold if self.spec.ood else None
         answer.threshold, answer.reason = threshold, ""
         if answer.error is not None:
             answer.verdict = None
-        elif forced:
-            answer.verdict, answer.reason = OUT_OF_DISTRIBUTION, forced
+        elif answer.content_reason:
+            answer.verdict, answer.reason = OUT_OF_DISTRIBUTION, answer.content_reason
         elif answer.ood_score is not None and ood_threshold is not None and answer.ood_score > ood_threshold:
             answer.verdict = OUT_OF_DISTRIBUTION
             answer.reason = f"unlike the training images: OOD score {answer.ood_score:.2f} (above {ood_threshold:g} is out of distribution)"
@@ -239,10 +235,14 @@ class Predictor:
             answer.verdict = answer.label
         return answer
 
+    def _decode(self, source: str | os.PathLike | bytes) -> tuple[Any, bytes]:
+        """File (path or bytes) -> (decoded PIL image, its bytes) within the bundle's size limits. Raises ImageProblem."""
+        data = read_bytes(source, int(self.spec.max_file_mb * 1e6), limit="the model's limit")
+        return decode_image(data, max_pixels=self.spec.max_image_pixels), data
+
     def convert(self, source: str | os.PathLike | bytes) -> tuple[np.ndarray, str, str]:
         """File (path or bytes) -> (model input, forced-OOD reason or "", sha256 of the bytes). Raises ImageProblem."""
-        data = _read_limited(source, int(self.spec.max_file_mb * 1e6))
-        image = decode_image(data, max_pixels=self.spec.max_image_pixels)
+        image, data = self._decode(source)
         reason = ""
         if self.spec.ood is not None:
             problem = content_problem(image, self.spec.ood.min_image_side, self.spec.ood.min_pixel_std)
@@ -260,7 +260,7 @@ class Predictor:
             try:
                 array, reason, _ = self.convert(path)
             except (ImageProblem, OSError) as exc:
-                problems.append({"path": str(path), "reason": self._failed(str(path), exc, None, time.perf_counter()).error or ""})
+                problems.append({"path": str(path), "reason": _problem(exc)})
                 continue
             arrays.append(array)
             ok.append(i)
@@ -283,16 +283,16 @@ class Predictor:
     def answer_paths(self, paths: Iterable[str | os.PathLike], threshold: float | None = None, batch_size: int = 32) -> list[Answer]:
         """Answers for many files, converted one by one and run through the network in batches."""
         out: list[Answer] = []
-        batch: list[tuple[Answer | None, np.ndarray, str, str, str, float]] = []
+        batch: list[tuple[np.ndarray, str, str, str, float]] = []  # (input, name, forced reason, sha256, ms so far)
 
         def flush() -> None:
             if not batch:
                 return
             started = time.perf_counter()
-            answers = self.answer_arrays(np.stack([b[1] for b in batch]), threshold, [b[2] for b in batch], [b[3] for b in batch])
+            answers = self.answer_arrays(np.stack([b[0] for b in batch]), threshold, [b[1] for b in batch], [b[2] for b in batch])
             share = (time.perf_counter() - started) * 1000 / len(batch)
             for answer, item in zip(answers, batch):
-                answer.sha256, answer.ms = item[4], round(item[5] + share, 3)
+                answer.sha256, answer.ms = item[3], round(item[4] + share, 3)
                 out.append(answer)
             batch.clear()
 
@@ -304,7 +304,7 @@ class Predictor:
                 flush()
                 out.append(self._failed(str(path), exc, threshold, started))
                 continue
-            batch.append((None, array, str(path), reason, sha, (time.perf_counter() - started) * 1000))
+            batch.append((array, str(path), reason, sha, (time.perf_counter() - started) * 1000))
             if len(batch) >= batch_size:
                 flush()
         flush()
@@ -332,8 +332,7 @@ class Predictor:
         """Heatmap (original pixel frame) and overlay image for an answered file; sets the answer's peak."""
         from metal_defect.serving.explain import overlay, peak
 
-        data = _read_limited(source, int(self.spec.max_file_mb * 1e6))
-        image = decode_image(data, max_pixels=self.spec.max_image_pixels)
+        image, _ = self._decode(source)
         array = convert_decoded(image, self.spec.image_size, self.spec.color_mode, self.spec.resize)
         heat = self.heatmaps(array[None], [self.class_names.index(answer.label)], [image.size])[0]
         answer.heat_peak_x, answer.heat_peak_y = peak(heat)
@@ -364,26 +363,14 @@ class Predictor:
         return written
 
     def _failed(self, name: str, exc: Exception, threshold: float | None, started: float) -> Answer:
-        reason = str(exc) if isinstance(exc, ImageProblem) else f"unreadable: {getattr(exc, 'strerror', None) or exc}"
         return Answer(path=name, model_run=self.spec.run_id, model_sha256=self.model_sha256,
-                      threshold=self.threshold if threshold is None else threshold, error=reason,
+                      threshold=self.threshold if threshold is None else threshold, error=_problem(exc),
                       ms=round((time.perf_counter() - started) * 1000, 3))
 
 
-def _read_limited(source: str | os.PathLike | bytes, max_bytes: int) -> bytes:
-    if isinstance(source, bytes):
-        data = source
-    else:
-        path = Path(source)
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise ImageProblem(f"too large: {size / 1e6:.1f} MB is more than the model's limit ({max_bytes / 1e6:g} MB)")
-        data = path.read_bytes()
-    if not data:
-        raise ImageProblem("empty file: 0 bytes")
-    if len(data) > max_bytes:
-        raise ImageProblem(f"too large: {len(data) / 1e6:.1f} MB is more than the model's limit ({max_bytes / 1e6:g} MB)")
-    return data
+def _problem(exc: Exception) -> str:
+    """Why a file could not be answered, for its row."""
+    return str(exc) if isinstance(exc, ImageProblem) else f"unreadable: {getattr(exc, 'strerror', None) or exc}"
 
 
 def append_log(path: Path, answers: Iterable[Answer], source: str) -> int:
