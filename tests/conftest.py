@@ -46,6 +46,7 @@ TINY_PARAMS = {
     "base": {"image_size": 32},
     "data_preprocessing": {"eda_samples_per_class": 2},
     "data_loader": {"batch_size": 8},
+    "tuning": {"enabled": False},  # tests of the search turn it on with tiny_tuning_params()
 }
 TINY_SCHEMA = {"classes": list(synthetic.CLASSES), "min_images_per_class": 3,
                "aliases": {"crazing": ["Crazing", "Cr"], "inclusion": ["Inclusion", "In"], "patches": ["Patches", "Pa"]}}

@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
 
 def test_pipeline_trains_evaluates_and_serves(trained):
     folder, manifest, _ = trained
-    assert manifest["status"] == "succeeded" and list(manifest["stages"]) == ["data_ingestion", "data_preprocessing", "train", "evaluation"]
+    assert manifest["status"] == "succeeded" and list(manifest["stages"]) == ["data_ingestion", "data_preprocessing", "train", "evaluation", "tune", "select"]
     metrics = manifest["metrics"]
     assert metrics["best_model"] == "custom_cnn" and metrics["valid_accuracy"] > 0.9 and metrics["test_accuracy"] > 0.9
     store = ArtifactStore(folder / "artifacts")
@@ -149,7 +149,7 @@ def test_a_plain_rerun_keeps_a_rollback(trained):
     assert store.served()["run_id"] == newer["run_id"]
     assert main(["promote", first["run_id"], "--config", str(folder)]) == 0
     rerun = Runner(load_config(folder, ["evaluation.misclassified_max=2"])).run()
-    assert rerun["stages"]["evaluation"]["reused"] and store.served()["run_id"] == first["run_id"]
+    assert rerun["stages"]["select"]["reused"] and store.served()["run_id"] == first["run_id"]
 
 
 def test_commands_that_load_tensorflow_keep_its_start_up_lines_off_the_screen(trained, tmp_path):

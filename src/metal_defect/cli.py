@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from metal_defect.errors import MetalDefectError
+from metal_defect.errors import ConfigError, MetalDefectError
 
 log = logging.getLogger("metal_defect.cli")
 
@@ -62,7 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
                      "stages they need are reused or run too")
     run.add_argument("--force", metavar="STAGE", action="append", default=[], help="re-run this stage (name, number or 'all') even if a finished output exists; repeatable")
     run.add_argument("--source", metavar="PATH|URL", help="data source (same as data_ingestion.source=...): folder, .zip/.tar.gz or http(s) URL")
+    run.add_argument("--tune-chief", metavar="HOST:PORT", help="run the tune stage as the chief of a distributed Keras Tuner search, serving "
+                     "its oracle on HOST:PORT (sets KERASTUNER_TUNER_ID=chief, KERASTUNER_ORACLE_IP/PORT); workers: `tune-worker`")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
+
+    worker = sub.add_parser("tune-worker", parents=[common], help="take trials from a distributed search's chief (Keras Tuner worker)",
+                            description="Wait for a chief (`run --tune-chief HOST:PORT`) to announce its search in paths.tuning, prepare "
+                            "the data from this config (reused when the artifacts folder is shared), refuse when the data or training "
+                            "recipe differs from the chief's, then train trials until the chief has none left.")
+    worker.add_argument("--chief", metavar="HOST:PORT", help="the chief's oracle address (default: the one it announced)")
+    worker.add_argument("--id", metavar="NAME", help="this worker's id (default worker-<host>-<pid>; must not contain 'chief')")
+    worker.add_argument("--wait", type=float, default=3600, metavar="SECONDS", help="how long to wait for a chief (default 3600)")
+    worker.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides (keep them equal to the chief's)")
 
     runs = sub.add_parser("runs", parents=[common], help="list runs with their status and key metrics",
                           description="List runs (newest last) with status, duration, chosen model and metrics; * marks the served run.")
@@ -245,8 +256,16 @@ def _dispatch(args: argparse.Namespace, config: Any) -> int:
     if args.command == "run":
         from metal_defect.pipeline import Runner
 
+        if args.tune_chief:
+            host, _, port = args.tune_chief.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"--tune-chief {args.tune_chief}: expected HOST:PORT, e.g. 0.0.0.0:8000")
+            os.environ.update({"KERASTUNER_TUNER_ID": "chief", "KERASTUNER_ORACLE_IP": host, "KERASTUNER_ORACLE_PORT": port})
         manifest = Runner(config, command="run").run(args.stages, args.force)
         return 0 if manifest["status"] == "succeeded" else 1
+    if args.command == "tune-worker":
+        print(commands.tune_worker(config, args.chief, args.id, args.wait))
+        return 0
     if args.command == "runs":
         print(commands.list_runs(config, args.limit))
         return 0

@@ -47,7 +47,7 @@ def _fmt(value: float | None) -> str:
 
 def promote(config: Config, run_id: str) -> str:
     """Serve the evaluated model of `run_id` (roll back or forward)."""
-    from metal_defect.components.c06_evaluation import publish
+    from metal_defect.components.c07_hyper_tuning import publish
     from metal_defect.serving.bundle import bundle_of_run
 
     store = art.ArtifactStore(config.paths.artifacts)
@@ -227,3 +227,17 @@ def screenshot(config: Config, image: Path | None, out: Path) -> str:
     env.pop("METAL_DEFECT_BUNDLE", None)
     result = shot.capture([Path(image)], Path(out), env)
     return f"{out}: the app answering {Path(image).name} with run {pointer['run_id']} ({result['seconds']} s from upload to answer)"
+
+
+def tune_worker(config: Config, chief: str | None, worker_id: str | None, wait_s: float) -> str:
+    """`main.py tune-worker`: wait for a chief's search, prepare the data from this config, take trials."""
+    from metal_defect.components import c07_hyper_tuning as c07
+    from metal_defect.pipeline import Runner
+
+    active = c07.wait_for_chief(config.paths.tuning_root, wait_s)
+    manifest = Runner(config, command="tune-worker").run("data_ingestion-data_preprocessing")
+    prepared = Path(manifest["stages"]["data_preprocessing"]["output"])
+    recipe = c07.Recipe(config.base, config.data_loader, config.model, config.callbacks, config.train)
+    job = c07.SearchJob(active["model"], recipe, config.tuning, prepared, c07.data_fingerprint(prepared))
+    result = c07.take_trials(job, active, config.paths.tuning_root / active["project"], chief, worker_id)
+    return f"worker {result['worker']} ran {len(result['trials'])} trial(s): {', '.join(result['trials']) or 'none'}"

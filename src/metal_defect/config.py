@@ -46,6 +46,11 @@ class PathsConfig:
     artifacts: Path
     logs: Path
     download_cache: Path
+    tuning: Path | None  # Keras Tuner projects (null: <artifacts>/tuning); a folder every tuning machine can reach
+
+    @property
+    def tuning_root(self) -> Path:
+        return self.tuning or self.artifacts / "tuning"
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,7 @@ class CustomCnnParams:
     dense_units: int = _f(ge=0)
     pooling: Literal["avg", "max", "avg_max"] = _f()
     input_normalization: Literal["dataset", "per_image", "scale"] = _f()
+    input_scale: float = _f(ge=0.25, le=1)  # the network sees this share of the prepared resolution (resized inside the model)
 
 
 @dataclass(frozen=True)
@@ -218,6 +224,90 @@ class EvaluationParams:
         return []
 
 
+@dataclass(frozen=True)
+class RangeParam:
+    """A continuous hyperparameter: uniform between min and max, or log-uniform (`log: true`)."""
+
+    min: float
+    max: float
+    log: bool
+
+    def check(self, key: str) -> list[str]:
+        problems = []
+        if self.min >= self.max:
+            problems.append(f"{key}: min ({self.min:g}) must be below max ({self.max:g}); for one value give a list, e.g. [{self.min:g}]")
+        if self.log and self.min <= 0:
+            problems.append(f"{key}: log sampling needs min > 0 (got {self.min:g})")
+        return problems
+
+
+# Each entry: null (not searched: the value in its own section is used), a list (the values to
+# choose from) or, for continuous ones, a range {min, max, log}. A list and a range are told apart
+# by their shape, so no tag is needed.
+Choices = list[float] | RangeParam | None
+
+
+# (low, high) each searched value or range end must lie in: the bounds of the key it lands in
+SEARCH_BOUNDS: dict[str, tuple[float, float]] = {"learning_rate": (1e-7, 1.0), "batch_size": (1, 4096), "blocks": (1, 8), "width": (0.125, 8.0), "convs_per_block": (1, 4),
+    "dropout": (0.0, 0.95), "dense_units": (0, 8192), "input_scale": (0.25, 1.0), "rotation_degrees": (0.0, 180.0),
+    "brightness": (0.0, 1.0), "contrast": (0.0, 1.0), "noise_std": (0.0, 1.0), "resample_blur": (0.0, 0.95), "fine_tune_layers": (0, 10000)}
+
+
+@dataclass(frozen=True)
+class SearchSpaceParams:
+    """What the c07 search may change, and where each value lands when a trial runs."""
+
+    learning_rate: Choices          # train.learning_rate
+    batch_size: list[int] | None    # data_loader.batch_size
+    blocks: list[int] | None        # model.custom_cnn: number of conv blocks (filters doubled per extra block, capped at 512)
+    width: list[float] | None       # model.custom_cnn: every filter count times this
+    convs_per_block: list[int] | None
+    pooling: list[Literal["avg", "max", "avg_max"]] | None
+    dropout: Choices
+    dense_units: list[int] | None
+    input_scale: list[float] | None  # model.custom_cnn.input_scale: the share of the prepared resolution the network sees
+    rotation_degrees: Choices       # data_loader.augmentation.*
+    brightness: Choices
+    contrast: Choices
+    noise_std: Choices
+    resample_blur: Choices
+    fine_tune_layers: list[int] | None  # model.transfer: top backbone layers trained (pretrained backbones)
+
+    def check(self, key: str) -> list[str]:
+        problems = []
+        for name, (low, high) in SEARCH_BOUNDS.items():
+            value = getattr(self, name)
+            values = [value.min, value.max] if isinstance(value, RangeParam) else value or []
+            if isinstance(value, list) and not value:
+                problems.append(f"{key}.{name}: an empty list; give values to choose from, or null to leave it out of the search")
+            bad = [v for v in values if v is not None and not low <= v <= high]
+            if bad:
+                problems.append(f"{key}.{name}: {bad} outside {low:g}..{high:g}")
+        if isinstance(self.pooling, list) and not self.pooling:
+            problems.append(f"{key}.pooling: an empty list; give values to choose from, or null to leave it out of the search")
+        return problems
+
+    def searched(self) -> dict[str, Any]:
+        """The entries that are searched (not null), by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class TuningParams:
+    """c07: a Keras Tuner search around the best base model."""
+
+    enabled: bool
+    model: str = _f(keywords=("best",))   # best (the best base model of evaluation) or a name in train.models
+    tuner: Literal["random", "bayesian", "hyperband"] = _f()
+    max_trials: int = _f(ge=1, le=10000)
+    epochs_per_trial: int = _f(ge=1)
+    objective: Literal["val_loss", "val_accuracy"] = _f()
+    seed: int = _f(ge=0, le=2**31 - 1)
+    max_minutes: float = _f(gt=0)
+    max_consecutive_failed_trials: int = _f(ge=1)
+    space: SearchSpaceParams = _f()
+
+
 # ----------------------------------------------------------------------------- schema.yaml
 @dataclass(frozen=True)
 class SchemaConfig:
@@ -266,6 +356,7 @@ class Config:
     callbacks: CallbacksParams
     train: TrainParams
     evaluation: EvaluationParams
+    tuning: TuningParams
     schema: SchemaConfig
     config_dir: Path = field(default=Path("."), metadata={"internal": True})
 
@@ -292,6 +383,7 @@ SECTION_FILES: dict[str, str] = {
     "callbacks": PARAMS_FILE,
     "train": PARAMS_FILE,
     "evaluation": PARAMS_FILE,
+    "tuning": PARAMS_FILE,
     "schema": SCHEMA_FILE,
 }
 
@@ -377,6 +469,15 @@ def load_config(config_dir: Path | str | None = None, overrides: list[str] | Non
             raise ConfigError(f"invalid configuration: {problems[0]}")
         raise ConfigError(f"invalid configuration ({len(problems)} problems):\n  " + "\n  ".join(problems))
     return Config(**sections, config_dir=config_dir)
+
+
+def parse_section(cls: type, value: Any, key: str) -> Any:
+    """Validate a plain value (e.g. a section written with `to_plain`) into `cls`; ConfigError lists the problems."""
+    problems: list[str] = []
+    result = _convert(value, cls, key, {}, {}, Path("."), problems)
+    if problems:
+        raise ConfigError(f"invalid {key}: " + "; ".join(problems))
+    return result
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -543,6 +644,8 @@ def _describe(tp: Any, meta: dict[str, Any]) -> str:
         return " or ".join(_describe(a, meta) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a section with keys " + ", ".join(all_keys(tp))
     if origin is list:
         return "a list of " + _describe(typing.get_args(tp)[0], {}).removeprefix("an ").removeprefix("a ") + " items"
     if origin is dict:
@@ -596,6 +699,8 @@ def _convert_strict(value: Any, tp: Any, key: str, meta: dict[str, Any], origins
         for arm in typing.get_args(tp):
             if typing.get_origin(arm) is Literal and value not in typing.get_args(arm):
                 continue  # e.g. 'big' for `int | Literal["auto"]`: report the whole union, not just the literal
+            if dataclasses.is_dataclass(arm) and not isinstance(value, dict):
+                continue  # e.g. 0.5 for `list[float] | RangeParam | None`: the union is reported whole
             trial: list[str] = []
             try:
                 result = _convert_strict(value, arm, key, meta, origins, base_dir, trial)

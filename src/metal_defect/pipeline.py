@@ -51,6 +51,7 @@ class StageIO:
     run_id: str
     run_dir: Path
     cache_dir: Path  # shared download cache (paths.download_cache), outside any fingerprint
+    tuning_dir: Path | None = None  # Keras Tuner projects (paths.tuning), outside any fingerprint
 
 
 @dataclass(frozen=True)
@@ -116,13 +117,28 @@ STAGES: tuple[Stage, ...] = (
         "metal_defect.components.c06_evaluation:run_stage",
         sections=("evaluation", "data_preprocessing", "schema"),  # file limits and image extensions travel into the serving spec
         upstream=("data_ingestion", "data_preprocessing", "train"),
-        publish="metal_defect.components.c06_evaluation:publish",
-        description="metrics, plots, calibration and model card; the best model on validation becomes the served model",
+        description="metrics, plots, calibration, verdict rules and model card of the base models; the best on validation gets a bundle",
+    ),
+    Stage(
+        "tune",
+        "metal_defect.components.c07_hyper_tuning:run_stage",
+        sections=("base", "data_loader", "model", "callbacks", "train", "tuning", "evaluation", "data_preprocessing", "schema"),
+        upstream=("data_ingestion", "data_preprocessing", "train", "evaluation"),
+        reports=("trials.png",),
+        description="Keras Tuner search around the best base model (resumable, distributed); the tuned model evaluated like the base models",
+    ),
+    Stage(
+        "select",
+        "metal_defect.components.c07_hyper_tuning:select_stage",
+        sections=("evaluation",),
+        upstream=("evaluation", "tune"),
+        publish="metal_defect.components.c07_hyper_tuning:publish",
+        description="serve the tuned model only when strictly better on validation than the base model; say which and why",
     ),
 )
 
 # Subcommands of the CLI; no stage may be named like one.
-SUBCOMMANDS = ("run", "runs", "promote", "evaluate", "predict", "export", "bench", "proxy-data")
+SUBCOMMANDS = ("run", "runs", "promote", "evaluate", "predict", "export", "bench", "proxy-data", "app", "screenshot", "tune-worker")
 
 
 def check_registry(stages: Sequence[Stage]) -> None:
@@ -431,7 +447,7 @@ class Runner:
         try:
             with art.staging_dir(final) as tmp:
                 io = StageIO(out_dir=tmp, work_dir=work, inputs={u: upstream[u].output for u in stage.upstream}, run_id=run_id, run_dir=run_dir,
-                             cache_dir=self.config.paths.download_cache)
+                             cache_dir=self.config.paths.download_cache, tuning_dir=self.config.paths.tuning_root)
                 summary = func(io, **{name: self.config.section(name) for name in stage.sections}) or {}
                 duration = time.monotonic() - start
                 files = art.tree_files(tmp)

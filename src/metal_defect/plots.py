@@ -184,3 +184,48 @@ def class_mean_images(means: Mapping[str, np.ndarray], counts: Mapping[str, int]
         ax.set_title(f"{label}\n(n={counts.get(label, 0)})", fontsize=8)
     fig.suptitle("Mean image per class (as the model sees them)", y=1.0 + 0.12 / rows)
     return _save(fig, path)
+
+
+def tuning_trials(rows: Sequence[Mapping[str, object]], objective: str, influential: str | None, rho: float, path: Path) -> Path:
+    """Left: the objective of every trial in order (failed trials as red crosses on the axis, the best
+    marked). Right: the objective against the hyperparameter that rank-correlates most with it."""
+    done = [r for r in rows if r.get("score") is not None]
+    failed = [r for r in rows if r.get("score") is None]
+    lower_is_better = objective.endswith("loss")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    order = {r["trial_id"]: i + 1 for i, r in enumerate(rows)}
+    xs = [order[r["trial_id"]] for r in done]
+    ys = [float(r["score"]) for r in done]
+    left.plot(xs, ys, "o-", color="tab:blue", label=f"completed ({len(done)})")
+    if done:
+        best = (min if lower_is_better else max)(range(len(ys)), key=lambda i: ys[i])
+        left.plot([xs[best]], [ys[best]], "*", color="gold", markersize=16, markeredgecolor="black", label=f"best: {ys[best]:.4f}")
+        running = np.minimum.accumulate(ys) if lower_is_better else np.maximum.accumulate(ys)
+        left.step(xs, running, where="post", color="grey", lw=1, ls="--", label="best so far")
+    if failed:
+        floor = min(ys) if ys else 0.0
+        left.plot([order[r["trial_id"]] for r in failed], [floor] * len(failed), "x", color="red", markersize=10, label=f"failed ({len(failed)})")
+    left.set_xlabel("trial (in start order)")
+    left.set_ylabel(objective)
+    left.set_title(f"{objective} per trial ({'lower' if lower_is_better else 'higher'} is better)")
+    left.legend(fontsize=8)
+    if influential and done:
+        values = [r.get(f"hp_{influential}") for r in done]
+        numeric = all(isinstance(v, (int, float)) for v in values)
+        if numeric:
+            right.scatter(values, ys, color="tab:blue")
+            if len(set(values)) > 1 and min(values) > 0 and max(values) / min(values) > 20:
+                right.set_xscale("log")
+        else:
+            labels = sorted(set(map(str, values)))
+            right.scatter([labels.index(str(v)) for v in values], ys, color="tab:blue")
+            right.set_xticks(range(len(labels)), labels)
+        right.set_xlabel(influential)
+        right.set_ylabel(objective)
+        strength = f"Spearman rho {rho:+.2f}" if np.isfinite(rho) else "too few trials to rank"
+        right.set_title(f"{objective} against {influential} ({strength})")
+    else:
+        right.axis("off")
+        right.text(0.5, 0.5, "no completed trial", ha="center", va="center")
+    fig.suptitle(f"Keras Tuner search: {len(rows)} trials", y=1.02)
+    return _save(fig, path)

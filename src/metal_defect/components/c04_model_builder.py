@@ -78,6 +78,9 @@ def custom_cnn(image_shape: tuple[int, int, int], n_classes: int, params: Custom
     inputs = keras.Input(image_shape, dtype="uint8", name="pixels")
     mean, std = pixel_stats
     x = PixelPreprocess(params.input_normalization, mean=mean, std=max(std, 1e-3), name="preprocess")(inputs)
+    if params.input_scale < 1:  # inside the model: the input contract (the prepared size) stays the same
+        height, width = (max(8, round(side * params.input_scale)) for side in image_shape[:2])
+        x = layers.Resizing(height, width, interpolation="bilinear", antialias=True, name="input_resize")(x)
     for block, filters in enumerate(params.filters, 1):
         for conv in range(params.convs_per_block):
             x = layers.Conv2D(filters, params.kernel_size, padding="same", use_bias=False, name=f"block{block}_conv{conv + 1}")(x)

@@ -79,17 +79,35 @@ def read_history(csv_path: Path) -> list[dict[str, float]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def make_callbacks(params: CallbacksParams, work_dir: Path) -> list[keras.callbacks.Callback]:
-    """The callbacks for one fit, all writing their state into `work_dir`."""
+class DeadlineStop(keras.callbacks.Callback):
+    """Stops training at the end of the first epoch that finishes after `deadline` (time.time())."""
+
+    def __init__(self, deadline: float):
+        super().__init__()
+        self.deadline = deadline
+        self.stopped = False
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if time.time() >= self.deadline:
+            self.stopped = True
+            self.model.stop_training = True
+
+
+def make_callbacks(params: CallbacksParams, work_dir: Path, checkpoint: bool = True) -> list[keras.callbacks.Callback]:
+    """The callbacks for one fit, all writing their state into `work_dir`.
+
+    `checkpoint=False` leaves the best-epoch checkpoint to the caller (a Keras Tuner trial saves its own).
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
     callbacks: list[keras.callbacks.Callback] = [EpochTimer(), LearningRateLogger()]
     monitor = params.checkpoint_monitor
     mode = "max" if "acc" in monitor else "min"
-    threshold = best_so_far(work_dir / HISTORY_CSV, monitor)
-    if threshold is not None:
-        log.info("resuming: best %s so far %.4f", monitor, threshold)
-    callbacks.append(keras.callbacks.ModelCheckpoint(str(work_dir / BEST_CHECKPOINT), monitor=monitor, mode=mode,
-                                                     save_best_only=True, initial_value_threshold=threshold))
+    if checkpoint:
+        threshold = best_so_far(work_dir / HISTORY_CSV, monitor)
+        if threshold is not None:
+            log.info("resuming: best %s so far %.4f", monitor, threshold)
+        callbacks.append(keras.callbacks.ModelCheckpoint(str(work_dir / BEST_CHECKPOINT), monitor=monitor, mode=mode,
+                                                         save_best_only=True, initial_value_threshold=threshold))
     if params.early_stopping.enabled:
         es = params.early_stopping
         callbacks.append(keras.callbacks.EarlyStopping(monitor=es.monitor, mode="max" if "acc" in es.monitor else "min",

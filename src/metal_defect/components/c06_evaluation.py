@@ -45,7 +45,7 @@ from metal_defect.serving.predictor import OUT_OF_DISTRIBUTION, UNCERTAIN, Predi
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "base_models_metrics.json"
+METRICS_FILE = "base_models_metrics.json"  # = metrics_files("base")
 BEST_FILE = "best_base_model.json"
 GATE_FILE = "quality_gate.json"
 OOD_MAX_REFERENCE = 20000  # training images kept as the OOD reference (a random subset above this)
@@ -67,9 +67,14 @@ def load_split(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray, list
 
 
 def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: EvaluationParams, out_dir: Path, run_id: str | None = None,
-                    limits: DataPreprocessingParams | None = None, extensions: tuple[str, ...] = ()) -> dict[str, Any]:
+                    limits: DataPreprocessingParams | None = None, extensions: tuple[str, ...] = (), kind: str = "base") -> dict[str, Any]:
     """Score every trained model on validation through the predictor, choose one, fit its verdict
-    thresholds, write the bundle, and report the chosen model once on test."""
+    thresholds, write the bundle, and report the chosen model once on test.
+
+    `trained` is a folder laid out like the train stage's output (c07 writes its tuned model the
+    same way, with kind="tuned": tuned_models_metrics.json, best_tuned_model.json).
+    """
+    metrics_file, best_file = metrics_files(kind)
     train_summary = read_json(trained / TRAIN_SUMMARY)
     class_names = train_summary["class_names"]
     records = read_json(prepared / RECORDS_FILE)
@@ -138,14 +143,14 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
     write_json_atomic(out_dir / GATE_FILE, gate)
     results[best]["calibration"] = calibration
     results[best]["verdicts"] = verdicts
-    write_json_atomic(out_dir / METRICS_FILE, {"selected_by": f"validation {params.select_metric}, ties by validation log loss",
+    write_json_atomic(out_dir / metrics_file, {"selected_by": f"validation {params.select_metric}, ties by validation log loss",
                                                "models": results})
     best_record = {"name": best, "model": f"{BUNDLE_DIR}/{MODEL_FILE}", "bundle": BUNDLE_DIR, "temperature": temperature,
                    "pretrained": results[best]["pretrained"], "valid": _headline(results[best]["valid"]),
                    "test": _headline(test_report) if test_report else None, "calibration": calibration,
                    "weak_model": gate["weak_model"], "weak_reasons": gate["reasons"], "verdicts": verdicts,
                    "pointing": test_report.get("pointing") if test_report else None}
-    write_json_atomic(out_dir / BEST_FILE, best_record)
+    write_json_atomic(out_dir / best_file, best_record)
     card = model_card(best, results[best], test_report, calibration, spec, ingested, prepared, train_summary["models"][best], gate, verdicts)
     (out_dir / MODEL_CARD).write_text(card, encoding="utf-8")
     # the bundle is complete only with its card, metrics and the weak-model flag: rewrite spec and manifest last
@@ -167,6 +172,11 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
                  metrics.caption(test_report["n"], test_report["errors"]), test_report["macro_f1"],
                  100 * test_report["verdicts"]["flagged_share"], test_report["verdicts"]["uncertain"], test_report["verdicts"]["out_of_distribution"])
     return {"metrics": headline, "temperature": temperature}
+
+
+def metrics_files(kind: str) -> tuple[str, str]:
+    """(all models' metrics, the chosen model's record) file names for base or tuned models."""
+    return f"{kind}_models_metrics.json", f"best_{kind}_model.json"
 
 
 def fit_verdicts(predictor: Predictor, x_train: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray, params: EvaluationParams) -> tuple[ServingSpec, ood.OodScorer, dict[str, Any]]:

@@ -172,12 +172,13 @@ def load_model(path: Path) -> Any:
 
 # ----------------------------------------------------------------------------- which bundle
 def bundle_of_run(store: ArtifactStore, run_id: str) -> Path:
-    """The model bundle an evaluation in run `run_id` wrote."""
+    """The model bundle run `run_id` chose to serve (its select stage; in runs from before tuning existed, its evaluation)."""
     manifest = store.manifest(run_id)
-    stage = manifest.get("stages", {}).get("evaluation")
+    stages = manifest.get("stages", {})
+    stage = stages.get("select") or stages.get("evaluation")
     if not stage or stage.get("status") not in ("succeeded", "reused"):
-        raise ArtifactError(f"run {run_id} has no finished evaluation (status {manifest.get('status')}); "
-                            "only runs that reached the evaluation stage can be served")
+        raise ArtifactError(f"run {run_id} has no finished select (or evaluation) stage (status {manifest.get('status')}); "
+                            "only runs that chose a model can be served")
     bundle = _rebase(store, Path(stage["output"])) / BUNDLE_DIR
     if not (bundle / SERVING_SPEC).is_file():
         raise ArtifactError(f"run {run_id}: model bundle {bundle} is missing; re-run `python main.py`")

@@ -1,0 +1,241 @@
+"""c07: the Keras Tuner search (space from params, failed trials, resume, distributed chief and
+workers, memory) and the select stage (the tuned model served only when strictly better)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_SCHEMA, _deep_merge, tiny_training_params, write_config
+
+from metal_defect import synthetic
+from metal_defect.artifacts import ArtifactStore, read_json
+from metal_defect.components import c07_hyper_tuning as c07
+from metal_defect.config import load_config
+from metal_defect.errors import ConfigError
+from metal_defect.pipeline import Runner
+
+TRIAL_COLUMNS = ["trial_id", "status", "objective", "score", "best_epoch", "duration_s", "worker", "host", "rss_mb", "error"]
+
+
+def tiny_tuning_params(**tuning) -> dict:
+    """A search that takes seconds on the synthetic set: few trials, few epochs, a small space."""
+    space = {key: None for key in ("learning_rate", "batch_size", "blocks", "width", "convs_per_block", "pooling", "dropout", "dense_units",
+                                   "input_scale", "rotation_degrees", "brightness", "contrast", "noise_std", "resample_blur", "fine_tune_layers")}
+    space |= {"learning_rate": {"min": 0.001, "max": 0.01, "log": True}, "width": [0.5, 1.0]}
+    settings = {"enabled": True, "tuner": "random", "max_trials": 3, "epochs_per_trial": 3, "max_minutes": 10, "space": space}
+    return _deep_merge(tiny_training_params(epochs=4), {"tuning": _deep_merge(settings, tuning)})
+
+
+def make_config(root: Path, params: dict, per_class: int = 16) -> Path:
+    data = synthetic.make_dataset(root / "data", per_class=per_class)
+    return write_config(root / "cfg", _deep_merge(params, {"data_ingestion": {"source": str(data)}}), TINY_SCHEMA)
+
+
+def read_trials(manifest: dict) -> list[dict]:
+    with open(Path(manifest["stages"]["tune"]["output"]) / c07.TRIALS_CSV, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ----------------------------------------------------------------------------- space and recipe
+def test_space_is_read_from_params_and_lands_in_the_recipe(tmp_path):
+    import keras_tuner as kt
+
+    folder = write_config(tmp_path / "cfg", _deep_merge(tiny_tuning_params(), {"tuning": {"space": {
+        "batch_size": [16, 8], "pooling": ["max", "avg_max"], "blocks": [3], "dropout": {"min": 0.0, "max": 0.3, "log": False},
+        "brightness": [0.0, 0.2], "fine_tune_layers": [10]}}}))
+    config = load_config(folder)
+    hp = kt.HyperParameters()
+    c07.declare_space(hp, config.tuning, "custom_cnn")
+    declared = {p.name: p for p in hp.space}
+    assert set(declared) == {"learning_rate", "batch_size", "blocks", "width", "pooling", "dropout", "brightness"}  # fine_tune_layers: transfer only
+    assert declared["learning_rate"].sampling == "log" and (declared["learning_rate"].min_value, declared["learning_rate"].max_value) == (0.001, 0.01)
+    assert declared["batch_size"].values == [8, 16] and declared["pooling"].values == ["max", "avg_max"]
+    recipe = c07.Recipe(config.base, config.data_loader, config.model, config.callbacks, config.train)
+    tuned = c07.apply_hyperparameters(recipe, {"learning_rate": 0.005, "batch_size": 16, "blocks": 3, "width": 0.5, "pooling": "max",
+                                                "dropout": 0.25, "brightness": 0.2, "tuner/epochs": 3})
+    assert tuned.train.learning_rate == 0.005 and tuned.data_loader.batch_size == 16
+    assert tuned.model.custom_cnn.filters == [8, 8, 16]  # [8, 16] + one block at 32, times 0.5, at least 8
+    assert tuned.model.custom_cnn.pooling == "max" and tuned.model.custom_cnn.dropout == 0.25
+    assert tuned.data_loader.augmentation.brightness == 0.2 and tuned.data_loader.augmentation.rotate90 == recipe.data_loader.augmentation.rotate90
+    transfer_hp = kt.HyperParameters()
+    c07.declare_space(transfer_hp, config.tuning, "MobileNetV2")
+    assert "fine_tune_layers" in {p.name for p in transfer_hp.space} and "blocks" not in {p.name for p in transfer_hp.space}
+
+
+def test_scaled_filters_extend_cut_and_widen():
+    assert c07.scaled_filters([32, 64, 128, 256], 5, None) == [32, 64, 128, 256, 512]
+    assert c07.scaled_filters([32, 64, 128, 512], 6, None) == [32, 64, 128, 512, 512, 512]  # capped
+    assert c07.scaled_filters([32, 64, 128, 256], 3, 0.75) == [24, 48, 96]
+    assert c07.scaled_filters([32, 64], None, 0.1) == [8, 8]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("tuning.space.dropout=0.3", "expected a list of number items or a section with keys min, max, log or null"),
+    ("tuning.space.learning_rate={min: 0.01, max: 0.001, log: true}", "min (0.01) must be below max (0.001)"),
+    ("tuning.space.learning_rate={min: 0, max: 0.01, log: true}", "log sampling needs min > 0"),
+    ("tuning.space.batch_size=[]", "an empty list"),
+    ("tuning.space.input_scale=[2.0]", "outside 0.25..1"),
+    ("tuning.tuner=bayesain", "did you mean 'bayesian'"),
+    ("tuning.space.widht=[1.0]", "did you mean 'tuning.space.width'"),
+])
+def test_a_bad_search_space_is_refused_with_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(REPO, [override])
+    assert message in str(caught.value), str(caught.value)
+
+
+def test_served_only_when_strictly_better_on_validation():
+    base = {"valid": {"macro_f1": 0.95}}
+    assert c07.choose_served(base, {"valid": {"macro_f1": 0.96}}, "macro_f1")[0] == "tuned"
+    served, reason = c07.choose_served(base, {"valid": {"macro_f1": 0.95}}, "macro_f1")
+    assert served == "base" and "equal" in reason and "ties keep the base model" in reason
+    assert c07.choose_served(base, {"valid": {"macro_f1": 0.90}}, "macro_f1")[0] == "base"
+    assert c07.choose_served(base, None, "macro_f1") == ("base", "no tuned model (tuning off, or no trial completed)")
+
+
+# ----------------------------------------------------------------------------- a local search
+@pytest.mark.slow
+def test_search_tolerates_a_failing_trial_and_writes_csv_plot_summary_and_card(tmp_path):
+    # 6 blocks of max-pooling cannot fit a 32 px image: the trial drawing blocks=6 fails to build. A space of
+    # two points: both are drawn, then the random oracle finds it exhausted and stops before max_trials.
+    params = tiny_tuning_params(max_trials=4, space={"blocks": [2, 6], "width": None, "learning_rate": None})
+    folder = make_config(tmp_path, params)
+    manifest = Runner(load_config(folder)).run()
+    assert manifest["status"] == "succeeded"
+    assert list(manifest["stages"])[-2:] == ["tune", "select"]
+    rows = read_trials(manifest)
+    assert len(rows) == 2 and list(rows[0])[: len(TRIAL_COLUMNS)] == TRIAL_COLUMNS
+    failed = [r for r in rows if r["status"] == "FAILED"]
+    completed = [r for r in rows if r["status"] == "COMPLETED"]
+    assert failed and all(r["hp_blocks"] == "6" and "negative" in r["error"] for r in failed)
+    assert completed and all(r["hp_blocks"] == "2" and float(r["score"]) > 0 and r["worker"] == "tuner0" for r in completed)
+    tune_out = Path(manifest["stages"]["tune"]["output"])
+    assert (tune_out / c07.TRIALS_PLOT).stat().st_size > 10_000
+    best = read_json(tune_out / c07.BEST_HP_FILE)
+    assert best["hyperparameters"]["blocks"] == 2 and best["score"] == min(float(r["score"]) for r in completed)
+    assert (tune_out / "evaluation" / "tuned_models_metrics.json").is_file() and (tune_out / "evaluation" / "served" / "model.keras").is_file()
+    select_out = Path(manifest["stages"]["select"]["output"])
+    summary = read_json(select_out / c07.TUNING_SUMMARY)
+    assert summary["trials_completed"] == len(completed) and summary["trials_failed"] == len(failed)
+    assert summary["best_hyperparameters"] == best["hyperparameters"] and summary["served"] in ("tuned", "base") and summary["reason"]
+    tuned_f1, base_f1 = summary["valid"]["tuned"]["macro_f1"], summary["valid"]["base"]["macro_f1"]
+    assert summary["served"] == ("tuned" if tuned_f1 > base_f1 else "base")
+    served = ArtifactStore(folder / "artifacts").served()
+    assert served["run_id"] == manifest["run_id"] and served["served"] == summary["served"] and served["reason"] == summary["reason"]
+    card = (select_out / "served" / "model_card.md").read_text()
+    assert "## Which model is served, and why" in card and summary["reason"][1:40] in card
+    # the served bundle (with the appended card) still passes its sha256 manifest
+    from metal_defect.serving.predictor import Predictor
+
+    assert Predictor.load(ArtifactStore(folder / "artifacts"), None).spec.model_name in ("custom_cnn", "custom_cnn_tuned")
+
+
+def _wait_for(predicate, timeout: float, what: str, procs=()) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        for proc in procs:
+            if proc.poll() is not None and proc.returncode != 0:
+                raise AssertionError(f"{what}: process exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _main(*args: str, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    handle = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], stdout=handle, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_without_redoing_finished_trials(tmp_path):
+    folder = make_config(tmp_path, tiny_tuning_params(max_trials=3, epochs_per_trial=6))
+    runner = _main("run", "--config", str(folder), log=tmp_path / "first.log")
+    root = folder / "artifacts" / "tuning"
+    try:
+        _wait_for(lambda: len(list(root.glob("*/trial_*/metal_defect_trial.json"))) >= 1, 300, "the first finished trial", [runner])
+    finally:
+        os.killpg(runner.pid, signal.SIGKILL)
+        runner.wait()
+    first = {p.parent.name: read_json(p)["started"] for p in root.glob("*/trial_*/metal_defect_trial.json")}
+    assert first and len(first) < 3, first
+    manifest = Runner(load_config(folder)).run()
+    assert manifest["status"] == "succeeded"
+    rows = read_trials(manifest)
+    assert len(rows) == 3 and all(r["status"] == "COMPLETED" for r in rows)
+    after = {p.parent.name: read_json(p)["started"] for p in root.glob("*/trial_*/metal_defect_trial.json")}
+    assert all(after[name] == started for name, started in first.items()), "a finished trial was run again"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_chief_and_two_workers_share_one_search(tmp_path):
+    folder = make_config(tmp_path, tiny_tuning_params(max_trials=6, epochs_per_trial=4))
+    port = _free_port()
+    logs = {name: tmp_path / f"{name}.log" for name in ("chief", "worker1", "worker2")}
+    procs = []
+    try:
+        for name in ("worker1", "worker2"):  # workers may start first: they wait for the chief's announcement
+            procs.append(_main("tune-worker", "--config", str(folder), "--chief", f"127.0.0.1:{port}", "--id", name, "--wait", "600",
+                               log=logs[name]))
+        chief = _main("run", "--config", str(folder), "--tune-chief", f"127.0.0.1:{port}", log=logs["chief"])
+        procs.append(chief)
+        _wait_for(lambda: all("taking trials from the chief" in logs[w].read_text() for w in ("worker1", "worker2")), 600,
+                  "both workers to register", procs)
+        for proc in procs:
+            assert proc.wait(timeout=900) == 0, {n: p.read_text()[-3000:] for n, p in logs.items()}
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    store = ArtifactStore(folder / "artifacts")
+    manifest = store.manifest(store.run_ids()[-1])  # the chief's run (workers' runs are command tune-worker)
+    chief_runs = [store.manifest(r) for r in store.run_ids() if store.manifest(r)["command"] == "run"]
+    manifest = chief_runs[-1]
+    assert manifest["status"] == "succeeded"
+    rows = read_trials(manifest)
+    assert len(rows) == 6 and list(rows[0])[: len(TRIAL_COLUMNS)] == TRIAL_COLUMNS
+    assert {r["worker"] for r in rows} == {"worker1", "worker2"}, [r["worker"] for r in rows]
+    assert all(r["status"] == "COMPLETED" for r in rows)
+    summary = read_json(Path(manifest["stages"]["select"]["output"]) / c07.TUNING_SUMMARY)
+    assert summary["trials_completed"] == 6 and summary["served"] in ("tuned", "base")
+    assert json.loads((folder / "artifacts" / "tuning" / c07.ACTIVE_FILE).read_text())["state"] == "finished"
+
+
+def test_a_worker_with_other_data_refuses_to_take_trials(tmp_path):
+    folder = make_config(tmp_path, tiny_tuning_params())
+    root = folder / "artifacts" / "tuning"
+    root.mkdir(parents=True)
+    (root / c07.ACTIVE_FILE).write_text(json.dumps({"state": "running", "project": "p", "chief": "127.0.0.1:1", "model": "custom_cnn",
+                                                    "recipe_fingerprint": "x", "data_fingerprint": "not-this-data"}))
+    from metal_defect import commands
+    from metal_defect.errors import DataError
+
+    with pytest.raises(DataError, match=r"refuses to take trials: its prepared data .* differs from the chief's"):
+        commands.tune_worker(load_config(folder), None, "w1", wait_s=5)
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_twenty_trials(tmp_path):
+    params = tiny_tuning_params(max_trials=20, epochs_per_trial=2, space={"width": [0.5, 0.75, 1.0], "batch_size": [8, 16]})
+    folder = make_config(tmp_path, params, per_class=10)
+    manifest = Runner(load_config(folder), command="run").run("tune")
+    rows = {int(r["trial_id"]): r for r in read_trials(manifest)}
+    assert len(rows) == 20 and all(r["status"] == "COMPLETED" for r in rows.values())
+    grown = float(rows[19]["rss_mb"]) - float(rows[4]["rss_mb"])
+    assert grown < 150, {i: rows[i]["rss_mb"] for i in sorted(rows)}
