@@ -139,6 +139,26 @@ def test_search_tolerates_a_failing_trial_and_writes_csv_plot_summary_and_card(t
     assert Predictor.load(ArtifactStore(folder / "artifacts"), None).spec.model_name in ("custom_cnn", "custom_cnn_tuned")
 
 
+@pytest.mark.slow
+def test_a_tuned_model_strictly_better_on_validation_is_served(tmp_path):
+    # a base model that cannot learn in one epoch at a learning rate of 1e-6, against trials that can
+    params = _deep_merge(tiny_tuning_params(max_trials=2, epochs_per_trial=6, space={"width": None,
+                                                                                     "learning_rate": {"min": 0.003, "max": 0.01, "log": True}}),
+                         {"train": {"epochs": 1, "learning_rate": 0.000001}})
+    folder = make_config(tmp_path, params)
+    manifest = Runner(load_config(folder)).run()
+    summary = read_json(Path(manifest["stages"]["select"]["output"]) / c07.TUNING_SUMMARY)
+    assert summary["valid"]["tuned"]["macro_f1"] > summary["valid"]["base"]["macro_f1"], summary["valid"]
+    assert summary["served"] == "tuned" and "better on validation" in summary["reason"]
+    from metal_defect.serving.predictor import Predictor
+
+    store = ArtifactStore(folder / "artifacts")
+    assert store.served()["served"] == "tuned" and store.served()["model_name"] == "custom_cnn_tuned"
+    predictor = Predictor.load(store, None)
+    assert predictor.spec.model_name == "custom_cnn_tuned"
+    assert manifest["metrics"]["best_model"] == "custom_cnn_tuned" and manifest["metrics"]["served"] == "tuned"
+
+
 def _wait_for(predicate, timeout: float, what: str, procs=()) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

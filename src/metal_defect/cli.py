@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", metavar="RUN_ID|DIR", help="predict, ood: the model to measure (default: the served model)")
     bench.add_argument("--size", type=int, default=160, help="model: input size in px (default 160, the auto cap)")
     bench.add_argument("--datasets", default="neu,xsdd,proxy", help="datasets: which data sets (default neu,xsdd,proxy)")
+    bench.add_argument("--tuning", choices=("on", "off"), default="on", help="datasets: with the c07 search (default params: on) or without")
     proxy = sub.add_parser("proxy-data", parents=[common], help="make the offline proxy data set from NEU and its defect boxes",
                            description="Write a data set with the traits of an unseen plant's images (majority 'no defect' class, "
                            "small defects, non-square 222-632 px grayscale images, imbalanced counts) from the NEU images and "

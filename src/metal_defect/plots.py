@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 
 
@@ -186,9 +187,11 @@ def class_mean_images(means: Mapping[str, np.ndarray], counts: Mapping[str, int]
     return _save(fig, path)
 
 
-def tuning_trials(rows: Sequence[Mapping[str, object]], objective: str, influential: str | None, rho: float, path: Path) -> Path:
+def tuning_trials(rows: Sequence[Mapping[str, object]], objective: str, influential: str | None, rho: float, path: Path,
+                  base_value: float | None = None) -> Path:
     """Left: the objective of every trial in order (failed trials as red crosses on the axis, the best
-    marked). Right: the objective against the hyperparameter that rank-correlates most with it."""
+    marked, the base model's value as a line). Right: the objective against the hyperparameter that
+    rank-correlates most with it."""
     done = [r for r in rows if r.get("score") is not None]
     failed = [r for r in rows if r.get("score") is None]
     lower_is_better = objective.endswith("loss")
@@ -205,6 +208,9 @@ def tuning_trials(rows: Sequence[Mapping[str, object]], objective: str, influent
     if failed:
         floor = min(ys) if ys else 0.0
         left.plot([order[r["trial_id"]] for r in failed], [floor] * len(failed), "x", color="red", markersize=10, label=f"failed ({len(failed)})")
+    if base_value is not None:
+        left.axhline(base_value, color="tab:green", lw=1.2, label=f"base model: {base_value:.4f}")
+    left.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     left.set_xlabel("trial (in start order)")
     left.set_ylabel(objective)
     left.set_title(f"{objective} per trial ({'lower' if lower_is_better else 'higher'} is better)")

@@ -98,7 +98,7 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
             plots.training_curves(history, f"{name}: training curves ({info['epochs_run']} epochs, {info['schedule']})",
                                   metrics.caption(results[name]["valid"]["n"], results[name]["valid"]["errors"]), folder / "training_curves.png")
     best = choose_best(results, params.select_metric)
-    log.info("best base model on validation: %s (%s %.4f)", best, params.select_metric, results[best]["valid"][params.select_metric])
+    log.info("best %s model on validation: %s (%s %.4f)", kind, best, params.select_metric, results[best]["valid"][params.select_metric])
     spec = results[best].pop("spec")
     for other in results.values():
         other.pop("spec", None)
@@ -400,7 +400,7 @@ def quality_gate(predictor: Predictor, x_train: np.ndarray, y_train: np.ndarray,
             "seconds": round(time.perf_counter() - started, 2)}
     if reasons:
         log.warning("!" * 78)
-        log.warning("WEAK MODEL: the served model is flagged weak_model on the %s split:", split)
+        log.warning("WEAK MODEL: %s is flagged weak_model on the %s split:", predictor.spec.model_name, split)
         for reason in reasons:
             log.warning("  - %s", reason)
         log.warning("Check the data (labels, class balance, image size) before trusting its answers; see the model card.")

@@ -528,12 +528,24 @@ def most_influential(rows: list[dict[str, Any]]) -> tuple[str | None, float]:
     return best
 
 
-def plot_trials(rows: list[dict[str, Any]], objective: str, path: Path) -> Path:
-    """Objective per trial (failed trials marked) and objective against the most influential hyperparameter."""
+def plot_trials(rows: list[dict[str, Any]], objective: str, path: Path, base_value: float | None = None) -> Path:
+    """Objective per trial (failed trials marked, the base model's value as a line) and objective against the
+    most influential hyperparameter."""
     from metal_defect.plots import tuning_trials
 
     influential, rho = most_influential(rows)
-    return tuning_trials(rows, objective, influential, rho, path)
+    return tuning_trials(rows, objective, influential, rho, path, base_value)
+
+
+def base_objective(trained: Path, model_name: str, objective: str) -> float | None:
+    """The base model's best value of the objective over its training epochs (None when not recorded)."""
+    from metal_defect.components.c06_training import MODELS_DIR
+
+    history_file = Path(trained) / MODELS_DIR / model_name / "history.json"
+    values = [row[objective] for row in (json.loads(history_file.read_text()) if history_file.is_file() else []) if objective in row]
+    if not values:
+        return None
+    return min(values) if objective == "val_loss" else max(values)
 
 
 # ----------------------------------------------------------------------------- the tune stage
@@ -571,7 +583,7 @@ def write_results(io: Any, tuner: Any, job: SearchJob, project: Path, seconds: f
     completed = [r for r in rows if r["score"] is not None]
     failed = [r for r in rows if r["status"] in ("FAILED", "INVALID")]
     if rows:
-        plot_trials(rows, job.tuning.objective, out / TRIALS_PLOT)
+        plot_trials(rows, job.tuning.objective, out / TRIALS_PLOT, base_objective(io.inputs["train"], job.model_name, job.tuning.objective))
     summary: dict[str, Any] = {"enabled": True, "model": job.model_name, "tuner": job.tuning.tuner, "objective": job.tuning.objective,
                                "project": str(project), "search_seconds_this_run": round(seconds, 1), "trials_completed": len(completed),
                                "trials_failed": len(failed), "best_hyperparameters": None, "tuned_model": None,
