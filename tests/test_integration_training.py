@@ -21,6 +21,7 @@ def neu_run(tmp_path_factory, neu_images):
         "train": {"epochs": 4, "min_steps": 0, "verbose": 2},
         "callbacks": {"tensorboard": False},
         "evaluation": {"bootstrap_samples": 200},
+        "tuning": {"enabled": False},  # the search has its own tests on synthetic data
     })
     return folder, Runner(load_config(folder)).run()
 

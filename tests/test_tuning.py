@@ -182,12 +182,25 @@ def test_a_killed_search_resumes_without_redoing_finished_trials(tmp_path):
     folder = make_config(tmp_path, tiny_tuning_params(max_trials=3, epochs_per_trial=6))
     runner = _main("run", "--config", str(folder), log=tmp_path / "first.log")
     root = folder / "artifacts" / "tuning"
+
+    def finished() -> dict[str, str]:
+        """Trials the oracle recorded as completed (Keras Tuner's trial.json), with the start our record noted."""
+        done = {}
+        for path in root.glob("*/trial_*/trial.json"):
+            record = path.parent / c07.TRIAL_RECORD
+            try:
+                if json.loads(path.read_text())["status"] == "COMPLETED" and record.is_file():
+                    done[path.parent.name] = read_json(record)["started"]
+            except (ValueError, KeyError):  # being written
+                continue
+        return done
+
     try:
-        _wait_for(lambda: len(list(root.glob("*/trial_*/metal_defect_trial.json"))) >= 1, 300, "the first finished trial", [runner])
+        _wait_for(lambda: len(finished()) >= 1, 300, "the first finished trial", [runner])
     finally:
         os.killpg(runner.pid, signal.SIGKILL)
         runner.wait()
-    first = {p.parent.name: read_json(p)["started"] for p in root.glob("*/trial_*/metal_defect_trial.json")}
+    first = finished()
     assert first and len(first) < 3, first
     manifest = Runner(load_config(folder)).run()
     assert manifest["status"] == "succeeded"
