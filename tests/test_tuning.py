@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, TINY_SCHEMA, _deep_merge, tiny_training_params, write_config
 
@@ -157,6 +158,26 @@ def test_a_tuned_model_strictly_better_on_validation_is_served(tmp_path):
     predictor = Predictor.load(store, None)
     assert predictor.spec.model_name == "custom_cnn_tuned"
     assert manifest["metrics"]["best_model"] == "custom_cnn_tuned" and manifest["metrics"]["served"] == "tuned"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tuner", ["bayesian", "hyperband"])
+def test_each_tuner_runs_a_search_with_the_same_outputs(tmp_path, tuner):
+    folder = make_config(tmp_path, tiny_tuning_params(tuner=tuner, max_trials=2, epochs_per_trial=3), per_class=10)
+    config = load_config(folder)
+    manifest = Runner(config).run("data_preprocessing")
+    prepared = Path(manifest["stages"]["data_preprocessing"]["output"])
+    recipe = c07.Recipe(config.base, config.data_loader, config.model, config.callbacks, config.train)
+    job = c07.SearchJob("custom_cnn", recipe, config.tuning, prepared, c07.data_fingerprint(prepared))
+    project = tmp_path / "tuning" / job.key
+    tuner_object = c07.search(job, project)
+    rows = c07.trial_rows(tuner_object, project, "val_loss")
+    assert rows and all(r["status"] == "COMPLETED" and r["score"] > 0 for r in rows)
+    assert list(rows[0])[: len(TRIAL_COLUMNS)] == TRIAL_COLUMNS
+    if tuner == "hyperband":  # brackets: later trials continue from an earlier trial's weights
+        assert any("tuner/trial_id" in t.hyperparameters.values for t in tuner_object.oracle.trials.values())
+    best = tuner_object.oracle.get_best_trials(1)[0]
+    assert tuner_object.load_model(best).predict(np.zeros((1, 32, 32, 1), np.uint8), verbose=0).shape == (1, 3)
 
 
 def _wait_for(predicate, timeout: float, what: str, procs=()) -> None:
