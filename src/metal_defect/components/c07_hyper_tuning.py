@@ -364,7 +364,7 @@ def train_trial(trial_dir: Path) -> dict[str, list[float]]:
 
     from metal_defect.components.c03_dataset_loader import build_datasets
     from metal_defect.components.c05_callbacks import HISTORY_CSV, DeadlineStop, make_callbacks
-    from metal_defect.components.c06_training import scaled_patience
+    from metal_defect.components.c06_training import make_strategy, scaled_patience
     from metal_defect.config import parse_section
 
     spec = art.read_json(trial_dir / TRIAL_SPEC)
@@ -375,9 +375,10 @@ def train_trial(trial_dir: Path) -> dict[str, list[float]]:
     prepared = Path(spec["prepared"])
     keras.utils.set_random_seed(recipe.base.seed)
     setup = trial_setup(prepared, recipe)
-    model = build_trial_model(spec["model_name"], recipe, setup, spec["schedule_epochs"])
-    if spec.get("resume_from"):
-        model.load_weights(spec["resume_from"])
+    with make_strategy(recipe.train.strategy).scope():  # a worker's local GPUs (MirroredStrategy over 2 or more), as in training
+        model = build_trial_model(spec["model_name"], recipe, setup, spec["schedule_epochs"])
+        if spec.get("resume_from"):
+            model.load_weights(spec["resume_from"])
     data = build_datasets(prepared, recipe.data_loader, recipe.base.seed, splits=("train", "valid"))
     params = dataclasses.replace(scaled_patience(recipe.callbacks, spec["schedule_epochs"], recipe.train.epochs), tensorboard=False,
                                  backup_and_restore=False)
