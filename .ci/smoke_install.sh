@@ -27,6 +27,7 @@ params = yaml.safe_load((cfg / "params.yaml").read_text())
 params["base"]["image_size"] = 32
 params["data_ingestion"]["source"] = str(data)
 params["train"].update(epochs=2, min_steps=0, verbose=0)
+params["tuning"].update(max_trials=2, epochs_per_trial=2)  # the search runs (keras-tuner installed and working), briefly
 params["evaluation"]["annotations"] = None
 (cfg / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 schema = yaml.safe_load((cfg / "schema.yaml").read_text())
