@@ -61,6 +61,7 @@ from metal_defect.config import (
     TrainParams,
     TuningParams,
     fingerprint_of,
+    to_plain,
 )
 from metal_defect.errors import ArtifactError, ConfigError, DataError
 
@@ -158,19 +159,13 @@ class SearchJob:
     @property
     def recipe_fingerprint(self) -> str:
         """Covers everything that changes what a trial computes (not the budget, not `enabled`)."""
-        tuning = {k: v for k, v in art_plain(self.tuning).items() if k not in ("enabled", "max_minutes", "model")}
-        return fingerprint_of({"model": self.model_name, "tuning": tuning, "recipe": art_plain(self.recipe)})[:16]
+        tuning = {k: v for k, v in to_plain(self.tuning).items() if k not in ("enabled", "max_minutes", "model")}
+        return fingerprint_of({"model": self.model_name, "tuning": tuning, "recipe": to_plain(self.recipe)})[:16]
 
     @property
     def key(self) -> str:
         """The project folder name: a changed space, recipe or data starts a new search."""
         return f"{self.model_name}-{fingerprint_of([self.recipe_fingerprint, self.data_fingerprint])[:12]}"
-
-
-def art_plain(value: Any) -> Any:
-    from metal_defect.config import to_plain
-
-    return to_plain(value)
 
 
 def data_fingerprint(prepared: Path) -> str:
@@ -292,7 +287,7 @@ def build_tuner(job: SearchJob, project: Path, deadline: float | None) -> Any:
             values = trial.hyperparameters.values
             trial_dir = Path(self.get_trial_dir(trial.trial_id))
             resume = values.get("tuner/trial_id")  # hyperband: continue from an earlier bracket's weights
-            spec = {"model_name": job.model_name, "recipe": art_plain(job.recipe), "prepared": str(job.prepared), "values": _shown(values),
+            spec = {"model_name": job.model_name, "recipe": to_plain(job.recipe), "prepared": str(job.prepared), "values": _shown(values),
                     "epochs": int(values.get("tuner/epochs", epochs)), "schedule_epochs": epochs,
                     "initial_epoch": int(values.get("tuner/initial_epoch", 0)), "deadline": deadline, "objective": job.tuning.objective,
                     "checkpoint": self._get_checkpoint_fname(trial.trial_id),
@@ -447,7 +442,7 @@ def write_job(project: Path, job: SearchJob, deadline: float | None) -> None:
     project.mkdir(parents=True, exist_ok=True)
     art.write_json_atomic(project / JOB_FILE, {"model": job.model_name, "recipe_fingerprint": job.recipe_fingerprint,
                                                "data_fingerprint": job.data_fingerprint, "deadline": deadline,
-                                               "tuning": art_plain(job.tuning)})
+                                               "tuning": to_plain(job.tuning)})
 
 
 def search(job: SearchJob, project: Path) -> Any:
