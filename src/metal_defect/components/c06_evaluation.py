@@ -4,8 +4,8 @@ The choice uses validation only (macro F1, ties by lower validation log loss); t
 split is touched once, for the chosen model. Every figure states n, the error count and a
 95 % Wilson interval. A temperature fitted on validation is stored with the model when it
 lowers the validation negative log-likelihood. The chosen model, its input contract,
-temperature and model card are written as a self-contained bundle (`served/`), which the
-runner then names as the served model.
+temperature and model card are written as a self-contained bundle (`served/`); the select
+stage (c07) decides whether it or a tuned model is served.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from metal_defect import baselines, metrics, plots
-from metal_defect.artifacts import ArtifactStore, read_json, write_json_atomic
+from metal_defect.artifacts import read_json, write_json_atomic
 from metal_defect.components.c01_data_ingestion import REPORT_FILE as INGESTION_REPORT
 from metal_defect.components.c02_data_preprocessing import RECORDS_FILE
 from metal_defect.components.c02_data_preprocessing import REPORT_FILE as PREPROCESSING_REPORT
@@ -36,7 +36,6 @@ from metal_defect.serving.bundle import (
     OodSpec,
     ServingSpec,
     load_model,
-    pointer_value,
     write_manifest,
     write_spec,
 )
@@ -585,19 +584,6 @@ def _verdict_text(spec: ServingSpec, verdicts: dict[str, Any]) -> str:
 
 def _macs(counts: dict[str, Any]) -> str:
     return f", {counts['multiply_adds'] / 1e6:.0f} M multiply-adds per image" if counts.get("multiply_adds") else ""
-
-
-def publish(store: ArtifactStore, run_id: str, output: Path) -> dict[str, Any]:
-    """Point the served model at this evaluation's bundle (written atomically)."""
-    best = read_json(output / BEST_FILE)
-    pointer = {"run_id": run_id, "bundle": pointer_value(store, output / BUNDLE_DIR), "model_name": best["name"], "temperature": best["temperature"],
-               "valid": best["valid"], "test": best["test"], "weak_model": best.get("weak_model", False), "weak_reasons": best.get("weak_reasons", []),
-               "promoted": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
-    store.set_served(pointer)
-    log.info("served model is now %s from run %s", best["name"], run_id)
-    if pointer["weak_model"]:
-        log.warning("the served model is flagged weak_model: %s", "; ".join(pointer["weak_reasons"]))
-    return pointer
 
 
 def evaluate_folder(folder: Path, predictor: Predictor, config: Any, out_dir: Path) -> dict[str, Any]:
