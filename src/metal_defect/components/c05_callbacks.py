@@ -54,13 +54,22 @@ def learning_rate(params: CallbacksParams, base_lr: float, steps_per_epoch: int,
     return keras.optimizers.schedules.CosineDecay(base_lr, decay_steps=total)
 
 
+def monitor_mode(monitor: str) -> str:
+    """'max' for an accuracy, 'min' for a loss: the direction in which `monitor` improves."""
+    return "max" if "acc" in monitor else "min"
+
+
+def best_of(values: list[float], monitor: str) -> float | None:
+    """The best of `values` of `monitor` (None for none)."""
+    if not values:
+        return None
+    return max(values) if monitor_mode(monitor) == "max" else min(values)
+
+
 def best_so_far(csv_path: Path, monitor: str) -> float | None:
     """The best value of `monitor` in an existing CSV log (None when there is none)."""
     rows = read_history(csv_path)
-    values = [row[monitor] for row in rows if monitor in row]
-    if not values:
-        return None
-    return max(values) if "acc" in monitor else min(values)
+    return best_of([row[monitor] for row in rows if monitor in row], monitor)
 
 
 def read_history(csv_path: Path) -> list[dict[str, float]]:
@@ -85,11 +94,9 @@ class DeadlineStop(keras.callbacks.Callback):
     def __init__(self, deadline: float):
         super().__init__()
         self.deadline = deadline
-        self.stopped = False
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if time.time() >= self.deadline:
-            self.stopped = True
             self.model.stop_training = True
 
 
@@ -101,7 +108,7 @@ def make_callbacks(params: CallbacksParams, work_dir: Path, checkpoint: bool = T
     work_dir.mkdir(parents=True, exist_ok=True)
     callbacks: list[keras.callbacks.Callback] = [EpochTimer(), LearningRateLogger()]
     monitor = params.checkpoint_monitor
-    mode = "max" if "acc" in monitor else "min"
+    mode = monitor_mode(monitor)
     if checkpoint:
         threshold = best_so_far(work_dir / HISTORY_CSV, monitor)
         if threshold is not None:
@@ -110,7 +117,7 @@ def make_callbacks(params: CallbacksParams, work_dir: Path, checkpoint: bool = T
                                                          save_best_only=True, initial_value_threshold=threshold))
     if params.early_stopping.enabled:
         es = params.early_stopping
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=es.monitor, mode="max" if "acc" in es.monitor else "min",
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=es.monitor, mode=monitor_mode(es.monitor),
                                                        patience=es.patience, restore_best_weights=False))
     if params.lr_schedule == "plateau":
         p = params.plateau

@@ -44,8 +44,13 @@ from metal_defect.serving.predictor import OUT_OF_DISTRIBUTION, UNCERTAIN, Predi
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "base_models_metrics.json"  # = metrics_files("base")
-BEST_FILE = "best_base_model.json"
+
+def metrics_files(kind: str) -> tuple[str, str]:
+    """(all models' metrics, the chosen model's record) file names for base or tuned models."""
+    return f"{kind}_models_metrics.json", f"best_{kind}_model.json"
+
+
+BEST_FILE = metrics_files("base")[1]
 GATE_FILE = "quality_gate.json"
 OOD_MAX_REFERENCE = 20000  # training images kept as the OOD reference (a random subset above this)
 BASELINE_MAX_TRAIN = 5000  # the classical baseline fits on at most this many training images (seconds, not minutes)
@@ -171,11 +176,6 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
                  metrics.caption(test_report["n"], test_report["errors"]), test_report["macro_f1"],
                  100 * test_report["verdicts"]["flagged_share"], test_report["verdicts"]["uncertain"], test_report["verdicts"]["out_of_distribution"])
     return {"metrics": headline, "temperature": temperature}
-
-
-def metrics_files(kind: str) -> tuple[str, str]:
-    """(all models' metrics, the chosen model's record) file names for base or tuned models."""
-    return f"{kind}_models_metrics.json", f"best_{kind}_model.json"
 
 
 def fit_verdicts(predictor: Predictor, x_train: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray, params: EvaluationParams) -> tuple[ServingSpec, ood.OodScorer, dict[str, Any]]:
