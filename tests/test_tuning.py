@@ -72,6 +72,15 @@ def test_space_is_read_from_params_and_lands_in_the_recipe(tmp_path):
     assert "fine_tune_layers" in {p.name for p in transfer_hp.space} and "blocks" not in {p.name for p in transfer_hp.space}
 
 
+def test_the_trial_setup_reaches_the_trial_process_unchanged():
+    import dataclasses
+
+    setup = c07.TrialSetup((32, 32, 1), 3, 40, (0.41, 0.12), {0: 0.8, 1: 1.3, 2: 1.0})
+    assert c07.TrialSetup.from_json(json.loads(json.dumps(dataclasses.asdict(setup)))) == setup
+    unweighted = dataclasses.replace(setup, class_weights=None)
+    assert c07.TrialSetup.from_json(json.loads(json.dumps(dataclasses.asdict(unweighted)))) == unweighted
+
+
 def test_scaled_filters_extend_cut_and_widen():
     assert c07.scaled_filters([32, 64, 128, 256], 5, None) == [32, 64, 128, 256, 512]
     assert c07.scaled_filters([32, 64, 128, 512], 6, None) == [32, 64, 128, 512, 512, 512]  # capped

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from metal_defect.errors import ConfigError, MetalDefectError
+from metal_defect.errors import MetalDefectError
 
 log = logging.getLogger("metal_defect.cli")
 
@@ -258,10 +258,9 @@ def _dispatch(args: argparse.Namespace, config: Any) -> int:
         from metal_defect.pipeline import Runner
 
         if args.tune_chief:
-            host, _, port = args.tune_chief.rpartition(":")
-            if not host or not port.isdigit():
-                raise ConfigError(f"--tune-chief {args.tune_chief}: expected HOST:PORT, e.g. 0.0.0.0:8000")
-            os.environ.update({"KERASTUNER_TUNER_ID": "chief", "KERASTUNER_ORACLE_IP": host, "KERASTUNER_ORACLE_PORT": port})
+            from metal_defect.components.c07_hyper_tuning import join_search
+
+            join_search("chief", args.tune_chief, "--tune-chief")
         manifest = Runner(config, command="run").run(args.stages, args.force)
         return 0 if manifest["status"] == "succeeded" else 1
     if args.command == "tune-worker":

@@ -275,16 +275,15 @@ class SearchSpaceParams:
 
     def check(self, key: str) -> list[str]:
         problems = []
-        for name, (low, high) in SEARCH_BOUNDS.items():
-            value = getattr(self, name)
-            values = [value.min, value.max] if isinstance(value, RangeParam) else value or []
-            if isinstance(value, list) and not value:
+        for name, value in self.searched().items():
+            if value == []:
                 problems.append(f"{key}.{name}: an empty list; give values to choose from, or null to leave it out of the search")
-            bad = [v for v in values if v is not None and not low <= v <= high]
-            if bad:
-                problems.append(f"{key}.{name}: {bad} outside {low:g}..{high:g}")
-        if isinstance(self.pooling, list) and not self.pooling:
-            problems.append(f"{key}.pooling: an empty list; give values to choose from, or null to leave it out of the search")
+            if name in SEARCH_BOUNDS:
+                low, high = SEARCH_BOUNDS[name]
+                values = [value.min, value.max] if isinstance(value, RangeParam) else value
+                bad = [v for v in values if v is not None and not low <= v <= high]
+                if bad:
+                    problems.append(f"{key}.{name}: {bad} outside {low:g}..{high:g}")
         return problems
 
     def searched(self) -> dict[str, Any]:

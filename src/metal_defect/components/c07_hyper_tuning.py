@@ -74,7 +74,6 @@ TRIALS_PLOT = "trials.png"
 BEST_HP_FILE = "best_hyperparameters.json"
 EVALUATION_DIR = "evaluation"
 ACTIVE_FILE = "active.json"  # in paths.tuning: the search a chief serves now (read by workers)
-JOB_FILE = "job.json"  # in a project folder: what is searched, on which data
 TRIAL_RECORD = "metal_defect_trial.json"  # in a trial folder: worker, duration, status, error
 TUNING_SUMMARY = "tuning_summary.json"
 SERVED_RECORD = "served_model.json"
@@ -203,9 +202,10 @@ class BudgetMixin:
 
 def make_oracle(tuning: TuningParams, deadline: float | None) -> Any:
     """The oracle for tuning.tuner, with the budget."""
+    from metal_defect.components.c05_callbacks import monitor_mode
+
     kt = _keras_tuner()
-    direction = "min" if tuning.objective == "val_loss" else "max"
-    common = {"objective": kt.Objective(tuning.objective, direction), "seed": tuning.seed, "max_retries_per_trial": 0,
+    common = {"objective": kt.Objective(tuning.objective, monitor_mode(tuning.objective)), "seed": tuning.seed, "max_retries_per_trial": 0,
               "max_consecutive_failed_trials": tuning.max_consecutive_failed_trials}
     if tuning.tuner == "hyperband":
         base, extra = kt.oracles.HyperbandOracle, {"max_epochs": tuning.epochs_per_trial, "factor": 3, "hyperband_iterations": 1}
@@ -226,6 +226,13 @@ class TrialSetup:
     n_train: int
     pixel_stats: tuple[float, float]
     class_weights: dict[int, float] | None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TrialSetup:
+        """From `dataclasses.asdict` through JSON (lists for tuples, string keys for the class weights)."""
+        weights = data["class_weights"]
+        return cls(tuple(data["image_shape"]), data["n_classes"], data["n_train"], tuple(data["pixel_stats"]),
+                   {int(k): float(v) for k, v in weights.items()} if weights is not None else None)
 
 
 def trial_setup(prepared: Path, recipe: Recipe) -> TrialSetup:
@@ -268,6 +275,8 @@ def build_tuner(job: SearchJob, project: Path, deadline: float | None) -> Any:
     kt = _keras_tuner()
     import keras
 
+    from metal_defect.components.c05_callbacks import best_of
+
     setup = trial_setup(job.prepared, job.recipe)
     epochs = job.tuning.epochs_per_trial
 
@@ -288,6 +297,7 @@ def build_tuner(job: SearchJob, project: Path, deadline: float | None) -> Any:
             trial_dir = Path(self.get_trial_dir(trial.trial_id))
             resume = values.get("tuner/trial_id")  # hyperband: continue from an earlier bracket's weights
             spec = {"model_name": job.model_name, "recipe": to_plain(job.recipe), "prepared": str(job.prepared), "values": _shown(values),
+                    "setup": dataclasses.asdict(setup),
                     "epochs": int(values.get("tuner/epochs", epochs)), "schedule_epochs": epochs,
                     "initial_epoch": int(values.get("tuner/initial_epoch", 0)), "deadline": deadline, "objective": job.tuning.objective,
                     "checkpoint": self._get_checkpoint_fname(trial.trial_id),
@@ -306,7 +316,7 @@ def build_tuner(job: SearchJob, project: Path, deadline: float | None) -> Any:
                 log.warning("trial %s FAILED after %.1f s: %s", trial.trial_id, record["duration_s"], str(exc).splitlines()[-1][:300])
                 raise kt.errors.FailedTrialError(record["error"]) from exc
             scores = history.get(job.tuning.objective, [])
-            best = (min(scores) if job.tuning.objective == "val_loss" else max(scores)) if scores else None
+            best = best_of(scores, job.tuning.objective)
             record |= {"status": "COMPLETED", "duration_s": round(time.monotonic() - started, 2), "epochs": len(scores), job.tuning.objective: best,
                        "rss_mb": resident_mb()}
             art.write_json_atomic(trial_dir / TRIAL_RECORD, record)
@@ -358,7 +368,7 @@ def train_trial(trial_dir: Path) -> dict[str, list[float]]:
     import keras
 
     from metal_defect.components.c03_dataset_loader import build_datasets
-    from metal_defect.components.c05_callbacks import HISTORY_CSV, DeadlineStop, make_callbacks
+    from metal_defect.components.c05_callbacks import HISTORY_CSV, DeadlineStop, make_callbacks, monitor_mode
     from metal_defect.components.c06_training import make_strategy, scaled_patience
     from metal_defect.config import parse_section
 
@@ -369,7 +379,7 @@ def train_trial(trial_dir: Path) -> dict[str, list[float]]:
     recipe = apply_hyperparameters(recipe, spec["values"])
     prepared = Path(spec["prepared"])
     keras.utils.set_random_seed(recipe.base.seed)
-    setup = trial_setup(prepared, recipe)
+    setup = TrialSetup.from_json(spec["setup"])  # computed once by the parent, not again in every trial
     with make_strategy(recipe.train.strategy).scope():  # a worker's local GPUs (MirroredStrategy over 2 or more), as in training
         model = build_trial_model(spec["model_name"], recipe, setup, spec["schedule_epochs"])
         if spec.get("resume_from"):
@@ -380,7 +390,7 @@ def train_trial(trial_dir: Path) -> dict[str, list[float]]:
     (trial_dir / HISTORY_CSV).unlink(missing_ok=True)  # a re-run trial starts its log again
     callbacks = make_callbacks(params, trial_dir, checkpoint=False)
     objective = spec["objective"]
-    callbacks.insert(0, keras.callbacks.ModelCheckpoint(spec["checkpoint"], monitor=objective, mode="min" if objective == "val_loss" else "max",
+    callbacks.insert(0, keras.callbacks.ModelCheckpoint(spec["checkpoint"], monitor=objective, mode=monitor_mode(objective),
                                                         save_best_only=True, save_weights_only=True))
     if spec.get("deadline"):
         callbacks.append(DeadlineStop(spec["deadline"]))
@@ -427,6 +437,15 @@ def _format(values: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- running a search
+def join_search(tuner_id: str, address: str, option: str) -> None:
+    """Set Keras Tuner's three environment variables for this process: `tuner_id` ('chief' or a worker id)
+    and the oracle's HOST:PORT (`option` names where the address came from, for the error message)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{option} {address}: expected HOST:PORT, e.g. 10.0.0.5:8000")
+    os.environ.update({"KERASTUNER_TUNER_ID": tuner_id, "KERASTUNER_ORACLE_IP": host, "KERASTUNER_ORACLE_PORT": port})
+
+
 def distributed_role() -> str:
     """local, chief or worker, from Keras Tuner's environment variables."""
     if "KERASTUNER_ORACLE_IP" not in os.environ:
@@ -438,18 +457,10 @@ def distributed_role() -> str:
     return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
 
 
-def write_job(project: Path, job: SearchJob, deadline: float | None) -> None:
-    project.mkdir(parents=True, exist_ok=True)
-    art.write_json_atomic(project / JOB_FILE, {"model": job.model_name, "recipe_fingerprint": job.recipe_fingerprint,
-                                               "data_fingerprint": job.data_fingerprint, "deadline": deadline,
-                                               "tuning": to_plain(job.tuning)})
-
-
 def search(job: SearchJob, project: Path) -> Any:
     """Run (or resume) the search in `project`; returns the tuner (on a chief: after every worker finished)."""
     role = distributed_role()
     deadline = time.time() + job.tuning.max_minutes * 60
-    write_job(project, job, deadline)
     tuner = build_tuner(job, project, deadline)
     finished = sum(t.status in ("COMPLETED", "FAILED", "INVALID") for t in tuner.oracle.trials.values())
     log.info("tuning %s (%s, %s): project %s; %d finished trial(s) kept; budget %.0f min; %s", job.model_name, job.tuning.tuner,
@@ -538,10 +549,9 @@ def base_objective(trained: Path, model_name: str, objective: str) -> float | No
     from metal_defect.components.c06_training import MODELS_DIR
 
     history_file = Path(trained) / MODELS_DIR / model_name / "history.json"
-    values = [row[objective] for row in (json.loads(history_file.read_text()) if history_file.is_file() else []) if objective in row]
-    if not values:
-        return None
-    return min(values) if objective == "val_loss" else max(values)
+    from metal_defect.components.c05_callbacks import best_of
+
+    return best_of([row[objective] for row in (json.loads(history_file.read_text()) if history_file.is_file() else []) if objective in row], objective)
 
 
 # ----------------------------------------------------------------------------- the tune stage
@@ -600,17 +610,18 @@ def write_results(io: Any, tuner: Any, job: SearchJob, project: Path, seconds: f
     tuned.save(target / MODEL_FILE)
     history = [{**row, "phase": "trial", "global_epoch": i + 1} for i, row in enumerate(read_history(project / f"trial_{best.trial_id}" / HISTORY_CSV))]
     (target / "history.json").write_text(json.dumps(history, indent=1))
-    from metal_defect.components.c04_model_builder import parameter_counts
+    from metal_defect.components.c03_dataset_loader import read_records
+    from metal_defect.components.c04_model_builder import CUSTOM, parameter_counts
 
     transfer_weights = job.recipe.model.transfer.weights
-    pretrained = job.model_name != "custom_cnn" and transfer_weights != "none"
+    pretrained = job.model_name != CUSTOM and transfer_weights != "none"
     seconds_per_epoch = [row["epoch_seconds"] for row in history[1:] if "epoch_seconds" in row]
     info = {"name": tuned_name, "pretrained": pretrained, "weights": transfer_weights if pretrained else "random",
             "schedule": "one tuning trial", "phases": ["trial"], "epochs_run": len(history),
             "median_epoch_seconds": round(float(np.median(seconds_per_epoch)), 3) if seconds_per_epoch else None,
             "strategy": "default (one device)", "replicas": 1, "trial_id": best.trial_id, "hyperparameters": values,
             "parameters": parameter_counts(tuned)}
-    art.write_json_atomic(out / TRAIN_SUMMARY, {"models": {tuned_name: info}, "class_names": art.read_json(job.prepared / "records.json")["classes"],
+    art.write_json_atomic(out / TRAIN_SUMMARY, {"models": {tuned_name: info}, "class_names": read_records(job.prepared)["classes"],
                                                 "image_shape": list(tuned.input_shape[1:])})
     summary |= {"best_hyperparameters": values, "best_trial": best.trial_id, "best_score": best.score, "tuned_model": tuned_name}
     art.write_json_atomic(out / SEARCH_FILE, summary)
@@ -744,17 +755,13 @@ def take_trials(job: SearchJob, active: Mapping[str, Any], project: Path, chief:
         raise ConfigError(f"tune-worker refuses to take trials: its training recipe or search settings (fingerprint {job.recipe_fingerprint}) "
                           f"differ from the chief's ({active['recipe_fingerprint']}); use the same params.yaml as the chief")
     address = chief or active["chief"]
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"tune-worker --chief {address}: expected HOST:PORT, e.g. 10.0.0.5:8000")
     worker_id = worker_id or f"worker-{socket.gethostname()}-{os.getpid()}"
     if "chief" in worker_id:
         raise ConfigError(f"tune-worker --id {worker_id}: a worker id must not contain 'chief' (Keras Tuner would take it for the chief)")
-    os.environ.update({"KERASTUNER_TUNER_ID": worker_id, "KERASTUNER_ORACLE_IP": host, "KERASTUNER_ORACLE_PORT": port})
+    join_search(worker_id, address, "tune-worker --chief")
     runtime.import_tensorflow()
-    deadline = art.read_json(project / JOB_FILE).get("deadline") if (project / JOB_FILE).is_file() else None
     log.info("tune-worker %s: taking trials from the chief at %s (project %s)", worker_id, address, project)
-    tuner = build_tuner(job, project, deadline)
+    tuner = build_tuner(job, project, active.get("deadline"))
     tuner.search(verbose=0)
     ran = [p.parent.name for p in project.glob(f"trial_*/{TRIAL_RECORD}") if art.read_json(p).get("worker") == worker_id]
     log.info("tune-worker %s: the chief has no more trials; this worker ran %d: %s", worker_id, len(ran), ", ".join(sorted(ran)) or "none")
