@@ -40,7 +40,10 @@ def test_bundle_holds_a_versioned_spec_fitted_thresholds_and_no_pickle(tiny):
     assert 0.0 <= spec.uncertain_threshold < 1.0 and "validation" in spec.uncertain_rule
     assert not list(bundle.glob("*.joblib")) and not list(bundle.glob("*.pkl"))
     files = bundles.verify_bundle(bundle)
-    assert set(files) >= {"model.keras", "serving.json", "ood_reference.npy", "ood_statistics.npy", "model_card.md", "metrics.json"}
+    assert set(files) >= {"model.keras", "serving.json", "ood_reference.npy", "ood_statistics.npy", "ood_texture.npy",
+                          "ood_texture_inverted.npy", "model_card.md", "metrics.json"}
+    assert spec.ood.texture_layer and spec.ood.texture_threshold > 0 and spec.ood.polarity_threshold > 0
+    assert len(spec.ood.texture_mean) == len(spec.ood.texture_scale) == np.load(bundle / "ood_texture.npy").shape[1]
     assert "out of distribution" in (bundle / "model_card.md").read_text().lower()
 
 
@@ -125,9 +128,58 @@ def test_uncertain_follows_the_threshold_and_ood_the_score(tiny):
     # the verdict rule on constructed probabilities and scores
     probs = np.array([[0.5, 0.3, 0.2], [0.98, 0.01, 0.01], [0.98, 0.01, 0.01]])
     scores = np.array([0.0, 0.0, 1.01])  # the OOD score is relative: above 1 is out of distribution
-    answers = predictor._answers(probs, scores, 0.6, ["a", "b", "c"], None)
+    answers = predictor._answers(probs, (scores, ["semantic", "texture", "polarity"]), 0.6, ["a", "b", "c"], None)
     assert [a.verdict for a in answers] == [UNCERTAIN, "crazing", OUT_OF_DISTRIBUTION]
     assert [a.label for a in answers] == ["crazing"] * 3
+    assert answers[2].ood_part == "polarity" and "negatives" in answers[2].reason
+
+
+def test_inverted_images_are_out_of_distribution_where_polarity_is_evidence(tiny, tmp_path):
+    # new images of each class (not the training files, whose exact negatives are the polarity reference):
+    # synthetic crazing is dark and patches bright, so their negatives look like no training image
+    predictor = tiny["predictor"]
+    size = Image.open(_sample(tiny)[0]).size[0]
+    rng = np.random.default_rng(123)
+    for index, label in enumerate(synthetic.CLASSES):
+        images = np.stack([synthetic.texture(index, len(synthetic.CLASSES), size, rng) for _ in range(6)])[..., None]
+        originals, inverted = predictor.answer_arrays(images), predictor.answer_arrays(255 - images)
+        assert not any(a.verdict == OUT_OF_DISTRIBUTION for a in originals), (label, [(a.ood_score, a.ood_part) for a in originals])
+        if label != "inclusion":  # mid-grey: its negative is nearly its own texture, so no verdict is asserted
+            assert all(a.verdict == OUT_OF_DISTRIBUTION for a in inverted), (label, [(a.ood_score, a.ood_part) for a in inverted])
+
+
+def test_a_bundle_from_before_the_texture_part_still_answers(tiny, tmp_path):
+    copy = tmp_path / "v2"
+    shutil.copytree(tiny["bundle"], copy)
+    spec = json.loads((copy / "serving.json").read_text())
+    for key in ("texture_layer", "texture_threshold", "polarity_threshold", "texture_mean", "texture_scale"):
+        spec["ood"].pop(key)
+    (copy / "serving.json").write_text(json.dumps(spec | {"spec_version": 2}))
+    (copy / bundles.OOD_TEXTURE).unlink()
+    (copy / bundles.OOD_TEXTURE_INVERTED).unlink()
+    (copy / bundles.MANIFEST).unlink()
+    bundles.write_manifest(copy)
+    old = Predictor.from_bundle(copy)
+    assert old.scorer.texture is None and len(old.scorer.thresholds) == 2
+    answers = old.answer_paths(_sample(tiny, "crazing", 3))
+    assert all(a.error is None and a.ood_score is not None and a.ood_part in ("semantic", "statistics") for a in answers)
+
+
+def test_ood_scorer_parts_by_hand():
+    # penultimate part: 2 columns; texture part: 1 column; k = 1
+    train_features = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 3.0]])
+    inverted_features = np.array([[1.0, 0.0, -1.0], [0.0, 1.0, -3.0]])
+    images = np.full((2, 8, 8, 1), 100, np.uint8)
+    images[1, ::2] = 140
+    scorer = ood.fit_scorer(train_features, images, 1, penultimate_size=2, inverted_features=inverted_features)
+    # texture standardised by the training mean 2 and std 1: training at -1, +1; negatives at -3, -5
+    assert scorer.texture[:, 0].tolist() == pytest.approx([-1.0, 1.0]) and scorer.texture_inverted[:, 0].tolist() == pytest.approx([-3.0, -5.0])
+    parts = scorer.components(np.array([[1.0, 0.0, 2.5], [1.0, 0.0, -1.5]]), images[:1].repeat(2, axis=0))
+    # texture z = 0.5: nearest training +1 (0.5), nearest negative -3 (3.5); z = -3.5: training -1 (2.5), negative -3 (0.5)
+    assert parts[:, 2].tolist() == pytest.approx([0.5, 2.5]) and parts[:, 3].tolist() == pytest.approx([0.5 / 3.5, 2.5 / 0.5])
+    scorer.set_thresholds(np.array([[0.1, 1.0, 1.0, 1.0], [0.2, 2.0, 0.5, 0.5]]), 1.0)  # thresholds: the column maxima
+    assert scorer.thresholds == (0.2, 2.0, 1.0, 1.0)
+    assert scorer.combine(parts).tolist() == pytest.approx([0.5, 5.0]) and scorer.deciding(parts) == ["texture", "polarity"]
 
 
 def test_knn_score_and_uncertainty_rule_by_hand():

@@ -7,6 +7,8 @@ Layout (every file listed with its sha256 in `bundle_manifest.json`, checked on 
     model.keras         the Keras model (loaded with safe_mode: no code from the file runs)
     ood_reference.npy   normalised penultimate features of the training images (no pickle)
     ood_statistics.npy  their standardised image statistics (no pickle)
+    ood_texture.npy, ood_texture_inverted.npy
+                        their standardised texture statistics, and their negatives' (no pickle)
     model_card.md       what the model is, how good, where it fails
     metrics.json        headline metrics (validation, test, quality gate)
     model.tflite        optional: the LiteRT export (written by `main.py export`)
@@ -26,7 +28,7 @@ from typing import Any
 from metal_defect.artifacts import ArtifactStore, read_json, sha256_file, write_json_atomic
 from metal_defect.errors import ArtifactError
 
-SPEC_VERSION = 2
+SPEC_VERSION = 3
 BUNDLE_DIR = "served"
 SERVING_SPEC = "serving.json"
 MODEL_FILE = "model.keras"
@@ -35,6 +37,8 @@ MODEL_CARD = "model_card.md"
 METRICS_FILE = "metrics.json"
 OOD_REFERENCE = "ood_reference.npy"  # normalised penultimate features of the training images
 OOD_STATISTICS = "ood_statistics.npy"  # their standardised image statistics
+OOD_TEXTURE = "ood_texture.npy"  # their standardised texture statistics (spec_version 3)
+OOD_TEXTURE_INVERTED = "ood_texture_inverted.npy"  # the same of their negatives (255 - pixels)
 MANIFEST = "bundle_manifest.json"
 BUNDLE_ENV = "METAL_DEFECT_BUNDLE"  # a bundle folder to serve instead of the served pointer (containers)
 
@@ -42,8 +46,10 @@ BUNDLE_ENV = "METAL_DEFECT_BUNDLE"  # a bundle folder to serve instead of the se
 @dataclass(frozen=True)
 class OodSpec:
     """Out-of-distribution settings (see serving/ood.py): k-NN distances to the training images in
-    L2-normalised penultimate features (Sun et al., ICML 2022) and in standardised image statistics,
-    each divided by its validation threshold; the OOD score is the larger, flagged above 1."""
+    L2-normalised penultimate features (Sun et al., ICML 2022), in standardised image statistics,
+    in the texture statistics of `texture_layer` and its polarity ratio, each divided by its
+    validation threshold; the OOD score is the largest, flagged above 1. Bundles older than
+    spec_version 3 have no texture part."""
 
     feature_layer: str
     neighbours: int
@@ -57,6 +63,11 @@ class OodSpec:
     min_image_side: int = 16
     min_pixel_std: float = 0.004
     threshold: float = 1.0  # on the combined score
+    texture_layer: str | None = None
+    texture_threshold: float = 1.0
+    polarity_threshold: float = 1.0
+    texture_mean: tuple[float, ...] = ()
+    texture_scale: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,7 +127,8 @@ class ServingSpec:
         values["spec_version"] = version
         if data.get("ood"):
             ood = dict(data["ood"])
-            ood["statistics_mean"], ood["statistics_scale"] = tuple(ood["statistics_mean"]), tuple(ood["statistics_scale"])
+            for key in ("statistics_mean", "statistics_scale", "texture_mean", "texture_scale"):
+                ood[key] = tuple(ood.get(key, ()))
             values["ood"] = OodSpec(**ood)
         return cls(**values)
 
@@ -156,6 +168,35 @@ def read_spec(bundle: Path) -> ServingSpec:
 
 def write_spec(bundle: Path, spec: ServingSpec) -> None:
     write_json_atomic(bundle / SERVING_SPEC, spec.to_json())
+
+
+def write_ood_references(bundle: Path, scorer: Any) -> None:
+    """The scorer's reference arrays (an ood.OodScorer), as plain .npy files."""
+    import numpy as np
+
+    arrays = {OOD_REFERENCE: scorer.features, OOD_STATISTICS: scorer.statistics, OOD_TEXTURE: scorer.texture,
+              OOD_TEXTURE_INVERTED: scorer.texture_inverted}
+    for name, array in arrays.items():
+        if array is not None:
+            np.save(bundle / name, np.asarray(array, dtype=np.float32), allow_pickle=False)
+
+
+def read_ood_scorer(bundle: Path, spec: OodSpec) -> Any:
+    """The ood.OodScorer the bundle's references and `spec` describe (no pickle is read)."""
+    import numpy as np
+
+    from metal_defect.serving.ood import OodScorer
+
+    def load(name: str) -> Any:
+        return np.load(bundle / name, allow_pickle=False).astype(np.float32)
+
+    scorer = OodScorer(load(OOD_REFERENCE), load(OOD_STATISTICS), np.asarray(spec.statistics_mean, np.float32),
+                       np.asarray(spec.statistics_scale, np.float32), spec.neighbours, spec.feature_threshold, spec.statistics_threshold)
+    if spec.texture_layer:
+        scorer.texture, scorer.texture_inverted = load(OOD_TEXTURE), load(OOD_TEXTURE_INVERTED)
+        scorer.texture_mean, scorer.texture_scale = np.asarray(spec.texture_mean, np.float32), np.asarray(spec.texture_scale, np.float32)
+        scorer.texture_threshold, scorer.polarity_threshold = spec.texture_threshold, spec.polarity_threshold
+    return scorer
 
 
 def load_model(path: Path) -> Any:

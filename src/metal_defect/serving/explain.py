@@ -79,24 +79,35 @@ def _shape(layer: Any) -> tuple:
         return ()
 
 
+def tap_model(model: Any, layers: list[str]) -> Any:
+    """A model returning [probabilities, output of each of `layers`]; a layer of a nested
+    keras.applications backbone is named `backbone/layer`."""
+    import keras
+
+    if not any("/" in name for name in layers):
+        return keras.Model(model.inputs, [model.outputs[0], *(model.get_layer(name).output for name in layers)])
+    # our transfer models are a chain: input -> preprocess -> backbone -> head layers
+    inputs = keras.Input(model.inputs[0].shape[1:], dtype=model.inputs[0].dtype)
+    x, tapped = inputs, {}
+    for current in model.layers[1:]:
+        inner = [name for name in layers if name.startswith(f"{current.name}/")]
+        if inner:
+            split = keras.Model(current.inputs, [current.outputs[0], *(current.get_layer(name.split("/", 1)[1]).output for name in inner)])
+            x, *maps = split(x)
+            tapped.update(zip(inner, maps))
+        else:
+            x = current(x)
+        if current.name in layers:
+            tapped[current.name] = x
+    return keras.Model(inputs, [x, *(tapped[name] for name in layers)])
+
+
 def gradcam_model(model: Any, layer: str) -> Any:
     """A model returning (feature map of `layer`, probabilities)."""
     import keras
 
-    if "/" not in layer:
-        return keras.Model(model.inputs, [model.get_layer(layer).output, model.outputs[0]])
-    outer_name, inner_name = layer.split("/", 1)
-    backbone = model.get_layer(outer_name)
-    split = keras.Model(backbone.inputs, [backbone.get_layer(inner_name).output, backbone.outputs[0]])
-    # our transfer models are a chain: input -> preprocess -> backbone -> head layers
-    inputs = keras.Input(model.inputs[0].shape[1:], dtype=model.inputs[0].dtype)
-    x, feature = inputs, None
-    for current in model.layers[1:]:
-        if current is backbone:
-            feature, x = split(x)
-        else:
-            x = current(x)
-    return keras.Model(inputs, [feature, x])
+    tapped = tap_model(model, [layer])
+    return keras.Model(tapped.inputs, [tapped.outputs[1], tapped.outputs[0]])
 
 
 class GradCam:

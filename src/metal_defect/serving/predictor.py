@@ -38,6 +38,8 @@ LEADING_COLUMNS = ("path", "label", "confidence", "verdict", "ood_score")
 TRAILING_COLUMNS = ("model_run", "model_sha256", "threshold", "ms", "error")
 HEATMAP_COLUMNS = ("heat_peak_x", "heat_peak_y")
 PREDICTIONS_LOG = "predictions.jsonl"
+OOD_PART_WORDS = {"semantic": " (in what the network sees)", "statistics": " (grey levels and edges)",
+                  "texture": " (texture)", "polarity": " (closer to their negatives: inverted?)"}
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Answer:
     reason: str = ""  # why the verdict is not the class name (shown on screen and in the log)
     sha256: str = ""  # of the file's bytes (the predictions log)
     content_reason: str = ""  # set from the file itself (no content, colour): out of distribution whatever the scores
+    ood_part: str = ""  # the part of the OOD check that decided the score (semantic, statistics, texture, polarity)
     heat_peak_x: int | None = None  # Grad-CAM maximum in the original image's pixels (when heatmaps were asked for)
     heat_peak_y: int | None = None
 
@@ -95,12 +98,7 @@ class Predictor:
         bundle = Path(bundle)
         spec = bundles.read_spec(bundle)
         files = bundles.verify_bundle(bundle) if verify or (bundle / bundles.MANIFEST).is_file() else {}
-        scorer = None
-        if spec.ood is not None:
-            scorer = ood.OodScorer(np.load(bundle / bundles.OOD_REFERENCE, allow_pickle=False).astype(np.float32),
-                                   np.load(bundle / bundles.OOD_STATISTICS, allow_pickle=False).astype(np.float32),
-                                   np.asarray(spec.ood.statistics_mean, np.float32), np.asarray(spec.ood.statistics_scale, np.float32),
-                                   spec.ood.neighbours, spec.ood.feature_threshold, spec.ood.statistics_threshold)
+        scorer = bundles.read_ood_scorer(bundle, spec.ood) if spec.ood is not None else None
         model = bundles.load_model(bundle / bundles.MODEL_FILE)
         sha = files.get(bundles.MODEL_FILE) or sha256_file(bundle / bundles.MODEL_FILE)
         predictor = cls(model, spec, bundle, scorer, sha, backend)
@@ -136,8 +134,8 @@ class Predictor:
 
     # ------------------------------------------------------------------ the network
     def serving_model(self) -> Any:
-        """The Keras model returning (probabilities, penultimate features), or probabilities only."""
-        return ood.with_features(self.model, self.spec.ood.feature_layer) if self.spec.ood else self.model
+        """The Keras model returning (probabilities, OOD features), or probabilities only."""
+        return ood.with_features(self.model, self.spec.ood.feature_layer, self.spec.ood.texture_layer) if self.spec.ood else self.model
 
     def _compiled(self) -> Any:
         if self._graph is None:
@@ -184,11 +182,13 @@ class Predictor:
     def calibrate(self, raw: np.ndarray) -> np.ndarray:
         return apply_temperature(raw, self.temperature) if self.temperature != 1.0 and len(raw) else raw
 
-    def ood_scores(self, features: np.ndarray | None, images: np.ndarray) -> np.ndarray | None:
-        """The OOD score per image (above spec.ood.threshold = out of distribution), or None without a scorer."""
+    def ood_scores(self, features: np.ndarray | None, images: np.ndarray) -> tuple[np.ndarray, list[str]] | None:
+        """The OOD score per image (above spec.ood.threshold = out of distribution) and the part that
+        decided it, or None without a scorer."""
         if features is None or self.scorer is None:
             return None
-        return self.scorer(features, images)
+        components = self.scorer.components(features, images)
+        return self.scorer.combine(components), self.scorer.deciding(components)
 
     # ------------------------------------------------------------------ answers
     def answer_arrays(self, images: np.ndarray, threshold: float | None = None, names: Sequence[str] | None = None,
@@ -202,15 +202,15 @@ class Predictor:
         """Answers from calibrated probabilities and penultimate features already computed for `images` (evaluation)."""
         return self._answers(probs, self.ood_scores(features, images), threshold, names, reasons)
 
-    def _answers(self, probs: np.ndarray, scores: np.ndarray | None, threshold: float | None, names: Sequence[str] | None,
-                 reasons: Sequence[str] | None) -> list[Answer]:
+    def _answers(self, probs: np.ndarray, scores: tuple[np.ndarray, list[str]] | None, threshold: float | None,
+                 names: Sequence[str] | None, reasons: Sequence[str] | None) -> list[Answer]:
         threshold = self.threshold if threshold is None else float(threshold)
         answers = []
         for i, row in enumerate(probs):
             best = int(row.argmax())
-            score = None if scores is None else float(scores[i])
+            score, part = (None, "") if scores is None else (float(scores[0][i]), scores[1][i])
             answer = Answer(path=names[i] if names else str(i), label=self.class_names[best], confidence=float(row[best]),
-                            ood_score=score, probabilities=dict(zip(self.class_names, map(float, row))),
+                            ood_score=score, ood_part=part, probabilities=dict(zip(self.class_names, map(float, row))),
                             model_run=self.spec.run_id, model_sha256=self.model_sha256, threshold=threshold,
                             content_reason=reasons[i] if reasons else "")
             self.judge(answer, threshold)
@@ -228,7 +228,8 @@ class Predictor:
             answer.verdict, answer.reason = OUT_OF_DISTRIBUTION, answer.content_reason
         elif answer.ood_score is not None and ood_threshold is not None and answer.ood_score > ood_threshold:
             answer.verdict = OUT_OF_DISTRIBUTION
-            answer.reason = f"unlike the training images: OOD score {answer.ood_score:.2f} (above {ood_threshold:g} is out of distribution)"
+            answer.reason = (f"unlike the training images{OOD_PART_WORDS.get(answer.ood_part, '')}: OOD score {answer.ood_score:.2f} "
+                             f"(above {ood_threshold:g} is out of distribution)")
         elif answer.confidence is not None and answer.confidence < threshold:
             answer.verdict, answer.reason = UNCERTAIN, f"confidence {answer.confidence:.3f} below {threshold:.3f}"
         else:
