@@ -85,7 +85,8 @@ def tap_model(model: Any, layers: list[str]) -> Any:
     import keras
 
     if not any("/" in name for name in layers):
-        return keras.Model(model.inputs, [model.outputs[0], *(model.get_layer(name).output for name in layers)])
+        # one input tensor, not a list of one: called with a bare array, Keras would warn about the structure
+        return keras.Model(model.inputs[0], [model.outputs[0], *(model.get_layer(name).output for name in layers)])
     # our transfer models are a chain: input -> preprocess -> backbone -> head layers
     inputs = keras.Input(model.inputs[0].shape[1:], dtype=model.inputs[0].dtype)
     x, tapped = inputs, {}
@@ -107,7 +108,7 @@ def gradcam_model(model: Any, layer: str) -> Any:
     import keras
 
     tapped = tap_model(model, [layer])
-    return keras.Model(tapped.inputs, [tapped.outputs[1], tapped.outputs[0]])
+    return keras.Model(tapped.inputs[0], [tapped.outputs[1], tapped.outputs[0]])
 
 
 class GradCam:

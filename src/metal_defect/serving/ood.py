@@ -24,7 +24,7 @@ score is the largest, so about (1 - quantile) of in-distribution images per part
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -75,7 +75,7 @@ def with_features(model: Any, feature_layer_name: str, texture_layer_name: str |
         feature_map = maps[0]
         features = keras.layers.Concatenate(name="ood_features")([
             keras.layers.Flatten()(features), keras.ops.mean(feature_map, axis=(1, 2)), keras.ops.std(feature_map, axis=(1, 2))])
-    return keras.Model(tapped.inputs, [probabilities, features], name=f"{model.name}_serving")
+    return keras.Model(tapped.inputs[0], [probabilities, features], name=f"{model.name}_serving")
 
 
 def normalise(features: np.ndarray) -> np.ndarray:
@@ -83,11 +83,13 @@ def normalise(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
-def standardised_knn(z: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray:
-    """Euclidean distance of each (standardised) row to its k-th nearest reference row."""
+def standardised_knn(z: np.ndarray, reference: np.ndarray, k: int, reference_norms: np.ndarray | None = None) -> np.ndarray:
+    """Euclidean distance of each (standardised) row to its k-th nearest reference row
+    (`reference_norms`: the reference rows' squared norms, when kept from an earlier call)."""
     if len(z) == 0:
         return np.zeros(0, dtype=np.float64)
-    d2 = (z ** 2).sum(axis=1)[:, None] + (reference ** 2).sum(axis=1)[None, :] - 2 * z @ reference.T
+    norms = (reference ** 2).sum(axis=1) if reference_norms is None else reference_norms
+    d2 = (z ** 2).sum(axis=1)[:, None] + norms[None, :] - 2 * z @ reference.T
     k = min(k, len(reference))
     return np.sqrt(np.maximum(np.partition(d2, k - 1, axis=1)[:, k - 1], 0.0)).astype(np.float64)
 
@@ -164,6 +166,14 @@ class OodScorer:
     texture_scale: np.ndarray | None = None
     texture_threshold: float = 1.0
     polarity_threshold: float = 1.0
+    _norms: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _nearest(self, z: np.ndarray, reference: str) -> np.ndarray:
+        """k-NN distance to the named reference array, its squared row norms computed once."""
+        rows = getattr(self, reference)
+        if reference not in self._norms:
+            self._norms[reference] = (rows ** 2).sum(axis=1)
+        return standardised_knn(z, rows, self.neighbours, self._norms[reference])
 
     @property
     def thresholds(self) -> tuple[float, ...]:
@@ -183,16 +193,14 @@ class OodScorer:
         parts = [knn_scores(penultimate, self.features, self.neighbours), self.statistics_distance(images)]
         if self.texture is not None:
             z = (features[:, self.features.shape[1]:] - self.texture_mean) / self.texture_scale
-            to_training = standardised_knn(z, self.texture, self.neighbours)
-            to_negatives = standardised_knn(z, self.texture_inverted, self.neighbours)
+            to_training, to_negatives = self._nearest(z, "texture"), self._nearest(z, "texture_inverted")
             parts += [to_training, to_training / np.maximum(to_negatives, 1e-9)]
         return np.stack(parts, axis=1) if len(features) else np.zeros((0, len(parts)))
 
     def statistics_distance(self, images: np.ndarray) -> np.ndarray:
         if len(images) == 0:
             return np.zeros(0)
-        z = (image_statistics(images) - self.stats_mean) / self.stats_scale
-        return standardised_knn(z, self.statistics, self.neighbours)
+        return self._nearest((image_statistics(images) - self.stats_mean) / self.stats_scale, "statistics")
 
     def combine(self, components: np.ndarray) -> np.ndarray:
         """The OOD score from the component distances: the largest over its threshold."""
