@@ -142,3 +142,23 @@ def test_heatmaps_reach_into_a_nested_keras_applications_backbone():
     heat = explain.GradCam(model, layer)(np.full((2, 64, 64, 1), 128, np.uint8), np.array([0, 1]))
     assert heat.shape == (2, dict(layers)[layer], dict(layers)[layer]) and np.isfinite(heat).all()
     assert explain.GradCam(model, explain.last_spatial_layer(model), "gradcam")(np.zeros((1, 64, 64, 1), np.uint8), np.array([2])).ndim == 3
+
+
+def test_ood_features_reach_into_a_nested_backbone_and_match_the_model():
+    from conftest import REPO
+
+    from metal_defect.components.c04_model_builder import build_model
+    from metal_defect.config import load_config
+    from metal_defect.serving import ood
+
+    params = load_config(REPO, ["model.transfer.weights=none"]).model
+    model = build_model("MobileNetV2", (64, 64, 1), 3, params).model
+    feature_layer, texture_layer = ood.feature_layer(model), ood.texture_layer(model)
+    assert "/" in texture_layer and "/" not in feature_layer
+    serving = ood.with_features(model, feature_layer, texture_layer)
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 1), dtype=np.uint8)
+    probs, features = (np.asarray(t) for t in serving(images, training=False))
+    channels = model.get_layer(texture_layer.split("/")[0]).get_layer(texture_layer.split("/")[1]).output.shape[-1]
+    penultimate = int(np.prod(model.get_layer(feature_layer).output.shape[1:]))
+    assert features.shape == (2, penultimate + 2 * channels) and np.isfinite(features).all()
+    np.testing.assert_allclose(probs, np.asarray(model(images, training=False)), atol=1e-5)
