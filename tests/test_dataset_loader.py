@@ -128,7 +128,9 @@ def test_memory_stays_bounded_when_the_data_is_larger_than_the_cache(tmp_path):
     print(f"peak MB, streamed 500 / 5000, cached 5000: {streamed_small} / {streamed_large} / {cached_large}")
 
 
-def test_resample_blur_softens_detail_and_keeps_shape_and_brightness():
+def test_resample_blur_softens_half_of_the_images_and_keeps_shape_and_brightness():
+    # half, not all: a model trained only on blurred images loses the sharp texture it is tested on
+    # (every image blurred at strength 0.2 or 0.4: NEU test 93 % against 99.6 %, README)
     import tensorflow as tf
 
     from metal_defect.config import AugmentationParams
@@ -137,8 +139,11 @@ def test_resample_blur_softens_detail_and_keeps_shape_and_brightness():
     image = rng.integers(0, 256, (32, 32, 1), dtype=np.uint8)
     aug = AugmentationParams(flip_horizontal=False, flip_vertical=False, rotate90=False, rotation_degrees=0.0, brightness=0.0, contrast=0.0,
                              noise_std=0.0, resample_blur=0.5)
-    out = np.asarray(c03.augment(tf.constant(image), tf.constant([3, 4], tf.int64), aug))
-    again = np.asarray(c03.augment(tf.constant(image), tf.constant([3, 4], tf.int64), aug))
-    assert out.shape == image.shape and out.dtype == np.uint8 and np.array_equal(out, again)  # seeded
+    outputs = [np.asarray(c03.augment(tf.constant(image), tf.constant([3, i], tf.int64), aug)) for i in range(40)]
+    again = np.asarray(c03.augment(tf.constant(image), tf.constant([3, 0], tf.int64), aug))
+    assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outputs) and np.array_equal(outputs[0], again)  # seeded
     detail = lambda x: np.abs(np.diff(x.astype(np.float32), axis=1)).mean()  # noqa: E731
-    assert detail(out) < 0.9 * detail(image) and abs(float(out.mean()) - float(image.mean())) < 3
+    unchanged = [o for o in outputs if np.array_equal(o, image)]
+    blurred = [o for o in outputs if not np.array_equal(o, image)]
+    assert 10 <= len(unchanged) <= 30, len(unchanged)
+    assert all(detail(o) < 0.97 * detail(image) and abs(float(o.mean()) - float(image.mean())) < 3 for o in blurred)

@@ -136,11 +136,13 @@ def augment(image: Any, seed: Any, aug: AugmentationParams) -> Any:
     x = tf.cast(image, tf.float32)
     if aug.resample_blur:
         # the losses of a second resampling (a file saved at another size, then converted again):
-        # down to a random share of the resolution, antialiased, and back up
-        share = tf.random.stateless_uniform([], seeds[7], 1.0 - aug.resample_blur, 1.0)
+        # down to a random share of the resolution, antialiased, and back up; on half of the
+        # images only, so that the model also learns from the sharp images it is tested on
+        share_and_coin = tf.random.stateless_uniform([2], seeds[7])
+        share = 1.0 - aug.resample_blur * share_and_coin[0]
         size = tf.shape(x)[:2]
         smaller = tf.maximum(tf.cast(tf.round(tf.cast(size, tf.float32) * share), tf.int32), 1)
-        x = tf.image.resize(tf.image.resize(x, smaller, antialias=True), size)
+        x = tf.where(share_and_coin[1] < 0.5, tf.image.resize(tf.image.resize(x, smaller, antialias=True), size), x)
     if aug.rotation_degrees:
         angle = tf.random.stateless_uniform([], seeds[3], -aug.rotation_degrees, aug.rotation_degrees) * (math.pi / 180.0)
         x = _rotate(x, angle)
