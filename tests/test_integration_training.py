@@ -68,12 +68,9 @@ def test_served_neu_model_answers_re_encoded_images_alike_and_litert_matches(tmp
         for variant in (bmp, png):  # the same pixels in another container: the same answer
             assert (variant.label, variant.flagged) == (answer.label, False), (answer.path, variant.path, variant.verdict, variant.reason)
         resized.append(jpeg)
-    # resized to 256 px, a second resampling: a copy either keeps its label or is flagged; never
-    # another label given with confidence. (How many are flagged depends on the model: this 4-epoch
-    # one is less sure of rescaled crazing; the trained default flags 9.5 % of such copies, README.)
-    kept = [r.label == a.label and not r.flagged for r, a in zip(resized, clear)]
-    assert all(k or r.flagged for k, r in zip(kept, resized)), [(r.path, r.label, r.verdict) for r in resized]
-    assert sum(kept) >= len(clear) // 2, [(r.path, r.label, r.verdict, r.reason) for r in resized]
+    # resized to 256 px, a second resampling (the default recipe trains with resampling blur):
+    # the same label, and not flagged
+    assert [(r.label, r.flagged) for r in resized] == [(a.label, False) for a in clear], [(r.path, r.label, r.verdict, r.reason) for r in resized]
     # their negatives are out of distribution (the polarity part: closer to the training images' negatives)
     negatives = []
     for i, answer in enumerate(clear):
