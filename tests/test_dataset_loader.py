@@ -65,7 +65,8 @@ def test_augmentation_only_on_train_and_eval_splits_are_exact(tmp_path):
 
 def test_each_augmentation_can_be_switched_off(tmp_path):
     folder = _prepared(tmp_path, 20)
-    off = ["data_loader.augmentation.flip_horizontal=false", "data_loader.augmentation.flip_vertical=false", "data_loader.augmentation.rotate90=false"]
+    off = ["data_loader.augmentation.flip_horizontal=false", "data_loader.augmentation.flip_vertical=false", "data_loader.augmentation.rotate90=false",
+           "data_loader.augmentation.resample_blur=0"]  # the default augmentations, each switched off
     data = c03.build_datasets(folder, _loader(*off), seed=1)
     train_x, _ = _epoch(data["train"].dataset)
     originals = {np.asarray(Image.open(f)).tobytes() for f in data["train"].files}
