@@ -1,7 +1,7 @@
 """Self-contained bundles and the LiteRT model: `python main.py export DIR`.
 
 The LiteRT model computes what the Keras serving model computes (probabilities and, when
-the bundle has an OOD reference, the penultimate features), so the predictor can run either.
+the bundle has an OOD reference, the OOD features: penultimate and texture statistics), so the predictor can run either.
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ class Predictor:
         return self._graph
 
     def forward(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw softmax [N, K] (float64, no temperature) and penultimate features (or None) for uint8 images."""
+        """Raw softmax [N, K] (float64, no temperature) and OOD features (penultimate, then texture statistics; or None) for uint8 images."""
         k = len(self.class_names)
         if len(images) == 0:
             return np.zeros((0, k)), (np.zeros((0, 0), np.float32) if self.spec.ood else None)
@@ -199,7 +199,7 @@ class Predictor:
 
     def answers_from(self, probs: np.ndarray, features: np.ndarray | None, images: np.ndarray, names: Sequence[str] | None = None,
                      reasons: Sequence[str] | None = None, threshold: float | None = None) -> list[Answer]:
-        """Answers from calibrated probabilities and penultimate features already computed for `images` (evaluation)."""
+        """Answers from calibrated probabilities and OOD features already computed for `images` (evaluation)."""
         return self._answers(probs, self.ood_scores(features, images), threshold, names, reasons)
 
     def _answers(self, probs: np.ndarray, scores: tuple[np.ndarray, list[str]] | None, threshold: float | None,
