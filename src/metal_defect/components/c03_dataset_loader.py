@@ -142,7 +142,8 @@ def augment(image: Any, seed: Any, aug: AugmentationParams) -> Any:
         share = 1.0 - aug.resample_blur * share_and_coin[0]
         size = tf.shape(x)[:2]
         smaller = tf.maximum(tf.cast(tf.round(tf.cast(size, tf.float32) * share), tf.int32), 1)
-        x = tf.where(share_and_coin[1] < 0.5, tf.image.resize(tf.image.resize(x, smaller, antialias=True), size), x)
+        # a branch, not tf.where: the two resizes run only for the images that keep them
+        x = tf.cond(share_and_coin[1] < 0.5, lambda: tf.image.resize(tf.image.resize(x, smaller, antialias=True), size), lambda: x)
     if aug.rotation_degrees:
         angle = tf.random.stateless_uniform([], seeds[3], -aug.rotation_degrees, aug.rotation_degrees) * (math.pi / 180.0)
         x = _rotate(x, angle)
