@@ -169,3 +169,41 @@ def test_small_data_sets_train_enough_steps():
     train = load_config(REPO).train
     assert c06_training.epochs_for(train, steps_per_epoch=15) == -(-train.min_steps // 15) > train.epochs
     assert c06_training.epochs_for(train, steps_per_epoch=1000) == train.epochs
+
+
+def test_bench_datasets_runs_each_seed_apart_and_reports_mean_and_spread(tmp_path, monkeypatch):
+    # one run of a 98-image proxy test split moves by ~0.1 macro F1: recipe choices need the spread over seeds
+    import argparse
+
+    from metal_defect import bench, pipeline
+
+    calls = []
+
+    class FakeRunner:
+        def __init__(self, config, command):
+            self.config = config
+
+        def run(self, stages, force):
+            seed, out = self.config.base.seed, Path(self.config.paths.artifacts)
+            calls.append((seed, out))
+            (out / "eval").mkdir(parents=True)
+            f1 = {42: 0.6, 43: 0.7}[seed]
+            (out / "eval" / "quality_gate.json").write_text(json.dumps({
+                "classical": {"accuracy": 0.5, "macro_f1": 0.5}, "majority": {"accuracy": 0.4, "macro_f1": 0.1},
+                "weak_model": seed == 42, "reasons": [], "train_accuracy_last_epoch": 0.9}))
+            return {"run_id": f"run-{seed}", "metrics": {"test_n": 10, "test_accuracy": f1 + 0.05, "test_macro_f1": f1},
+                    "stages": {"data_preprocessing": {"summary": {"images_prepared": 100}, "duration_s": 1.0},
+                               "evaluation": {"output": str(out / "eval"), "summary": {"metrics": {"test_macro_f1": f1}}, "duration_s": 1.0},
+                               "tune": {"summary": {}, "duration_s": 0.0}}}
+
+    monkeypatch.setattr(pipeline, "Runner", FakeRunner)
+    config = load_config(REPO, [f"paths.artifacts={tmp_path}"])
+    args = argparse.Namespace(datasets="neu", seeds="42,43", tuning="off")
+    result = bench.bench_datasets(config, args)
+    assert [seed for seed, _ in calls] == [42, 43] and calls[0][1] != calls[1][1]  # each seed its own artifacts
+    summary = result["datasets"]["neu"]["summary"]
+    assert summary["mean_test_macro_f1"] == pytest.approx(0.65) and summary["sd_test_macro_f1"] == pytest.approx(0.0707, abs=1e-4)
+    assert summary["weak_model_runs"] == 1
+    assert "| **neu** | mean of 2 |" in result["table"] and "0.650 ± 0.071" in result["table"]
+    with pytest.raises(ValueError, match="--seeds"):
+        bench.parse_seeds("42,x")

@@ -12,7 +12,8 @@
 * `bench datasets`: the same default params on NEU, X-SDD (rgb) and the proxy data set
   (`proxy-data`), each with a fresh config where only the schema changes (`classes: auto`,
   colour mode): test accuracy and macro F1 beside the majority and classical baselines of
-  the quality gate, the weak_model flag and the wall time, as JSON and a Markdown table.
+  the quality gate, the weak_model flag and the wall time, as JSON and a Markdown table;
+  with `--seeds`, one run per seed (split and initialisation) and the mean ± sd per data set.
 * `bench predict`: the served model, file bytes to verdict one image at a time (no heatmap)
   over 200 files of the data source after 10 warm-up calls: p50/p95 per path (eager Keras,
   compiled graph, LiteRT), batch throughput, peak RSS, LiteRT-vs-graph probability gap.
@@ -110,7 +111,7 @@ def bench_train(config: Config, args: Any) -> dict[str, Any]:
     prepared_dir = None
     if "seeds" not in skip:
         per_seed = {}
-        for seed in [int(s) for s in args.seeds.split(",")]:
+        for seed in parse_seeds(args.seeds or "42,43,44"):
             # the training recipe over seeds, without the c07 search (bench datasets measures what tuning adds)
             cfg = load_config(config.config_dir, [f"base.seed={seed}", f"paths.artifacts={root}", "tuning.enabled=false"])
             started = time.perf_counter()
@@ -198,44 +199,86 @@ def dataset_overrides(config: Config, which: str) -> list[str]:
     raise ValueError(f"unknown benchmark data set {which}")
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'42,43,44' -> [42, 43, 44]; a clear error for anything else."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected whole numbers separated by commas, e.g. 42,43,44") from None
+    if not seeds:
+        raise ValueError("--seeds is empty: give at least one seed, e.g. 42")
+    return seeds
+
+
 def bench_datasets(config: Config, args: Any) -> dict[str, Any]:
+    """The default params on each data set (and seed): the served model beside the quality gate's baselines."""
     from metal_defect.pipeline import Runner
 
     root = Path(config.paths.artifacts) / "bench" / f"datasets-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    seeds = parse_seeds(args.seeds) if args.seeds else [config.base.seed]
+    tuning = [] if args.tuning == "on" else ["tuning.enabled=false"]
     results: dict[str, Any] = {}
     for which in [w.strip() for w in args.datasets.split(",") if w.strip()]:
-        tuning = [] if args.tuning == "on" else ["tuning.enabled=false"]
-        cfg = load_config(config.config_dir, [*dataset_overrides(config, which), f"paths.artifacts={root / which}", *tuning])
-        started = time.perf_counter()
-        manifest = Runner(cfg, command="bench").run(None, force=["all"])
-        m = manifest["metrics"]
-        gate = json.loads((Path(manifest["stages"]["evaluation"]["output"]) / "quality_gate.json").read_text())
-        results[which] = {"run_id": manifest["run_id"], "images": manifest["stages"]["data_preprocessing"]["summary"]["images_prepared"],
-                          "test_n": m.get("test_n"), "test_accuracy": m.get("test_accuracy"), "test_macro_f1": m.get("test_macro_f1"),
-                          "classical_accuracy": gate["classical"]["accuracy"], "classical_macro_f1": gate["classical"]["macro_f1"],
-                          "majority_accuracy": gate["majority"]["accuracy"], "majority_macro_f1": gate["majority"]["macro_f1"],
-                          "weak_model": gate["weak_model"], "weak_reasons": gate["reasons"],
-                          "train_accuracy": gate.get("train_accuracy"), "train_accuracy_last_epoch": gate["train_accuracy_last_epoch"],
-                          "served": m.get("served", "base"), "base_test_macro_f1": manifest["stages"]["evaluation"]["summary"]["metrics"].get("test_macro_f1"),
-                          "tuned_test_macro_f1": manifest["stages"]["tune"]["summary"].get("metrics", {}).get("tuned_test_macro_f1"),
-                          "trials_completed": manifest["stages"]["tune"]["summary"].get("trials_completed", 0),
-                          "pipeline_seconds": round(time.perf_counter() - started, 1),
-                          "stage_seconds": {k: v["duration_s"] for k, v in manifest["stages"].items()}}
-        log.info("bench %s: test accuracy %.4f, macro F1 %.4f (classical %.4f, majority %.4f)%s, %.0f s", which, m["test_accuracy"],
-                 m["test_macro_f1"], gate["classical"]["macro_f1"], gate["majority"]["macro_f1"], " WEAK" if gate["weak_model"] else "",
-                 results[which]["pipeline_seconds"])
-    rows = ["| data set | images | test n | served model: accuracy, macro F1 | served (test macro F1 base / tuned, trials) | classical baseline | "
-            "majority class | weak_model | pipeline |", "|---|---|---|---|---|---|---|---|---|"]
-    for which, r in results.items():
-        tuned = f"{r['tuned_test_macro_f1']:.3f}" if r["tuned_test_macro_f1"] is not None else "-"
-        rows.append(f"| {which} | {r['images']} | {r['test_n']} | {r['test_accuracy']:.1%}, {r['test_macro_f1']:.3f} | "
-                    f"{r['served']} ({r['base_test_macro_f1']:.3f} / {tuned}, {r['trials_completed']}) | "
-                    f"{r['classical_accuracy']:.1%}, {r['classical_macro_f1']:.3f} | {r['majority_accuracy']:.1%}, {r['majority_macro_f1']:.3f} | "
-                    f"{'yes' if r['weak_model'] else 'no'} | {r['pipeline_seconds'] / 60:.1f} min |")
-    table = "\n".join(rows) + "\n"
+        runs = {}
+        for seed in seeds:
+            out = root / which if len(seeds) == 1 else root / which / f"seed-{seed}"
+            cfg = load_config(config.config_dir, [*dataset_overrides(config, which), f"base.seed={seed}", f"paths.artifacts={out}", *tuning])
+            started = time.perf_counter()
+            manifest = Runner(cfg, command="bench").run(None, force=["all"])
+            runs[seed] = _dataset_row(manifest, time.perf_counter() - started)
+            r = runs[seed]
+            log.info("bench %s, seed %d: test accuracy %.4f, macro F1 %.4f (classical %.4f, majority %.4f)%s, %.0f s", which, seed,
+                     r["test_accuracy"], r["test_macro_f1"], r["classical_macro_f1"], r["majority_macro_f1"], " WEAK" if r["weak_model"] else "",
+                     r["pipeline_seconds"])
+        results[which] = {"seeds": runs, "summary": summarise_seeds(runs)}
+    table = datasets_table(results)
     (root / "table.md").write_text(table, encoding="utf-8")
-    return {"datasets": results, "table": table, "headline": {k: {"test_macro_f1": v["test_macro_f1"], "classical_macro_f1": v["classical_macro_f1"],
-                                                               "weak_model": v["weak_model"]} for k, v in results.items()}}
+    return {"datasets": results, "table": table, "headline": {k: v["summary"] for k, v in results.items()}}
+
+
+def _dataset_row(manifest: dict[str, Any], seconds: float) -> dict[str, Any]:
+    m = manifest["metrics"]
+    gate = json.loads((Path(manifest["stages"]["evaluation"]["output"]) / "quality_gate.json").read_text())
+    return {"run_id": manifest["run_id"], "images": manifest["stages"]["data_preprocessing"]["summary"]["images_prepared"],
+            "test_n": m.get("test_n"), "test_accuracy": m.get("test_accuracy"), "test_macro_f1": m.get("test_macro_f1"),
+            "classical_accuracy": gate["classical"]["accuracy"], "classical_macro_f1": gate["classical"]["macro_f1"],
+            "majority_accuracy": gate["majority"]["accuracy"], "majority_macro_f1": gate["majority"]["macro_f1"],
+            "weak_model": gate["weak_model"], "weak_reasons": gate["reasons"],
+            "train_accuracy": gate.get("train_accuracy"), "train_accuracy_last_epoch": gate["train_accuracy_last_epoch"],
+            "served": m.get("served", "base"), "base_test_macro_f1": manifest["stages"]["evaluation"]["summary"]["metrics"].get("test_macro_f1"),
+            "tuned_test_macro_f1": manifest["stages"]["tune"]["summary"].get("metrics", {}).get("tuned_test_macro_f1"),
+            "trials_completed": manifest["stages"]["tune"]["summary"].get("trials_completed", 0),
+            "pipeline_seconds": round(seconds, 1), "stage_seconds": {k: v["duration_s"] for k, v in manifest["stages"].items()}}
+
+
+def summarise_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample standard deviation over seeds (sd is null for one seed), the weak_model count and the slowest run."""
+    summary: dict[str, Any] = {"seeds": list(runs), "weak_model_runs": sum(bool(r["weak_model"]) for r in runs.values()),
+                               "max_pipeline_seconds": max(r["pipeline_seconds"] for r in runs.values())}
+    for key in ("test_accuracy", "test_macro_f1", "classical_macro_f1"):
+        values = [r[key] for r in runs.values()]
+        summary[f"mean_{key}"] = statistics.mean(values)
+        summary[f"sd_{key}"] = statistics.stdev(values) if len(values) > 1 else None
+    return summary
+
+
+def datasets_table(results: dict[str, Any]) -> str:
+    """Markdown: one row per data set and seed, and a mean row for a data set run with several seeds."""
+    rows = ["| data set | seed | images | test n | served model: accuracy, macro F1 | served (test macro F1 base / tuned, trials) | "
+            "classical baseline | majority class | weak_model | pipeline |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for which, result in results.items():
+        for seed, r in result["seeds"].items():
+            tuned = f"{r['tuned_test_macro_f1']:.3f}" if r["tuned_test_macro_f1"] is not None else "-"
+            rows.append(f"| {which} | {seed} | {r['images']} | {r['test_n']} | {r['test_accuracy']:.1%}, {r['test_macro_f1']:.3f} | "
+                        f"{r['served']} ({r['base_test_macro_f1']:.3f} / {tuned}, {r['trials_completed']}) | "
+                        f"{r['classical_accuracy']:.1%}, {r['classical_macro_f1']:.3f} | {r['majority_accuracy']:.1%}, {r['majority_macro_f1']:.3f} | "
+                        f"{'yes' if r['weak_model'] else 'no'} | {r['pipeline_seconds'] / 60:.1f} min |")
+        s = result["summary"]
+        if len(s["seeds"]) > 1:
+            rows.append(f"| **{which}** | mean of {len(s['seeds'])} | | | {s['mean_test_accuracy']:.1%} ± {s['sd_test_accuracy']:.1%}, "
+                        f"**{s['mean_test_macro_f1']:.3f} ± {s['sd_test_macro_f1']:.3f}** | | {s['mean_classical_macro_f1']:.3f} | | "
+                        f"{s['weak_model_runs']} of {len(s['seeds'])} | ≤ {s['max_pipeline_seconds'] / 60:.1f} min |")
+    return "\n".join(rows) + "\n"
 
 
 # ----------------------------------------------------------------------------- model

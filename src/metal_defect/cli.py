@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "data_ingestion.source)")
     proxy.add_argument("--out", metavar="DIR", type=Path, help="where to write it (default: artifacts/datasets/neu-proxy)")
     proxy.add_argument("--seed", type=int, default=0, help="crop seed (default 0)")
-    bench.add_argument("--seeds", default="42,43,44", help="train: seeds for the full pipeline runs (default 42,43,44)")
+    bench.add_argument("--seeds", help="train: seeds for the full pipeline runs (default 42,43,44); datasets: one run per data set "
+                       "and seed, with the mean and spread (default: base.seed only)")
     bench.add_argument("--repeats", type=int, default=3, help="train: alternating repeats of the loop-overhead comparison (default 3)")
     bench.add_argument("--epochs", type=int, default=5, help="train: epochs per overhead measurement (default 5)")
     bench.add_argument("--skip", default="", help="train: parts to skip, comma-separated: seeds, overhead")
