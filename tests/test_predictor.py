@@ -182,6 +182,19 @@ def test_ood_scorer_parts_by_hand():
     assert scorer.combine(parts).tolist() == pytest.approx([0.5, 5.0]) and scorer.deciding(parts) == ["texture", "polarity"]
 
 
+def test_ood_scorer_reference_replaced_after_a_call_is_not_scored_against_stale_norms():
+    # the scorer keeps each reference's squared norms; a reference replaced later must not reuse them
+    train_features = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 3.0]])
+    images = np.full((2, 8, 8, 1), 100, np.uint8)
+    images[1, ::2] = 140
+    scorer = ood.fit_scorer(train_features, images, 1, penultimate_size=2, inverted_features=-train_features)
+    probe = (np.array([[1.0, 0.0, 2.5]]), images[:1])
+    scorer.components(*probe)
+    scorer.texture = scorer.texture + 10.0  # e.g. references re-fitted on other images
+    fresh = dataclasses.replace(scorer)  # the same references, nothing cached
+    assert scorer.components(*probe)[0].tolist() == pytest.approx(fresh.components(*probe)[0].tolist())
+
+
 def test_knn_score_and_uncertainty_rule_by_hand():
     reference = ood.normalise(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
     # (2, 0) normalised is (1, 0): nearest is itself (distance 0), 2nd nearest (1,1)/sqrt2 at sqrt(2 - sqrt2)

@@ -166,14 +166,16 @@ class OodScorer:
     texture_scale: np.ndarray | None = None
     texture_threshold: float = 1.0
     polarity_threshold: float = 1.0
-    _norms: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _norms: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def _nearest(self, z: np.ndarray, reference: str) -> np.ndarray:
-        """k-NN distance to the named reference array, its squared row norms computed once."""
+        """k-NN distance to the named reference array, its squared row norms computed once per array
+        (kept with the array they belong to, so a reference replaced later gets its own)."""
         rows = getattr(self, reference)
-        if reference not in self._norms:
-            self._norms[reference] = (rows ** 2).sum(axis=1)
-        return standardised_knn(z, rows, self.neighbours, self._norms[reference])
+        kept = self._norms.get(reference)
+        if kept is None or kept[0] is not rows:
+            kept = self._norms[reference] = (rows, (rows ** 2).sum(axis=1))
+        return standardised_knn(z, rows, self.neighbours, kept[1])
 
     @property
     def thresholds(self) -> tuple[float, ...]:
