@@ -24,6 +24,9 @@ from metal_defect.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
+# tf.data seeds are (global seed, op seed); with no global seed set TensorFlow uses this one
+# (tensorflow/python/framework/random_seed.py, DEFAULT_GRAPH_SEED): fixing it keeps the streams of a fresh process
+TF_DEFAULT_GLOBAL_SEED = 87654321
 
 
 @dataclass
@@ -64,7 +67,14 @@ def read_records(prepared_dir: Path) -> dict[str, Any]:
 
 
 def build_datasets(prepared_dir: Path, params: DataLoaderParams, seed: int, splits: tuple[str, ...] = SPLITS) -> Datasets:
-    """Pipelines for the requested splits of a c02 output folder (empty splits are left out)."""
+    """Pipelines for the requested splits of a c02 output folder (empty splits are left out).
+
+    Their shuffling and augmentation streams depend on `seed` alone: TensorFlow folds its global
+    seed into every tf.data seed, and a run earlier in the same process (bench loops, tests) has
+    set it, so it is reset to TensorFlow's own unset default, the value a fresh process sees."""
+    import tensorflow as tf
+
+    tf.random.set_seed(TF_DEFAULT_GLOBAL_SEED)
     prepared_dir = Path(prepared_dir)
     data = read_records(prepared_dir)
     channels = 1 if data["color_mode"] == "grayscale" else 3
