@@ -20,16 +20,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 
-# Runtime requirements first: this layer is rebuilt only when requirements.txt changes.
-COPY requirements.txt ./
-RUN pip install --no-cache-dir -r requirements.txt
+# What serving imports, first: this layer is rebuilt only when requirements-serve.txt changes
+# (training, evaluation and tuning packages stay out of the image: requirements.txt adds them).
+COPY requirements-serve.txt ./
+RUN pip install --no-cache-dir -r requirements-serve.txt
 
-COPY setup.py pyproject.toml README.md ./
-COPY src ./src
-RUN pip install --no-cache-dir --no-deps . && rm -rf build src/*.egg-info
-
+# The package; setup.py reads both requirement files and installs the three YAML files beside it.
+COPY setup.py pyproject.toml README.md requirements.txt params.yaml schema.yaml ./
 COPY config ./config
-COPY params.yaml schema.yaml st_app_predict.py ./
+COPY src ./src
+RUN pip install --no-cache-dir --no-deps . && rm -rf build src
+
+COPY st_app_predict.py ./
 COPY .streamlit ./.streamlit
 # An exported bundle, when one was put here before the build (see model_bundle/README.md).
 COPY model_bundle ./model_bundle

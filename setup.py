@@ -7,9 +7,16 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).parent
 
 
-def _requirements() -> list[str]:
-    lines = (HERE / "requirements.txt").read_text().splitlines()
-    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip() and not line.startswith("-")]
+def _requirements(name: str = "requirements.txt") -> list[str]:
+    """The pins of a requirements file, following its `-r other.txt` includes."""
+    pins = []
+    for line in (HERE / name).read_text().splitlines():
+        requirement = line.split("#")[0].strip()
+        if requirement.startswith("-r "):
+            pins += _requirements(requirement[3:].strip())
+        elif requirement and not requirement.startswith("-"):
+            pins.append(requirement)
+    return pins
 
 
 setup(

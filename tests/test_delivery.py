@@ -101,8 +101,29 @@ def test_dockerfile_and_workflow_checks_are_clean(check):
 
 
 def test_requirements_pin_exact_versions():
-    for name in ("requirements.txt", "requirements-dev.txt"):
+    for name in ("requirements.txt", "requirements-serve.txt", "requirements-dev.txt"):
         for line in (REPO / name).read_text().splitlines():
             requirement = line.split("#")[0].strip()
-            if requirement:
+            if requirement.startswith("-r "):
+                assert (REPO / requirement[3:].strip()).is_file(), f"{name}: {requirement}"
+            elif requirement:
                 assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][0-9A-Za-z.]*", requirement), f"{name}: {requirement} is not pinned"
+
+
+def test_the_dockerfile_copies_what_the_package_install_reads_before_it():
+    # the image never built: setup.py's data_files and requirements were copied after `pip install .`
+    copied: set[str] = set()
+    install = None
+    for line in (REPO / "Dockerfile").read_text().replace("\\\n", " ").splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"]:
+            copied |= {w.rstrip("/") for w in words[1:-1] if not w.startswith("--")}
+        elif words[:1] == ["RUN"] and "pip install" in line and re.search(r"\s\.(\s|$)", line):
+            install = copied.copy()
+            break
+    assert install is not None, "the Dockerfile installs the package with `pip install ... .`"
+    setup = (REPO / "setup.py").read_text()
+    needed = {"setup.py", "pyproject.toml", "README.md", "src"} | set(re.findall(r'"([\w\-/]+\.(?:yaml|txt))"', setup))
+    needed |= {req.split()[1] for req in (REPO / "requirements.txt").read_text().splitlines() if req.startswith("-r ")}
+    covered = {name for name in needed if name in install or name.split("/")[0] in install}
+    assert covered == needed, f"copied only after `pip install .`: {sorted(needed - covered)}"

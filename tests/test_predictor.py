@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from metal_defect import synthetic
@@ -228,6 +229,37 @@ def test_export_reloads_with_identical_answers_and_litert_parity(tiny, tmp_path)
     assert np.abs(keras_probs - lite_probs).max() < 1e-4 and (keras_probs.argmax(1) == lite_probs.argmax(1)).all()
     assert np.abs(keras_feats - lite_feats).max() < 1e-3
     assert [a.verdict for a in lite.answer_paths(files)] == [a.verdict for a in after]
+
+
+def test_export_into_model_bundle_as_in_git_keeps_its_readme_and_refuses_foreign_folders(tiny, tmp_path):
+    # the documented `python main.py export model_bundle`: the folder holds its README (in git)
+    folder = tmp_path / "model_bundle"
+    folder.mkdir()
+    shutil.copy2(REPO / "model_bundle" / "README.md", folder / "README.md")
+    readme = (folder / "README.md").read_bytes()
+    export = ["export", str(folder), "--model", tiny["run_id"], "--config", str(tiny["folder"])]
+    assert main(export) == 0
+    assert (folder / "README.md").read_bytes() == readme and (folder / bundles.SERVING_SPEC).is_file()
+    assert "README.md" not in json.loads((folder / bundles.MANIFEST).read_text())["files"]
+    Predictor.from_bundle(folder)
+    assert main(export) == 0, "exporting again replaces the bundle export wrote"
+    assert (folder / "README.md").read_bytes() == readme and not list(tmp_path.glob(".old-*")) and not list(tmp_path.glob(".tmp-*"))
+    # a folder with anything else in it, even beside a serving.json, is refused and left as it was
+    for name, planted in (("notes", {"notes.txt": "mine"}), ("looks-like", {"serving.json": "{}", "photo.jpg": "mine"}),
+                          ("bundle-plus", {"photo.jpg": "mine"})):
+        other = tmp_path / name
+        if name == "bundle-plus":
+            shutil.copytree(folder, other)
+        other.mkdir(exist_ok=True)
+        for file, text in planted.items():
+            (other / file).write_text(text)
+        before = sorted(p.name for p in other.iterdir())
+        assert main(["export", str(other), "--model", tiny["run_id"], "--config", str(tiny["folder"])]) == 4, name
+        assert sorted(p.name for p in other.iterdir()) == before and (other / "photo.jpg" if "photo.jpg" in planted else other / "notes.txt").read_text() == "mine"
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    assert main(["export", str(link), "--model", tiny["run_id"], "--config", str(tiny["folder"])]) == 4
+    assert link.is_symlink()
 
 
 def test_a_changed_bundle_file_or_newer_spec_is_refused(tiny, tmp_path):

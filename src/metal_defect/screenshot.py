@@ -7,6 +7,7 @@ own browser download is never used.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -48,31 +49,41 @@ def capture(uploads: Sequence[Path], screenshot: Path, env: dict[str, str] | Non
             width: int = 1400, height: int = 1250) -> dict[str, Any]:
     """Start the app, upload `uploads` at once, wait until `wait_for` is on the page; returns the page
     text and the seconds from upload to answer, and saves a screenshot."""
+    port = free_port()
+    server = start_app(dict(os.environ if env is None else env, PYTHONUNBUFFERED="1"), port)
+    try:
+        return browse(f"http://127.0.0.1:{port}/", uploads, screenshot, wait_for, width, height)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def browse(url: str, uploads: Sequence[Path], screenshot: Path, wait_for: str | Sequence[str] = "— confidence",
+           width: int = 1400, height: int = 1250, ready: str = "Images of steel surfaces") -> dict[str, Any]:
+    """Open a running app at `url` in Chromium, wait for `ready`, upload `uploads` at once (none: only
+    read the page), wait until `wait_for` (or any of several texts) is on the page; returns the page text and the seconds from
+    upload to answer, and saves a screenshot."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
         raise ConfigError("screenshot: Playwright is missing; install requirements-dev.txt") from exc
     if not CHROMIUM.exists():
         raise ConfigError(f"screenshot: no chromium at {CHROMIUM}; apt-get install chromium (or set METAL_DEFECT_CHROMIUM)")
-    port = free_port()
-    server = start_app(dict(os.environ if env is None else env, PYTHONUNBUFFERED="1"), port)
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": width, "height": height})
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
-            page.get_by_text("Images of steel surfaces").wait_for(timeout=90_000)
-            started = time.perf_counter()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.goto(url, wait_until="domcontentloaded")
+        page.get_by_text(ready).first.wait_for(timeout=90_000)
+        started = time.perf_counter()
+        if uploads:
             page.locator("input[type=file]").set_input_files([str(p) for p in uploads])
-            page.wait_for_function(f"document.body.innerText.includes({wait_for!r})", timeout=90_000)
-            page.wait_for_function("!document.body.innerText.includes('Running...')", timeout=90_000)
-            seconds = time.perf_counter() - started
-            time.sleep(3.0)  # let the charts and images finish drawing
-            screenshot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(screenshot))
-            text = page.inner_text("body")
-            browser.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        texts = [wait_for] if isinstance(wait_for, str) else list(wait_for)
+        page.wait_for_function(f"{json.dumps(texts)}.some(t => document.body.innerText.includes(t))", timeout=90_000)
+        page.wait_for_function("!document.body.innerText.includes('Running...')", timeout=90_000)
+        seconds = time.perf_counter() - started
+        time.sleep(3.0)  # let the charts and images finish drawing
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot))
+        text = page.inner_text("body")
+        browser.close()
     return {"text": text, "seconds": round(seconds, 2), "screenshot": str(screenshot)}

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from metal_defect.artifacts import staging_dir
+from metal_defect.artifacts import read_json, staging_dir
 from metal_defect.errors import ArtifactError
 from metal_defect.serving import bundle as bundles
 
@@ -30,20 +30,59 @@ def export_litert(serving_model: Any, path: Path) -> Path:
     return path
 
 
+# Files a folder may hold beside a bundle that export keeps as they are: a folder's own README
+# (model_bundle/README.md is in git, and the documented command exports into that folder) and
+# git's placeholders.
+KEPT_BESIDE_BUNDLE = ("README.md", ".gitignore", ".gitkeep")
+
+
 def export_bundle(predictor: Any, destination: Path) -> dict[str, Any]:
-    """Copy the predictor's bundle to `destination`, add model.tflite, and write a fresh sha256 manifest."""
+    """Copy the predictor's bundle to `destination`, add model.tflite, and write a fresh sha256 manifest.
+
+    `destination` is new, empty, or holds only files export keeps (KEPT_BESIDE_BUNDLE) and an earlier
+    exported bundle (every other file listed in its manifest): that bundle is replaced whole, the kept
+    files stay. Anything else is refused, so no file export did not write is ever deleted.
+    """
     destination = Path(destination)
-    if destination.exists() and any(destination.iterdir()) and not (destination / bundles.SERVING_SPEC).is_file():
-        raise ArtifactError(f"export: {destination} exists and is not a model bundle; give an empty or new folder")
+    kept = files_kept_beside_bundle(destination)
     with staging_dir(destination) as staged:
         for item in sorted(predictor.bundle.iterdir()):
-            if item.name in (bundles.MANIFEST, bundles.TFLITE_FILE) or not item.is_file():
+            if item.name in (bundles.MANIFEST, bundles.TFLITE_FILE, *KEPT_BESIDE_BUNDLE) or not item.is_file():
                 continue
             shutil.copy2(item, staged / item.name)
         export_litert(predictor.serving_model(), staged / bundles.TFLITE_FILE)
         files = bundles.write_manifest(staged)
+        for name in kept:  # copied in, outside the manifest; the original goes only with the atomic swap
+            shutil.copy2(destination / name, staged / name)
     log.info("exported %s (%d files) to %s", predictor.spec.model_name, len(files) + 1, destination)
     return {"folder": str(destination), "files": sorted(files)}
+
+
+def files_kept_beside_bundle(destination: Path) -> list[str]:
+    """The names in `destination` that export keeps; ArtifactError when it may not export there."""
+    if destination.is_symlink():
+        raise ArtifactError(f"export: {destination} is a symbolic link; give the folder it points to, or a new folder")
+    if not destination.exists():
+        return []
+    if not destination.is_dir():
+        raise ArtifactError(f"export: {destination} is a file, not a folder; give an empty or new folder")
+    names = sorted(p.name for p in destination.iterdir())
+    kept = [name for name in names if name in KEPT_BESIDE_BUNDLE and (destination / name).is_file()
+            and not (destination / name).is_symlink()]
+    others = [name for name in names if name not in kept]
+    if not others:
+        return kept
+    listed: set[str] = set()
+    if (destination / bundles.SERVING_SPEC).is_file() and (destination / bundles.MANIFEST).is_file():
+        try:
+            listed = {name.split("/")[0] for name in read_json(destination / bundles.MANIFEST).get("files", {})}
+        except (ArtifactError, AttributeError, UnicodeDecodeError):
+            listed = set()
+    foreign = [name for name in others if name not in listed | {bundles.MANIFEST}]
+    if not listed or foreign:
+        raise ArtifactError(f"export: {destination} holds files that are not an exported bundle ({', '.join(foreign[:5])}"
+                            f"{', ...' if len(foreign) > 5 else ''}); give an empty or new folder")
+    return kept
 
 
 class LiteRtRunner:
