@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import stat
 from pathlib import Path
 
 from metal_defect import artifacts as art
 from metal_defect.config import Config
 from metal_defect.errors import ArtifactError, ConfigError, DataError
+from metal_defect.serving.images import special_kind
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +134,13 @@ def expand_paths(arguments: list[str], extensions: tuple[str, ...]) -> tuple[lis
         for match in matches:
             path = Path(match)
             if path.is_dir():
-                for child in sorted(p for p in path.rglob("*") if p.is_file()):
-                    if child.suffix.lower() in wanted:
+                for child in sorted(path.rglob("*")):
+                    if child.is_dir() and not child.is_symlink():
+                        continue
+                    problem = walked_file_problem(child)
+                    if problem:
+                        skipped.append({"path": str(child), "reason": problem})
+                    elif child.suffix.lower() in wanted:
                         files.append(str(child))
                     else:
                         skipped.append({"path": str(child), "reason": f"not an image extension of this model ({', '.join(sorted(wanted))})"})
@@ -141,6 +148,19 @@ def expand_paths(arguments: list[str], extensions: tuple[str, ...]) -> tuple[lis
                 files.append(str(path))
     seen: set[str] = set()
     return [f for f in files if not (f in seen or seen.add(f))], skipped
+
+
+def walked_file_problem(path: Path) -> str | None:
+    """Why a file found in a walked folder is left out unread (a FIFO would block, /dev/zero never ends), or None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "broken or looping link: left out" if path.is_symlink() else "cannot be read: left out"
+    if stat.S_ISDIR(mode):
+        return "a link to a folder: not followed"
+    if not stat.S_ISREG(mode):
+        return f"not a regular file ({special_kind(mode)}): left out unread"
+    return None
 
 
 def predict(config: Config, arguments: list[str], model: str | None, csv_path: Path | None, json_path: Path | None,
@@ -184,7 +204,14 @@ def predict(config: Config, arguments: list[str], model: str | None, csv_path: P
              f"{predictor.threshold if threshold is None else threshold:.3f}" + (" -- WEAK MODEL: " + "; ".join(spec.weak_reasons) if spec.weak_model else ""),
              table, f"{len(answers)} files: {len(answers) - flagged - failed} answered with a class, {flagged} flagged, {failed} unreadable"]
     if skipped:
-        lines.append(f"{len(skipped)} other files in the folders skipped (not image extensions), e.g. {skipped[0]['path']}")
+        other = [entry for entry in skipped if not entry["reason"].startswith("not an image extension")]
+        if len(other) < len(skipped):
+            example = next(entry["path"] for entry in skipped if entry not in other)
+            lines.append(f"{len(skipped) - len(other)} other files in the folders skipped (not image extensions), e.g. {example}")
+        lines += [f"left out: {entry['path']}: {entry['reason']}" for entry in other[:20]]
+        if len(other) > 20:
+            lines.append(f"... and {len(other) - 20} more files left out (the log lists them all)")
+            log.info("left out: %s", "; ".join(f"{e['path']}: {e['reason']}" for e in other[20:]))
     return "\n".join(lines), (3 if failed else 0)
 
 

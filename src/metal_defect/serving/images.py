@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io as _io
 import os
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -73,25 +74,71 @@ def content_problem(image: Image.Image, min_side: int, min_std: float) -> str | 
     return None
 
 
+# What a reader takes from one user-named file when no smaller limit is set: far above any image
+# (the data and upload limits are 50 MB), far below a machine's memory.
+HARD_MAX_BYTES = 512 * 1024 * 1024
+
+
 def read_bytes(source: str | os.PathLike | bytes | BinaryIO, max_bytes: int | None,
                limit: str = "data_preprocessing.max_file_mb") -> bytes:
     """The bytes of a file (path, bytes or file object), refusing empty files and files over
-    `max_bytes` (checked from the size on disk before reading); `limit` names the setting in the message."""
+    `max_bytes`; `limit` names the setting in the message. A path goes through `read_user_file`."""
+    bound = HARD_MAX_BYTES if max_bytes is None else max_bytes
     if isinstance(source, bytes):
         data = source
     elif hasattr(source, "read"):
-        data = source.read()  # type: ignore[union-attr]
+        data = source.read(bound + 1)  # type: ignore[union-attr]
     else:
-        path = Path(source)
-        size = path.stat().st_size
-        if max_bytes is not None and size > max_bytes:
-            raise ImageProblem(f"too large: {size / 1e6:.1f} MB is more than {limit} ({max_bytes / 1e6:g} MB)")
-        data = path.read_bytes()
+        data = read_user_file(Path(source), bound, limit)
     if not data:
         raise ImageProblem("empty file: 0 bytes")
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ImageProblem(f"too large: {len(data) / 1e6:.1f} MB is more than {limit} ({max_bytes / 1e6:g} MB)")
+    if len(data) > bound:
+        raise ImageProblem(f"too large: more than {limit} ({bound / 1e6:g} MB)" if not isinstance(source, bytes)
+                           else f"too large: {len(data) / 1e6:.1f} MB is more than {limit} ({bound / 1e6:g} MB)")
     return data
+
+
+def read_user_file(path: Path, max_bytes: int, limit: str = "the size limit") -> bytes:
+    """Read a file a user named: a regular file only (links are followed), at most `max_bytes + 1`
+    bytes read, and never blocking. A device (`/dev/zero`), FIFO, socket or folder is refused
+    with ImageProblem before a byte is read: opened non-blocking, then checked on the open
+    descriptor, so a FIFO without a writer cannot hang the reader and nothing can be swapped in
+    between the check and the read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as exc:
+        raise ImageProblem("no such file" + (" (a broken symbolic link)" if path.is_symlink() else "")) from exc
+    except IsADirectoryError as exc:
+        raise ImageProblem("a folder, not a file") from exc
+    except OSError as exc:
+        raise ImageProblem(f"cannot be read: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageProblem(f"not a regular file ({special_kind(info.st_mode)}): left out unread")
+        if info.st_size > max_bytes:
+            raise ImageProblem(f"too large: {info.st_size / 1e6:.1f} MB is more than {limit} ({max_bytes / 1e6:g} MB)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)  # a regular file: back to ordinary reads
+        chunks, left = [], max_bytes + 1  # one byte more than allowed tells a file that grew past the limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def special_kind(mode: int) -> str:
+    """A file type in words, for messages about files that are not regular files."""
+    for test, word in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return word
+    return "a special file"
 
 
 def _to_8bit_l_or_rgb(image: Image.Image) -> Image.Image:

@@ -1,0 +1,113 @@
+"""Hostile and careless input: special files, outputs over inputs, exports that would delete or escape."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from metal_defect.cli import main
+from metal_defect.serving.images import ImageProblem, read_bytes
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 20):
+    """Fail (instead of hanging the suite) when the block blocks: a FIFO read without a writer never returns."""
+    def expire(signum, frame):
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def specials(tmp_path: Path) -> dict[str, Path]:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    zero_link = tmp_path / "zero.jpg"
+    zero_link.symlink_to("/dev/zero")
+    loop = tmp_path / "loop.png"
+    loop.symlink_to(loop)
+    broken = tmp_path / "gone.png"
+    broken.symlink_to(tmp_path / "nowhere.png")
+    return {"fifo": fifo, "zero": Path("/dev/zero"), "zero_link": zero_link, "loop": loop, "broken": broken, "folder": tmp_path}
+
+
+def test_the_reader_refuses_devices_fifos_folders_and_links_to_them_before_reading(specials, tmp_path):
+    from metal_defect.serving.images import read_user_file
+
+    reasons = {
+        "zero": "not a regular file (a character device)", "zero_link": "not a regular file (a character device)",
+        "fifo": "not a regular file (a FIFO)", "folder": "a folder", "broken": "broken symbolic link", "loop": "cannot be read",
+    }
+    started = time.perf_counter()
+    with no_hang():
+        for name, reason in reasons.items():
+            with pytest.raises(ImageProblem, match=re.escape(reason)):
+                read_user_file(specials[name], max_bytes=1000)
+    assert time.perf_counter() - started < 5
+    good = tmp_path / "ok.bin"
+    good.write_bytes(b"x" * 100)
+    assert read_user_file(good, 1000) == b"x" * 100
+    with pytest.raises(ImageProblem, match="too large"):
+        read_user_file(good, 99)
+    assert read_bytes(str(good), None) == b"x" * 100  # no limit given: the hard bound still holds
+    with pytest.raises(ImageProblem, match="too large"), open("/dev/zero", "rb") as endless:
+        read_bytes(endless, 1000)  # a file object is read up to the bound, not to its end
+
+
+def test_predict_answers_the_good_files_beside_dev_zero_fifos_and_bad_links(tiny, specials, tmp_path):
+    good = sorted((tiny["data"] / "patches").glob("*.png"))[0]
+    walked = specials["folder"]
+    shutil.copy2(good, walked / "good.png")
+    out = tmp_path / "answers.csv"
+    named = [str(good), "/dev/zero", str(specials["fifo"]), str(specials["zero_link"])]
+    with no_hang(60):
+        code = main(["predict", *named, str(walked), "--csv", str(out), "--config", str(tiny["folder"])])
+    assert code == 3, "named files that cannot be read make exit 3"
+    rows = {r["path"]: r for r in csv.DictReader(out.open())}
+    assert rows[str(good)]["label"] == "patches" and rows[str(walked / "good.png")]["label"] == "patches"
+    for name in named[1:]:
+        assert "not a regular file" in rows[name]["error"], rows[name]
+    assert str(specials["loop"]) not in rows and str(specials["broken"]) not in rows  # walked: left out, and listed
+
+
+def test_predict_lists_what_it_left_out_of_a_walked_folder(tiny, specials, capsys):
+    good = sorted((tiny["data"] / "patches").glob("*.png"))[0]
+    walked = specials["folder"]
+    shutil.copy2(good, walked / "good.png")
+    with no_hang(60):
+        assert main(["predict", str(walked), "--config", str(tiny["folder"])]) == 0
+    printed = capsys.readouterr().out
+    for name, reason in (("pipe.png", "a FIFO"), ("zero.jpg", "a character device"), ("loop.png", "broken or looping link"),
+                         ("gone.png", "broken or looping link")):
+        assert f"left out: {walked / name}" in printed and reason in printed, printed
+
+
+def test_evaluate_leaves_out_special_files_in_the_folder_and_scores_the_rest(tiny, tmp_path):
+    folder = tmp_path / "labelled"
+    for label in ("crazing", "inclusion", "patches"):
+        shutil.copytree(tiny["data"] / label, folder / label)
+    (folder / "crazing" / "zero.jpg").symlink_to("/dev/zero")
+    os.mkfifo(folder / "inclusion" / "pipe.png")
+    out = tmp_path / "eval"
+    with no_hang(120):
+        assert main(["evaluate", str(folder), "--config", str(tiny["folder"]), "--out", str(out)]) == 0
+    import json
+
+    report = json.loads((out / "metrics.json").read_text())
+    skipped = {Path(s["path"]).name: s["reason"] for s in report["skipped_at_ingestion"]}
+    assert "a character device" in skipped["zero.jpg"] and "a FIFO" in skipped["pipe.png"]
+    assert report["n"] == 72
