@@ -10,9 +10,12 @@ answer. No image conversion or model code lives here.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import io
+import logging
 import os
+import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,27 @@ from metal_defect.serving.predictor import OUT_OF_DISTRIBUTION, PREDICTIONS_LOG,
 
 UPLOAD_TYPES = ["bmp", "jpg", "jpeg", "png", "tif", "tiff"]
 LOG_ENV = "METAL_DEFECT_PREDICTIONS_LOG"  # where the app appends answers when there is no artifacts folder
+# A web user may load a bundle from a folder they type only when the operator allows it: otherwise
+# the app serves the artifacts folder's runs and $METAL_DEFECT_BUNDLE, nothing else on the disk.
+TYPED_BUNDLES_ENV = "METAL_DEFECT_ALLOW_BUNDLE_PATHS"
+# What the page does per upload and per session: images are shown (and heatmaps drawn) with this
+# long side, at most this many files are answered per upload, and per session.
+DISPLAY_SIDE = 800
+MAX_FILES_PER_UPLOAD = 100
+MAX_FILES_PER_SESSION = 1000
+log = logging.getLogger("metal_defect.app")
+
+
+@st.cache_resource
+def work_slot() -> threading.Semaphore:
+    """One image is decoded and worked at a time in this server process, whatever the number of
+    sessions: memory stays at one image's decode above the model (Streamlit runs sessions in threads)."""
+    return threading.Semaphore(1)
+
+
+def as_text(name: str) -> str:
+    """A file name for Markdown, shown as typed: every Markdown character escaped (no links, images or emphasis)."""
+    return re.sub(r"([\\`*_{}\[\]()<>#!|~:$])", r"\\\1", name)
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
@@ -50,10 +74,13 @@ def model_choices(store: Any) -> dict[str, Path]:
     if env and (Path(env) / bundles.SERVING_SPEC).is_file():
         choices[f"bundle {env}"] = Path(env)
     if store is not None:
-        served = store.served()
-        if served:
-            with contextlib.suppress(MetalDefectError):
-                choices[f"served: run {served['run_id']}"] = bundles.served_bundle(store)[0]
+        try:
+            bundle, served = bundles.served_bundle(store)
+            choices[f"served: run {served['run_id']}"] = bundle
+        except (MetalDefectError, KeyError, TypeError) as exc:  # no pointer yet, or a broken one: the other bundles still serve
+            if store.served_pointer.exists():
+                log.warning("the served pointer cannot be used: %s", exc)
+                st.sidebar.warning("The served model's pointer cannot be read; the operator's log says why.")
         for run_id, bundle in bundles.evaluated_runs(store):
             if all(bundle.resolve() != b.resolve() for b in choices.values()):
                 choices[f"run {run_id}"] = bundle
@@ -71,7 +98,10 @@ def sidebar(store: Any) -> tuple[Predictor | None, float, bool]:
     """Model choice and facts, threshold slider, heatmap toggle."""
     st.sidebar.header("Model")
     choices = model_choices(store)
-    options = [*choices, "a bundle folder…"]
+    typed = os.environ.get(TYPED_BUNDLES_ENV, "").lower() in ("1", "true", "yes")
+    options = [*choices, *(["a bundle folder…"] if typed else [])]
+    if not options:
+        return None, 0.0, False
     choice = st.sidebar.selectbox("Model in use", options, index=0, help="the served model first, then every evaluated run")
     if choice == "a bundle folder…":
         folder = st.sidebar.text_input("Bundle folder (with serving.json)")
@@ -83,7 +113,8 @@ def sidebar(store: Any) -> tuple[Predictor | None, float, bool]:
     try:
         predictor = load_predictor(str(bundle))
     except MetalDefectError as exc:
-        st.sidebar.error(str(exc))
+        log.error("cannot load the bundle %s: %s", bundle, exc)
+        st.sidebar.error("This model cannot be loaded (its files are missing or were changed); the operator's log says why.")
         return None, 0.0, False
     spec = predictor.spec
     metrics = bundles.read_metrics(bundle)
@@ -124,16 +155,33 @@ def answer_upload(predictor: Predictor, upload: Any, store: Any) -> Answer:
     data = upload.getvalue()
     key = ("answer", hashlib.sha256(data).hexdigest(), upload.name, predictor.model_sha256)
     if key not in st.session_state:
-        answer = predictor.answer_file(data, upload.name)
+        with work_slot():
+            answer = predictor.answer_file(data, upload.name)
         append_log(log_path(store), [answer], source="app")
         st.session_state[key] = answer
     return st.session_state[key]
 
 
+def shown_image(predictor: Predictor, upload: Any, answer: Answer) -> bytes:
+    """The upload as the page shows it: 8-bit, long side DISPLAY_SIDE, PNG (a 16-bit TIFF or a 36 MP PNG too)."""
+    key = ("shown", answer.sha256, DISPLAY_SIDE)
+    if key not in st.session_state:
+        with work_slot():
+            picture = predictor.display_image(upload.getvalue(), DISPLAY_SIDE)
+        st.session_state[key] = png_bytes(picture)
+    return st.session_state[key]
+
+
+def png_bytes(picture: Any) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def verdict_box(answer: Answer) -> None:
     """The verdict in colour, icon and words."""
     if answer.error:
-        st.error(f"**{answer.path}** could not be read: {answer.error}", icon=":material/broken_image:")
+        st.error(f"**{as_text(answer.path)}** could not be read: {as_text(answer.error)}", icon=":material/broken_image:")
     elif answer.verdict == OUT_OF_DISTRIBUTION:
         st.error(f"**Not like the training images** — {answer.reason}. Most likely *{answer.label}* "
                  f"({answer.confidence:.1%}), but do not trust this answer.", icon=":material/block:")
@@ -149,11 +197,12 @@ def show_answer(predictor: Predictor, upload: Any, answer: Answer, show_heatmaps
     if answer.error:
         return
     left, right = st.columns(2)
-    left.image(upload.getvalue(), caption=f"{upload.name}", width="stretch")
+    left.image(shown_image(predictor, upload, answer), caption=upload.name, width="stretch")
     if show_heatmaps:
         key = ("heatmap", answer.sha256, predictor.model_sha256, answer.label)
         if key not in st.session_state:
-            st.session_state[key] = predictor.explain(upload.getvalue(), answer)[1]
+            with work_slot():
+                st.session_state[key] = png_bytes(predictor.explain(upload.getvalue(), answer, max_side=DISPLAY_SIDE)[1])
         right.image(st.session_state[key], caption=f"where it looked for '{answer.label}' (heatmap, ring = peak)",
                     width="stretch")
     st.bar_chart({"probability": answer.probabilities}, horizontal=True, height=40 + 28 * len(answer.probabilities))
@@ -170,6 +219,23 @@ def results_table(predictor: Predictor, answers: list[Answer]) -> None:
     shown = frame[frame["verdict"].isin([UNCERTAIN, OUT_OF_DISTRIBUTION]) | frame["error"].notna()] if flagged_only else frame
     st.dataframe(shown, hide_index=True, width="stretch")
     st.download_button("Download all answers (CSV)", frame.to_csv(index=False).encode(), "answers.csv", "text/csv")
+
+
+def within_limits(uploads: list[Any]) -> list[Any]:
+    """The uploads this page answers: at most MAX_FILES_PER_UPLOAD at once and MAX_FILES_PER_SESSION
+    different files per session; the page says what it left out."""
+    seen = st.session_state.setdefault("files_seen", set())
+    kept = []
+    for upload in uploads[:MAX_FILES_PER_UPLOAD]:
+        key = (upload.name, upload.size)
+        if key in seen or len(seen) < MAX_FILES_PER_SESSION:
+            seen.add(key)
+            kept.append(upload)
+    if len(kept) < len(uploads):
+        st.warning(f"{len(uploads) - len(kept)} of {len(uploads)} files are not answered: this page answers at most "
+                   f"{MAX_FILES_PER_UPLOAD} files at once and {MAX_FILES_PER_SESSION} in one session (reload the page for a new one), "
+                   "or use `python main.py predict FOLDER` for large batches.")
+    return kept
 
 
 def main() -> None:
@@ -190,6 +256,7 @@ def main() -> None:
         st.caption(f"Answers come from {spec.model_name} (run {spec.run_id or '-'}): a class, '{UNCERTAIN}' below the "
                    f"confidence threshold, or '{OUT_OF_DISTRIBUTION}' for images unlike the training images.")
         return
+    uploads = within_limits(uploads)
     answers = [predictor.judge(answer_upload(predictor, upload, store), threshold) for upload in uploads]
     if len(uploads) > 1:
         flagged = sum(a.flagged for a in answers)
@@ -198,10 +265,19 @@ def main() -> None:
         results_table(predictor, answers)
     for upload, answer in zip(uploads, answers):
         if len(uploads) > 1:
-            with st.expander(f"{upload.name}: {answer.verdict or 'unreadable'}", expanded=len(uploads) <= 5 or answer.flagged or answer.error is not None):
+            with st.expander(f"{as_text(upload.name)}: {answer.verdict or 'unreadable'}", expanded=len(uploads) <= 5 or answer.flagged or answer.error is not None):
                 show_answer(predictor, upload, answer, show_heatmaps)
         else:
             show_answer(predictor, upload, answer, show_heatmaps)
 
 
-main()
+def run_page() -> None:
+    """The page, with any unexpected failure as one line for the visitor and the detail in the server's log."""
+    try:
+        main()
+    except Exception:
+        log.exception("the page failed")
+        st.error("Something went wrong on the server while answering; the operator's log has the detail.")
+
+
+run_page()

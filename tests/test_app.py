@@ -137,6 +137,51 @@ def test_memory_stays_flat_over_fifty_uploads(monkeypatch, tiny):
     assert rss[50] - rss[10] < 100, rss
 
 
+def _png_of(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_16_bit_image_is_shown_and_answered(monkeypatch, tiny):
+    # the page crashed: "cannot write mode I;16 as JPEG" at st.image, and the images after it were not shown
+    at = _app(monkeypatch, tiny["folder"])
+    deep = (np.asarray(Image.open(sorted((tiny["data"] / "patches").glob("*.png"))[0]), dtype=np.uint16) * 257).astype(np.uint16)
+    good = sorted((tiny["data"] / "crazing").glob("*.png"))[0]
+    at.file_uploader[0].set_value([("gray16.png", _png_of(deep), "image/png"), (good.name, _png(good), "image/png")]).run()
+    assert not at.exception, at.exception
+    assert "2 images: " in _text(at) and "0 unreadable" in _text(at)
+    assert len(at.get("image")) >= 4, "both images and their heatmaps are on the page"
+
+
+def test_web_users_cannot_type_a_server_folder_unless_the_operator_allows_it(monkeypatch, tiny):
+    at = _app(monkeypatch, tiny["folder"])
+    assert "a bundle folder…" not in at.sidebar.selectbox[0].options
+    monkeypatch.setenv("METAL_DEFECT_ALLOW_BUNDLE_PATHS", "1")
+    at = _app(monkeypatch, tiny["folder"])
+    assert "a bundle folder…" in at.sidebar.selectbox[0].options
+
+
+def test_file_names_are_shown_as_text_not_markdown(monkeypatch, tiny):
+    at = _app(monkeypatch, tiny["folder"])
+    name = "![x](http://127.0.0.1:9/x.png)**bold**.png"
+    at.file_uploader[0].set_value((name, b"not an image", "image/png")).run()
+    shown = "\n".join(e.value for e in at.error)
+    assert "![x](" not in shown and "**bold**" not in shown and "\\!\\[x\\]\\(" in shown, shown
+
+
+def test_a_broken_served_pointer_still_serves_the_configured_bundle(monkeypatch, tiny, tmp_path):
+    home = tmp_path / "home"
+    shutil.copytree(tiny["folder"], home)
+    (home / "artifacts" / "served.json").write_text("{ not json")
+    at = _app(monkeypatch, home, tiny["bundle"])
+    assert any("pointer cannot be read" in w.value for w in at.sidebar.warning)
+    good = sorted((tiny["data"] / "patches").glob("*.png"))[0]
+    at.file_uploader[0].set_value((good.name, _png(good), "image/png")).run()
+    assert not at.exception and any("patches" in s.value for s in at.success)
+    assert "Traceback" not in _text(at)
+
+
 # ----------------------------------------------------------------------------- a real browser
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it with apt-get)")

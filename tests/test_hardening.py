@@ -111,3 +111,50 @@ def test_evaluate_leaves_out_special_files_in_the_folder_and_scores_the_rest(tin
     skipped = {Path(s["path"]).name: s["reason"] for s in report["skipped_at_ingestion"]}
     assert "a character device" in skipped["zero.jpg"] and "a FIFO" in skipped["pipe.png"]
     assert report["n"] == 72
+
+
+def _big_png(path: Path, side: int = 6000, mode: str = "L") -> Path:
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    grey = (np.add.outer(ramp, ramp) / 2).astype(np.uint8)
+    Image.fromarray(np.stack([grey, grey.T, grey[::-1]], -1) if mode == "RGB" else grey).save(path)
+    return path
+
+
+def test_a_36_megapixel_image_is_decoded_within_the_work_budget_and_peaks_are_in_its_pixels(tmp_path):
+    from metal_defect.serving.images import WORK_MAX_PIXELS, decode_image
+
+    image = decode_image(str(_big_png(tmp_path / "big.png")))
+    assert image.size[0] * image.size[1] <= WORK_MAX_PIXELS and image.size == (2000, 2000)
+    assert image.info["reduced_by"] == 3.0
+    small = decode_image(str(_big_png(tmp_path / "small.png", side=300)))
+    assert small.size == (300, 300) and small.info["reduced_by"] == 1.0
+
+
+def test_answering_and_explaining_a_36_megapixel_png_stays_far_below_a_gigabyte(tiny, tmp_path):
+    # was: +3.6 GB peak for one 6000 x 6000 PNG (answer and heatmap at full resolution, float64 copies)
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from metal_defect.serving.predictor import Predictor\n"
+        "p = Predictor.from_bundle(Path(sys.argv[1]))\n"
+        "p.answer_file(Path(sys.argv[2]).read_bytes(), 'warm-up')\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "data = Path(sys.argv[3]).read_bytes()\n"
+        "answer = p.answer_file(data, 'big')\n"
+        "heat, picture = p.explain(data, answer)\n"
+        "print(answer.error, picture.size[0], answer.heat_peak_x, answer.heat_peak_y,"
+        " (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    good = sorted((tiny["data"] / "patches").glob("*.png"))[0]
+    big = _big_png(tmp_path / "big.png", mode="RGB")
+    done = subprocess.run([sys.executable, "-c", script, str(tiny["bundle"]), str(good), str(big)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    error, width, x, y, grown = done.stdout.split()[-5:]
+    assert error == "None" and width == "2000" and 0 <= int(x) < 6000 and 0 <= int(y) < 6000, done.stdout
+    assert int(grown) < 400, f"peak memory grew by {grown} MB"

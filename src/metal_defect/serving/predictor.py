@@ -28,7 +28,7 @@ from metal_defect.artifacts import ArtifactStore, sha256_file
 from metal_defect.metrics import apply_temperature
 from metal_defect.serving import bundle as bundles
 from metal_defect.serving import ood
-from metal_defect.serving.images import ImageProblem, content_problem, convert_decoded, decode_image, is_colourful, read_bytes
+from metal_defect.serving.images import RESAMPLE, ImageProblem, content_problem, convert_decoded, decode_image, is_colourful, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -329,15 +329,27 @@ class Predictor:
             maps.extend(self.gradcam()(images[start:start + 32], np.asarray(classes[start:start + 32])))
         return [to_original_frame(m, size, self.spec.image_size, self.spec.resize) for m, size in zip(maps, original_sizes)]
 
-    def explain(self, source: str | os.PathLike | bytes, answer: Answer) -> tuple[np.ndarray, Any]:
-        """Heatmap (original pixel frame) and overlay image for an answered file; sets the answer's peak."""
+    def explain(self, source: str | os.PathLike | bytes, answer: Answer, max_side: int | None = None) -> tuple[np.ndarray, Any]:
+        """Heatmap and overlay image for an answered file; sets the answer's peak (in the original image's pixels).
+
+        The overlay is drawn on the decoded image (a very large one is decoded at WORK_MAX_PIXELS),
+        or on a copy whose long side is `max_side` (the app: what the page shows).
+        """
         from metal_defect.serving.explain import overlay, peak
 
         image, _ = self._decode(source)
         array = convert_decoded(image, self.spec.image_size, self.spec.color_mode, self.spec.resize)
-        heat = self.heatmaps(array[None], [self.class_names.index(answer.label)], [image.size])[0]
-        answer.heat_peak_x, answer.heat_peak_y = peak(heat)
-        return heat, overlay(image, heat)
+        shown = display_copy(image, max_side)
+        heat = self.heatmaps(array[None], [self.class_names.index(answer.label)], [shown.size])[0]
+        scale = image.info.get("reduced_by", 1) * image.size[0] / shown.size[0]
+        x, y = peak(heat)
+        answer.heat_peak_x, answer.heat_peak_y = round(x * scale), round(y * scale)
+        return heat, overlay(shown, heat)
+
+    def display_image(self, source: str | os.PathLike | bytes, max_side: int) -> Any:
+        """The image as the model reads it (8-bit grey or RGB, EXIF rotation applied), long side at most `max_side`:
+        what a page shows, whatever the file's bit depth or size. Raises ImageProblem."""
+        return display_copy(self._decode(source)[0], max_side)
 
     def write_heatmaps(self, answers: Sequence[Answer], folder: Path) -> int:
         """An overlay PNG per answered image in `folder` (<name>.heatmap.png; numbered when names repeat)."""
@@ -367,6 +379,15 @@ class Predictor:
         return Answer(path=name, model_run=self.spec.run_id, model_sha256=self.model_sha256,
                       threshold=self.threshold if threshold is None else threshold, error=_problem(exc),
                       ms=round((time.perf_counter() - started) * 1000, 3))
+
+
+def display_copy(image: Any, max_side: int | None) -> Any:
+    """`image` itself, or a copy whose long side is `max_side` (never enlarged)."""
+    if max_side is None or max(image.size) <= max_side:
+        return image
+    shown = image.copy()
+    shown.thumbnail((max_side, max_side), RESAMPLE)
+    return shown
 
 
 def _problem(exc: Exception) -> str:
