@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -200,3 +201,74 @@ def test_a_person_uploads_images_in_chromium_and_reads_the_answers(tiny, tmp_pat
     assert "broken.png could not be read" in body and "not an image" in body
     assert "Traceback" not in body and shot.stat().st_size > 10_000
     print(f"answers shown {result['seconds']:.2f} s after the upload; screenshot {shot}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it with apt-get)")
+def test_two_sessions_uploading_36_megapixel_pngs_keep_the_server_under_300_mb_more(tiny, tmp_path):
+    # was: one 6000 x 6000 PNG raised the server from 881 to 2,408 MB, three at once peaked at 4.85 GB
+    import threading
+    import time
+
+    import psutil
+    from playwright.sync_api import sync_playwright
+
+    from metal_defect.screenshot import CHROMIUM_ARGS, free_port, start_app
+
+    ramp = np.linspace(0, 255, 6000, dtype=np.float32)
+    grey = (np.add.outer(ramp, ramp) / 2).astype(np.uint8)
+    uploads = []
+    for i in range(3):
+        path = tmp_path / f"big_{i}.png"
+        Image.fromarray(np.stack([np.roll(grey, 100 * i, axis=0), grey.T, grey[::-1]], -1)).save(path)
+        uploads.append(str(path))
+    env = dict(os.environ, METAL_DEFECT_HOME=str(tiny["folder"]))
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX"):
+        env.pop(name, None)  # the launcher sets them
+    env.pop(bundles.BUNDLE_ENV, None)
+    port = free_port()
+    server = start_app(env, port)
+    process = psutil.Process(server.pid)
+    peak, sampling = [0.0], [True]
+
+    def sample() -> None:
+        while sampling[0]:
+            with contextlib.suppress(psutil.Error):
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 1e6)
+            time.sleep(0.05)
+
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            pages = [browser.new_context().new_page() for _ in range(2)]
+            for page in pages:
+                page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+                page.get_by_text("Images of steel surfaces").wait_for(timeout=90_000)
+            # a server that has answered once (its serving graph and heatmap model are built on first use)
+            small = sorted((tiny["data"] / "patches").glob("*.png"))[0]
+            warm = browser.new_context().new_page()
+            warm.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            warm.locator("input[type=file]").set_input_files([str(small)])
+            warm.wait_for_function("document.body.innerText.includes('where it looked')", timeout=90_000)
+            time.sleep(2)
+            baseline = sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 1e6
+            watcher = threading.Thread(target=sample, daemon=True)
+            watcher.start()
+            for page in pages:
+                page.locator("input[type=file]").set_input_files(uploads)
+            texts = []
+            for page in pages:
+                page.wait_for_function("document.body.innerText.includes('3 images:')", timeout=180_000)
+                page.wait_for_function("!document.body.innerText.includes('Running...')", timeout=180_000)
+                texts.append(page.inner_text("body"))
+            sampling[0] = False
+            watcher.join()
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    for text in texts:
+        assert re.search(r"3 images: \d answered, \d flagged, 0 unreadable", text), text[:1500]
+        assert "Traceback" not in text
+    assert peak[0] - baseline < 300, f"server memory {baseline:.0f} MB -> peak {peak[0]:.0f} MB"
+    print(f"server memory {baseline:.0f} MB -> peak {peak[0]:.0f} MB over two sessions of three 36 MP uploads")
