@@ -158,3 +158,34 @@ def test_answering_and_explaining_a_36_megapixel_png_stays_far_below_a_gigabyte(
     error, width, x, y, grown = done.stdout.split()[-5:]
     assert error == "None" and width == "2000" and 0 <= int(x) < 6000 and 0 <= int(y) < 6000, done.stdout
     assert int(grown) < 400, f"peak memory grew by {grown} MB"
+
+
+def test_predict_never_writes_over_its_inputs_or_the_log_and_refuses_impossible_outputs(tiny, tmp_path):
+    image = tmp_path / "x.png"
+    shutil.copy2(sorted((tiny["data"] / "patches").glob("*.png"))[0], image)
+    original = image.read_bytes()
+    log = tiny["folder"] / "artifacts" / "predictions.jsonl"
+    main(["predict", str(image), "--config", str(tiny["folder"])])  # the log exists
+    logged = log.read_bytes()
+    config = ["--config", str(tiny["folder"])]
+    assert main(["predict", str(image), "--csv", str(image), *config]) == 2
+    assert main(["predict", str(image), "--json", str(log), *config]) == 2
+    assert image.read_bytes() == original and log.read_bytes() == logged
+    assert main(["predict", str(image), "--csv", str(tmp_path), *config]) == 2
+    assert main(["predict", str(image), "--csv", "/dev/full", *config]) == 2
+    assert main(["predict", str(image), "--heatmaps", str(image), *config]) == 2
+    assert image.read_bytes() == original
+
+
+def test_a_csv_that_cannot_be_finished_leaves_the_earlier_one_whole(tiny, tmp_path, monkeypatch):
+    image = sorted((tiny["data"] / "patches").glob("*.png"))[0]
+    out = tmp_path / "answers.csv"
+    assert main(["predict", str(image), "--csv", str(out), "--config", str(tiny["folder"])]) == 0
+    earlier = out.read_bytes()
+
+    def interrupted(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    assert main(["predict", str(image), str(image), "--csv", str(out), "--config", str(tiny["folder"])]) == 4
+    assert out.read_bytes() == earlier and not [p for p in tmp_path.iterdir() if p.name.startswith(".answers")]

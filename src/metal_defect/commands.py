@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import logging
 import stat
 from pathlib import Path
@@ -163,6 +164,24 @@ def walked_file_problem(path: Path) -> str | None:
     return None
 
 
+def check_outputs(outputs: dict[str, Path | None], inputs: list[str], log_file: Path) -> None:
+    """Refuse, before any work, outputs that would overwrite an input or the predictions log, or
+    that cannot be what they are asked to be (a folder as a file, a device, a file as a folder)."""
+    protected = {Path(p).resolve(): f"the input {p}" for p in inputs} | {log_file.resolve(): f"the predictions log {log_file}"}
+    for option, target in outputs.items():
+        if target is None:
+            continue
+        target = Path(target)
+        folder = option == "--heatmaps"
+        resolved = target.resolve()
+        if resolved in protected:
+            raise ConfigError(f"predict {option} {target}: that is {protected[resolved]}; write the answers somewhere else")
+        if folder and target.exists() and not target.is_dir():
+            raise ConfigError(f"predict {option} {target}: a file, not a folder; give a folder for the heatmap images")
+        if not folder and target.exists() and not target.is_file():
+            raise ConfigError(f"predict {option} {target}: {'a folder' if target.is_dir() else 'not a regular file'}; give a file name")
+
+
 def predict(config: Config, arguments: list[str], model: str | None, csv_path: Path | None, json_path: Path | None,
             threshold: float | None, backend: str = "compiled", heatmaps: Path | None = None) -> tuple[str, int]:
     """`main.py predict`: answer every image; returns the screen table and the exit code (3 if a named file failed)."""
@@ -176,6 +195,7 @@ def predict(config: Config, arguments: list[str], model: str | None, csv_path: P
     store = art.ArtifactStore(config.paths.artifacts)
     predictor = Predictor.load(store, model, backend)
     files, skipped = expand_paths(arguments, predictor.spec.extensions)
+    check_outputs({"--csv": csv_path, "--json": json_path, "--heatmaps": heatmaps}, files, store.root / PREDICTIONS_LOG)
     if not files:
         raise DataError(f"predict: no image files in {' '.join(arguments)} (extensions {', '.join(predictor.spec.extensions)})")
     answers = predictor.answer_paths(files, threshold)
@@ -187,14 +207,19 @@ def predict(config: Config, arguments: list[str], model: str | None, csv_path: P
     for target, write in ((csv_path, "csv"), (json_path, "json")):
         if target is None:
             continue
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
         if write == "csv":
-            with open(target, "w", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=columns(names, heatmaps is not None))
-                writer.writeheader()
-                writer.writerows(rows)
+            buffer = io.StringIO(newline="")
+            writer = csv.DictWriter(buffer, fieldnames=columns(names, heatmaps is not None))
+            writer.writeheader()
+            writer.writerows(rows)
+            text = buffer.getvalue()
         else:
-            art.write_text_atomic(Path(target), json.dumps(rows, indent=2) + "\n")
+            text = json.dumps(rows, indent=2) + "\n"
+        try:  # temp file + rename: a kill leaves the earlier file whole, never a cut one
+            art.write_text_atomic(Path(target), text)
+        except OSError as exc:
+            raise ArtifactError(f"predict --{write} {target}: cannot write it ({exc.strerror or exc}); the answers are in "
+                                f"{store.root / PREDICTIONS_LOG}") from exc
     append_log(store.root / PREDICTIONS_LOG, answers, source="cli")
     table = _answer_table(answers)
     flagged = sum(a.flagged for a in answers)
