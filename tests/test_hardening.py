@@ -189,3 +189,60 @@ def test_a_csv_that_cannot_be_finished_leaves_the_earlier_one_whole(tiny, tmp_pa
     monkeypatch.setattr(os, "replace", interrupted)
     assert main(["predict", str(image), str(image), "--csv", str(out), "--config", str(tiny["folder"])]) == 4
     assert out.read_bytes() == earlier and not [p for p in tmp_path.iterdir() if p.name.startswith(".answers")]
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tiny_config):
+    from metal_defect.config import load_config
+    from metal_defect.errors import ConfigError
+
+    folder = tiny_config()
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    (folder / "schema.yaml").write_text((folder / "schema.yaml").read_text() + "\nbomb:\n" + "\n".join("  " + line for line in lines) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases"):
+        load_config(folder)
+    assert time.perf_counter() - started < 5
+
+
+def test_a_config_file_that_is_a_device_and_system_folders_as_paths_are_refused(tiny_config, tmp_path):
+    from metal_defect.config import load_config
+    from metal_defect.errors import ConfigError
+
+    folder = tiny_config()
+    with pytest.raises(ConfigError, match="system folder"):
+        load_config(folder, ["paths.artifacts=/"])
+    with pytest.raises(ConfigError, match="system folder"):
+        load_config(folder, ["paths.logs=/etc"])
+    load_config(folder, [f"paths.artifacts={tmp_path / 'mine'}"])
+    (folder / "params.yaml").unlink()
+    (folder / "params.yaml").symlink_to("/dev/zero")
+    with no_hang(), pytest.raises(ConfigError, match="not a YAML file"):
+        load_config(folder)
+
+
+def test_an_emptied_manifest_or_a_replaced_one_is_an_artifact_error(tiny, tmp_path):
+    import json
+
+    from metal_defect.serving import bundle as bundles
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], copy)
+    spec = json.loads((copy / bundles.SERVING_SPEC).read_text())
+    (copy / bundles.SERVING_SPEC).write_text(json.dumps(spec | {"max_image_pixels": 10 ** 12}))
+    (copy / bundles.MANIFEST).write_text(json.dumps({"files": {}}))
+    image = sorted((tiny["data"] / "patches").glob("*.png"))[0]
+    assert main(["predict", str(image), "--model", str(copy), "--config", str(tiny["folder"])]) == 4
+    # the served pointer records the manifest's sha256: a manifest rewritten to match edited files is caught too
+    home = tmp_path / "home"
+    shutil.copytree(tiny["folder"], home)
+    served = json.loads((home / "artifacts" / "served.json").read_text())
+    assert len(served["manifest_sha256"]) == 64
+    bundle, _ = bundles.served_bundle(__import__("metal_defect.artifacts", fromlist=["x"]).ArtifactStore(home / "artifacts"))
+    (bundle / bundles.SERVING_SPEC).write_text(json.dumps(json.loads((bundle / bundles.SERVING_SPEC).read_text()) | {"max_image_pixels": 10 ** 12}))
+    bundles.write_manifest(bundle)
+    assert main(["predict", str(image), "--config", str(home)]) == 4
+
+
+def test_promote_takes_run_ids_not_paths(tiny):
+    assert main(["promote", "../../../x", "--config", str(tiny["folder"])]) == 4
+    assert main(["promote", "/etc", "--config", str(tiny["folder"])]) == 4

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import socket
@@ -220,6 +221,9 @@ def pid_alive(pid: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- runs
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a name under runs/, never a path
+
+
 def new_run_id(now: dt.datetime | None = None) -> str:
     """Sortable, unique: 20261125-183000-a1b2."""
     now = now or dt.datetime.now()
@@ -288,6 +292,8 @@ class ArtifactStore:
         return self.runs_dir / run_id
 
     def manifest(self, run_id: str) -> dict[str, Any]:
+        if not RUN_ID.fullmatch(str(run_id)) or ".." in str(run_id):
+            raise ArtifactError(f"'{run_id}' is not a run id (like 20261125-183000-a1b2); `python main.py runs` lists them")
         path = self.run_dir(run_id) / MANIFEST
         if not path.is_file():
             known = ", ".join(self.run_ids()[-5:]) or "none yet"

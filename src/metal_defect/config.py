@@ -463,11 +463,28 @@ def load_config(config_dir: Path | str | None = None, overrides: list[str] | Non
             problems.append(f"{label}: missing section '{name}'")
             continue
         sections[name] = _convert(raw[name], cls, name, {}, origins, config_dir, problems)
+    if "paths" in sections:
+        problems.extend(_system_folder_problems(sections["paths"], origins.get("paths", "config.yaml")))
     if problems:
         if len(problems) == 1:
             raise ConfigError(f"invalid configuration: {problems[0]}")
         raise ConfigError(f"invalid configuration ({len(problems)} problems):\n  " + "\n  ".join(problems))
     return Config(**sections, config_dir=config_dir)
+
+
+# Folders the program writes under: never the file system's root or a system folder, where a typo
+# (`artifacts: /`) would write `/stages` and `/runs` beside the operating system's own.
+SYSTEM_FOLDERS = {Path(p) for p in ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/root", "/run", "/sbin",
+                                    "/sys", "/usr", "/var", "/home", "/opt", "/srv", "/mnt", "/media", "/tmp")}
+
+
+def _system_folder_problems(paths: PathsConfig, label: str) -> list[str]:
+    problems = []
+    for key in ("artifacts", "logs", "download_cache", "tuning"):
+        folder = getattr(paths, key)
+        if folder is not None and Path(folder).resolve() in SYSTEM_FOLDERS:
+            problems.append(f"{label}: paths.{key} = {folder} is a system folder; give a folder of its own (e.g. {Path(folder) / 'metal-defect'})")
+    return problems
 
 
 def parse_section(cls: type, value: Any, key: str) -> Any:
@@ -479,8 +496,20 @@ def parse_section(cls: type, value: Any, key: str) -> Any:
     return result
 
 
+MAX_YAML_BYTES = 1_000_000  # the three files are a few kilobytes
+MAX_YAML_NODES = 100_000  # values after aliases (*name) are expanded: an alias bomb expands to billions
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, but a key given twice in one mapping is an error (YAML keeps the last silently)."""
+    """YAML's safe loader, but a key given twice in one mapping is an error (YAML keeps the last silently),
+    and a document whose aliases would expand past MAX_YAML_NODES values is refused before it is built."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_NODES:,} values once its aliases (*name) are expanded; "
+                                              "write the values out instead of nesting aliases", node.start_mark)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -494,16 +523,33 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for with every alias expanded (each shared node counted once per use)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a node that contains itself (a recursive alias) is counted once, not forever
+        if isinstance(node, yaml.SequenceNode):
+            sizes[id(node)] = 1 + sum(min(_expanded_size(child, sizes), MAX_YAML_NODES + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            sizes[id(node)] = 1 + sum(min(_expanded_size(k, sizes) + _expanded_size(v, sizes), MAX_YAML_NODES + 1) for k, v in node.value)
+    return sizes[id(node)]
+
+
 def load_yaml_text(text: str) -> Any:
     """Parse YAML safely, refusing duplicate keys."""
     return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path}: not a YAML file (a folder, a device or a FIFO); it must be a text file")
     if not path.is_file():
         raise ConfigError(f"{path}: file not found; --config must name a folder holding params.yaml, schema.yaml and config/config.yaml")
     try:
-        data = load_yaml_text(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_YAML_BYTES + 1)
+        if len(raw) > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_YAML_BYTES // 1000} kB; the configuration files are a few kilobytes")
+        data = load_yaml_text(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8); it must be YAML text") from exc
     except OSError as exc:

@@ -706,13 +706,15 @@ def _served_section(served: str, reason: str, base: Mapping[str, Any], tuned: Ma
 def publish(store: art.ArtifactStore, run_id: str, output: Path) -> dict[str, Any]:
     """Point the served model at the bundle in `output` (a select output, or an evaluation output of older runs)."""
     from metal_defect.components.c06_evaluation import BEST_FILE
-    from metal_defect.serving.bundle import BUNDLE_DIR, pointer_value
+    from metal_defect.serving.bundle import BUNDLE_DIR, MANIFEST, pointer_value
 
     record = art.read_json(output / SERVED_RECORD) if (output / SERVED_RECORD).is_file() else art.read_json(output / BEST_FILE)
     pointer = {"run_id": run_id, "bundle": pointer_value(store, output / BUNDLE_DIR), "model_name": record["name"],
                "served": record.get("served", "base"), "reason": record.get("reason", ""), "temperature": record["temperature"],
                "valid": record["valid"], "test": record["test"], "weak_model": record.get("weak_model", False),
-               "weak_reasons": record.get("weak_reasons", []), "promoted": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+               "weak_reasons": record.get("weak_reasons", []), "promoted": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+               # the bundle's manifest as it was when served: an emptied or replaced manifest is caught on load
+               "manifest_sha256": art.sha256_file(output / BUNDLE_DIR / MANIFEST)}
     store.set_served(pointer)
     log.info("served model is now %s from run %s", record["name"], run_id)
     if pointer["weak_model"]:

@@ -140,12 +140,31 @@ def write_manifest(bundle: Path) -> dict[str, str]:
     return files
 
 
-def verify_bundle(bundle: Path) -> dict[str, str]:
-    """Check every file against the manifest; ArtifactError naming the first problem."""
+# Every file of the bundle format: one that is in the folder must be in the manifest, so that a
+# manifest emptied or cut down (with serving.json then edited at will) is caught like a flipped byte.
+BUNDLE_FILES = (SERVING_SPEC, MODEL_FILE, TFLITE_FILE, MODEL_CARD, METRICS_FILE, OOD_REFERENCE, OOD_STATISTICS, OOD_TEXTURE,
+                OOD_TEXTURE_INVERTED)
+REQUIRED_FILES = (SERVING_SPEC, MODEL_FILE)
+
+
+def verify_bundle(bundle: Path, manifest_sha256: str | None = None) -> dict[str, str]:
+    """Check the manifest covers every bundle file there is (and the required ones), and every file
+    against it; with `manifest_sha256` (recorded by the served pointer), the manifest itself too.
+    ArtifactError naming the first problem."""
     manifest = bundle / MANIFEST
     if not manifest.is_file():
         raise ArtifactError(f"{bundle}: no {MANIFEST}; re-export the bundle with `python main.py export DIR`")
-    files = read_json(manifest).get("files", {})
+    if manifest_sha256 and sha256_file(manifest) != manifest_sha256:
+        raise ArtifactError(f"{bundle}: {MANIFEST} is not the one recorded when this model was served (changed or replaced); "
+                            "promote the run again or re-export the bundle")
+    listing = read_json(manifest)
+    files = listing.get("files") if isinstance(listing, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ArtifactError(f"{bundle}: {MANIFEST} is not a manifest (no 'files' mapping of names to sha256); re-export the bundle")
+    uncovered = [name for name in BUNDLE_FILES if name not in files and ((bundle / name).exists() or name in REQUIRED_FILES)]
+    if uncovered:
+        raise ArtifactError(f"{bundle}: {', '.join(uncovered)} not covered by {MANIFEST} (the manifest was emptied or edited); "
+                            "re-export the bundle")
     for name, expected in files.items():
         path = bundle / name
         if not path.is_file():
@@ -256,6 +275,10 @@ def served_bundle(store: ArtifactStore) -> tuple[Path, dict[str, Any]]:
     bundle = recorded if recorded.is_absolute() else store.root / recorded
     if not (bundle / SERVING_SPEC).is_file():
         bundle = _rebase(store, recorded)
+    recorded_manifest = pointer.get("manifest_sha256")
+    if recorded_manifest and (bundle / MANIFEST).is_file() and sha256_file(bundle / MANIFEST) != recorded_manifest:
+        raise ArtifactError(f"{bundle}: {MANIFEST} is not the one recorded in {store.served_pointer} when run {pointer.get('run_id')} "
+                            "was served (changed or replaced); `python main.py promote RUN_ID` serves a run again")
     return bundle, pointer
 
 
