@@ -244,5 +244,7 @@ def test_an_emptied_manifest_or_a_replaced_one_is_an_artifact_error(tiny, tmp_pa
 
 
 def test_promote_takes_run_ids_not_paths(tiny):
+    # a path that leads to a real run was served, and served.json then named a folder outside runs/
+    assert main(["promote", f"../runs/{tiny['run_id']}", "--config", str(tiny["folder"])]) == 4
     assert main(["promote", "../../../x", "--config", str(tiny["folder"])]) == 4
     assert main(["promote", "/etc", "--config", str(tiny["folder"])]) == 4
