@@ -248,3 +248,26 @@ def test_promote_takes_run_ids_not_paths(tiny):
     assert main(["promote", f"../runs/{tiny['run_id']}", "--config", str(tiny["folder"])]) == 4
     assert main(["promote", "../../../x", "--config", str(tiny["folder"])]) == 4
     assert main(["promote", "/etc", "--config", str(tiny["folder"])]) == 4
+
+
+def test_export_never_writes_into_the_artifacts_folder(tiny):
+    from metal_defect.serving import bundle as bundles
+
+    served = bundles.served_bundle(__import__("metal_defect.artifacts", fromlist=["x"]).ArtifactStore(tiny["folder"] / "artifacts"))[0]
+    before = {p.name: p.stat().st_mtime_ns for p in served.iterdir()}
+    assert main(["export", str(served), "--config", str(tiny["folder"])]) == 4
+    assert {p.name: p.stat().st_mtime_ns for p in served.iterdir()} == before
+
+
+def test_a_foreign_model_file_is_an_artifact_error(tiny, tmp_path):
+    import keras
+
+    from metal_defect.serving import bundle as bundles
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], copy)
+    foreign = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
+    foreign.save(copy / bundles.MODEL_FILE)
+    bundles.write_manifest(copy)
+    image = sorted((tiny["data"] / "patches").glob("*.png"))[0]
+    assert main(["predict", str(image), "--model", str(copy), "--config", str(tiny["folder"])]) == 4

@@ -254,7 +254,12 @@ def export(config: Config, destination: Path, model: str | None) -> str:
     from metal_defect.serving.export import export_bundle
     from metal_defect.serving.predictor import Predictor
 
-    predictor = Predictor.load(art.ArtifactStore(config.paths.artifacts), model)
+    store = art.ArtifactStore(config.paths.artifacts)
+    target = Path(destination).resolve()
+    if target == store.root.resolve() or store.root.resolve() in target.parents:
+        raise ArtifactError(f"export {destination}: inside the artifacts folder {store.root}, whose stage outputs and runs "
+                            "are never changed in place; export to a folder of its own (e.g. model_bundle)")
+    predictor = Predictor.load(store, model)
     result = export_bundle(predictor, Path(destination))
     return f"exported {predictor.spec.model_name} (run {predictor.spec.run_id or '-'}) to {result['folder']}: {', '.join(result['files'])} + bundle_manifest.json"
 

@@ -226,8 +226,20 @@ def load_model(path: Path) -> Any:
 
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path}: cannot load the model ({exc})") from exc
+    except Exception as exc:  # a foreign or damaged file fails in many ways inside Keras; all mean "not this bundle's model"
+        raise ArtifactError(f"{path}: cannot load the model ({type(exc).__name__}: {exc})".replace("\n", " ")[:500]) from exc
+
+
+def check_model_fits(model: Any, spec: ServingSpec, path: Path) -> None:
+    """ArtifactError unless the model takes the spec's input and gives one probability per class (a foreign model.keras)."""
+    try:
+        inputs, outputs = tuple(model.inputs[0].shape[1:]), tuple(model.outputs[0].shape[1:])
+    except (AttributeError, IndexError, TypeError) as exc:
+        raise ArtifactError(f"{path}: not a model with one input and one output") from exc
+    expected_in = (spec.image_size, spec.image_size, spec.channels)
+    if inputs != expected_in or outputs != (len(spec.class_names),):
+        raise ArtifactError(f"{path}: the model takes {inputs} and gives {outputs}, but {SERVING_SPEC} says {expected_in} "
+                            f"and {len(spec.class_names)} classes; this is not the bundle's model")
 
 
 # ----------------------------------------------------------------------------- which bundle

@@ -100,6 +100,7 @@ class Predictor:
         files = bundles.verify_bundle(bundle) if verify or (bundle / bundles.MANIFEST).is_file() else {}
         scorer = bundles.read_ood_scorer(bundle, spec.ood) if spec.ood is not None else None
         model = bundles.load_model(bundle / bundles.MODEL_FILE)
+        bundles.check_model_fits(model, spec, bundle / bundles.MODEL_FILE)
         sha = files.get(bundles.MODEL_FILE) or sha256_file(bundle / bundles.MODEL_FILE)
         predictor = cls(model, spec, bundle, scorer, sha, backend)
         if backend == "litert":
