@@ -45,6 +45,11 @@ def work_slot() -> threading.Semaphore:
     return threading.Semaphore(1)
 
 
+def typed_bundles_allowed() -> bool:
+    """Has the operator allowed web users to type a bundle folder ($METAL_DEFECT_ALLOW_BUNDLE_PATHS)?"""
+    return os.environ.get(TYPED_BUNDLES_ENV, "").lower() in ("1", "true", "yes")
+
+
 def as_text(name: str) -> str:
     """A file name for Markdown, shown as typed: every Markdown character escaped (no links, images or emphasis)."""
     return re.sub(r"([\\`*_{}\[\]()<>#!|~:$])", r"\\\1", name)
@@ -91,15 +96,15 @@ def empty_state() -> None:
     st.title("metal-defect")
     st.info("No trained model yet. Train one with `python main.py` (it serves the best model when it finishes), "
             "or point the app at an exported bundle: `python main.py export model_bundle`, then start the app with "
-            f"`{bundles.BUNDLE_ENV}=model_bundle` (in Docker: mount it at `/app/model_bundle`), or give a bundle folder in the sidebar.")
+            f"`{bundles.BUNDLE_ENV}=model_bundle` (in Docker: mount it at `/app/model_bundle`)"
+            + (", or give a bundle folder in the sidebar." if typed_bundles_allowed() else "."))
 
 
 def sidebar(store: Any) -> tuple[Predictor | None, float, bool]:
     """Model choice and facts, threshold slider, heatmap toggle."""
     st.sidebar.header("Model")
     choices = model_choices(store)
-    typed = os.environ.get(TYPED_BUNDLES_ENV, "").lower() in ("1", "true", "yes")
-    options = [*choices, *(["a bundle folder…"] if typed else [])]
+    options = [*choices, *(["a bundle folder…"] if typed_bundles_allowed() else [])]
     if not options:
         return None, 0.0, False
     choice = st.sidebar.selectbox("Model in use", options, index=0, help="the served model first, then every evaluated run")
