@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -77,7 +78,9 @@ def test_the_launcher_binds_all_interfaces_on_port(monkeypatch):
     from metal_defect import launch_app
 
     started = {}
-    monkeypatch.setattr(launch_app.os, "execv", lambda path, argv: started.update(argv=argv))
+    monkeypatch.setattr(launch_app.os, "execve", lambda path, argv, env: started.update(argv=argv, env=env))
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PORT", "9123")
     launch_app.main([])
     argv = started["argv"]
@@ -86,6 +89,9 @@ def test_the_launcher_binds_all_interfaces_on_port(monkeypatch):
     monkeypatch.delenv("PORT")
     launch_app.main([])
     assert started["argv"][started["argv"].index("--server.port") + 1] == "8501"
+    # the server gets the allocator settings; this process, and what it starts later, does not
+    assert started["env"]["MALLOC_ARENA_MAX"] == "2" and started["env"]["MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
+    assert "MALLOC_ARENA_MAX" not in os.environ and "MALLOC_MMAP_THRESHOLD_" not in os.environ
 
 
 @pytest.mark.parametrize("check", [

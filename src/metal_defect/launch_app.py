@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 APP_FILE = "st_app_predict.py"
@@ -34,14 +35,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--address", default="0.0.0.0", help="default 0.0.0.0 (all interfaces)")
     args = parser.parse_args(argv)
     cmd = command(args.port, args.address)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up lines are no news to an operator
+    os.execve(cmd[0], cmd, server_environment(os.environ))  # the server replaces this process: signals reach Streamlit directly
+
+
+def server_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The server's environment: the caller's, with defaults the app server needs (the caller's own is left as it is)."""
+    env = dict(environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up lines are no news to an operator
     # glibc keeps freed image buffers in per-thread arenas (Streamlit runs each session in a thread)
     # and raises its mmap threshold after each large free: measured, two sessions of three 36 MP
-    # uploads grew the server by 390 MB with glibc's defaults and by 175 MB with these.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
-    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-    os.execv(cmd[0], cmd)  # the server replaces this process: signals reach Streamlit directly
-
+    # uploads grew the server by 390 MB with glibc's defaults and by 173 MB with these. Only the
+    # server gets them: set in a process that goes on (a test calling main), they slowed every
+    # TensorFlow child process started after it.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    env.setdefault("MALLOC_ARENA_MAX", "2")
+    return env
 
 if __name__ == "__main__":  # pragma: no cover
     main()
