@@ -5,13 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
-import stat
 from pathlib import Path
 
 from metal_defect import artifacts as art
 from metal_defect.config import Config
 from metal_defect.errors import ArtifactError, ConfigError, DataError
-from metal_defect.serving.images import special_kind
+from metal_defect.serving.images import walked_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -149,19 +148,6 @@ def expand_paths(arguments: list[str], extensions: tuple[str, ...]) -> tuple[lis
                 files.append(str(path))
     seen: set[str] = set()
     return [f for f in files if not (f in seen or seen.add(f))], skipped
-
-
-def walked_file_problem(path: Path) -> str | None:
-    """Why a file found in a walked folder is left out unread (a FIFO would block, /dev/zero never ends), or None."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return "broken or looping link: left out" if path.is_symlink() else "cannot be read: left out"
-    if stat.S_ISDIR(mode):
-        return "a link to a folder: not followed"
-    if not stat.S_ISREG(mode):
-        return f"not a regular file ({special_kind(mode)}): left out unread"
-    return None
 
 
 def check_outputs(outputs: dict[str, Path | None], inputs: list[str], log_file: Path) -> None:

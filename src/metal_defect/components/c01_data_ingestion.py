@@ -35,7 +35,7 @@ from typing import Any
 from metal_defect.artifacts import hash_strings, sha256_file, write_json_atomic
 from metal_defect.config import DataIngestionParams, SchemaConfig
 from metal_defect.errors import DataError
-from metal_defect.serving.images import special_kind
+from metal_defect.serving.images import walked_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -283,13 +283,7 @@ def _file_problem(path: Path, extensions: set[str]) -> str | None:
         return "hidden file: name starts with '.' or is a system file"
     if path.suffix.lower() not in extensions:
         return f"unsupported extension: '{path.suffix or '(none)'}' is not one of {sorted(extensions)}"
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return "broken or looping link: the file it points to does not exist" if path.is_symlink() else "cannot be read"
-    if not stat.S_ISREG(mode):  # a FIFO would block the reader, /dev/zero never ends
-        return f"not a regular file ({special_kind(mode)}): left out unread"
-    return None
+    return walked_file_problem(path)
 
 
 def _enter_lone_folder(root: Path) -> Path:

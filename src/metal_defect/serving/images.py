@@ -84,9 +84,7 @@ def reduce_to_budget(image: Image.Image, max_pixels: int) -> Image.Image:
     width, height = image.size
     if width * height <= max_pixels:
         return image
-    factor = math.ceil(math.sqrt(width * height / max_pixels))
-    while (width // factor) * (height // factor) > max_pixels:
-        factor += 1
+    factor = math.ceil(math.sqrt(width * height / max_pixels))  # (w // f) * (h // f) <= w * h / f**2 <= max_pixels
     info = image.info
     if image.mode in ("1", "P", "PA") or image.mode.startswith("I;16"):  # modes Pillow cannot average
         image = image.convert("L" if image.mode == "1" else "I" if image.mode.startswith("I;16")
@@ -163,6 +161,21 @@ def read_user_file(path: Path, max_bytes: int, limit: str = "the size limit") ->
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def walked_file_problem(path: Path) -> str | None:
+    """Why a file found in a walked folder is left out unread, or None for a regular file (links
+    followed): a FIFO would block its reader, /dev/zero never ends, a broken link has nothing to read."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return ("broken or looping link: the file it points to does not exist" if path.is_symlink()
+                else f"cannot be read: {exc.strerror or exc}")
+    if stat.S_ISDIR(mode):
+        return "a link to a folder: not followed"
+    if not stat.S_ISREG(mode):
+        return f"not a regular file ({special_kind(mode)}): left out unread"
+    return None
 
 
 def special_kind(mode: int) -> str:
