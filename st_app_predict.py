@@ -21,6 +21,7 @@ from typing import Any
 
 import streamlit as st
 
+from metal_defect import served as served_model
 from metal_defect.errors import MetalDefectError
 from metal_defect.serving import bundle as bundles
 from metal_defect.serving.predictor import OUT_OF_DISTRIBUTION, PREDICTIONS_LOG, UNCERTAIN, Answer, Predictor, append_log, columns
@@ -80,13 +81,13 @@ def model_choices(store: Any) -> dict[str, Path]:
         choices[f"bundle {env}"] = Path(env)
     if store is not None:
         try:
-            bundle, served = bundles.served_bundle(store)
+            bundle, served = served_model.served_bundle(store)
             choices[f"served: run {served['run_id']}"] = bundle
         except (MetalDefectError, KeyError, TypeError) as exc:  # no pointer yet, or a broken one: the other bundles still serve
-            if store.served_pointer.exists():
+            if served_model.pointer_path(store).exists():
                 log.warning("the served pointer cannot be used: %s", exc)
                 st.sidebar.warning("The served model's pointer cannot be read; the operator's log says why.")
-        for run_id, bundle in bundles.evaluated_runs(store):
+        for run_id, bundle in served_model.chosen_runs(store):
             if all(bundle.resolve() != b.resolve() for b in choices.values()):
                 choices[f"run {run_id}"] = bundle
     return choices

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from metal_defect import served as served_model
 from metal_defect import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,12 +112,11 @@ def tiny(tmp_path_factory):
     from metal_defect.artifacts import ArtifactStore
     from metal_defect.config import load_config
     from metal_defect.pipeline import Runner
-    from metal_defect.serving import bundle as bundles
     from metal_defect.serving.predictor import Predictor
 
     root = tmp_path_factory.mktemp("tiny-model")
     data = synthetic.make_dataset(root / "data", per_class=24)
     folder = write_config(root / "cfg", _deep_merge(tiny_training_params(), {"data_ingestion": {"source": str(data)}}), TINY_SCHEMA)
     manifest = Runner(load_config(folder)).run()
-    bundle = bundles.bundle_of_run(ArtifactStore(folder / "artifacts"), manifest["run_id"])
+    bundle = served_model.bundle_of_run(ArtifactStore(folder / "artifacts"), manifest["run_id"])
     return {"folder": folder, "data": data, "run_id": manifest["run_id"], "bundle": bundle, "predictor": Predictor.from_bundle(bundle)}

@@ -13,6 +13,7 @@ from conftest import REPO, TINY_SCHEMA, _deep_merge, tiny_training_params, write
 from PIL import Image
 
 from metal_defect import proxy, synthetic
+from metal_defect import served as served_model
 from metal_defect.artifacts import ArtifactStore, read_json
 from metal_defect.cli import main
 from metal_defect.components import c06_training
@@ -66,7 +67,7 @@ def test_random_labels_raise_the_weak_model_flag_everywhere(tmp_path, capsys):
     gate = read_json(out / "quality_gate.json")
     assert gate["weak_model"] and gate["reasons"] and set(gate) >= {"model", "classical", "majority", "train_accuracy", "train_accuracy_last_epoch"}
     assert "WEAK MODEL" in (out / "model_card.md").read_text()
-    served = ArtifactStore(folder / "artifacts").served()
+    served = served_model.read_pointer(ArtifactStore(folder / "artifacts"))
     assert served["weak_model"] is True and served["weak_reasons"] == gate["reasons"]
     assert main(["runs", "--config", str(folder)]) == 0
     assert "custom_cnn (WEAK)" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from metal_defect import served as served_model
 from metal_defect.cli import main
 from metal_defect.serving.images import ImageProblem, read_bytes
 
@@ -229,7 +230,7 @@ def test_an_emptied_manifest_or_a_replaced_one_is_an_artifact_error(tiny, tmp_pa
     shutil.copytree(tiny["bundle"], copy)
     spec = json.loads((copy / bundles.SERVING_SPEC).read_text())
     (copy / bundles.SERVING_SPEC).write_text(json.dumps(spec | {"max_image_pixels": 10 ** 12}))
-    (copy / bundles.MANIFEST).write_text(json.dumps({"files": {}}))
+    (copy / bundles.BUNDLE_MANIFEST).write_text(json.dumps({"files": {}}))
     image = sorted((tiny["data"] / "patches").glob("*.png"))[0]
     assert main(["predict", str(image), "--model", str(copy), "--config", str(tiny["folder"])]) == 4
     # the served pointer records the manifest's sha256: a manifest rewritten to match edited files is caught too
@@ -237,7 +238,7 @@ def test_an_emptied_manifest_or_a_replaced_one_is_an_artifact_error(tiny, tmp_pa
     shutil.copytree(tiny["folder"], home)
     served = json.loads((home / "artifacts" / "served.json").read_text())
     assert len(served["manifest_sha256"]) == 64
-    bundle, _ = bundles.served_bundle(__import__("metal_defect.artifacts", fromlist=["x"]).ArtifactStore(home / "artifacts"))
+    bundle, _ = served_model.served_bundle(__import__("metal_defect.artifacts", fromlist=["x"]).ArtifactStore(home / "artifacts"))
     (bundle / bundles.SERVING_SPEC).write_text(json.dumps(json.loads((bundle / bundles.SERVING_SPEC).read_text()) | {"max_image_pixels": 10 ** 12}))
     bundles.write_manifest(bundle)
     assert main(["predict", str(image), "--config", str(home)]) == 4
@@ -251,9 +252,8 @@ def test_promote_takes_run_ids_not_paths(tiny):
 
 
 def test_export_never_writes_into_the_artifacts_folder(tiny):
-    from metal_defect.serving import bundle as bundles
 
-    served = bundles.served_bundle(__import__("metal_defect.artifacts", fromlist=["x"]).ArtifactStore(tiny["folder"] / "artifacts"))[0]
+    served = served_model.served_bundle(__import__("metal_defect.artifacts", fromlist=["x"]).ArtifactStore(tiny["folder"] / "artifacts"))[0]
     before = {p.name: p.stat().st_mtime_ns for p in served.iterdir()}
     assert main(["export", str(served), "--config", str(tiny["folder"])]) == 4
     assert {p.name: p.stat().st_mtime_ns for p in served.iterdir()} == before

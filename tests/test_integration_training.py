@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import write_config
 
+from metal_defect import served as served_model
 from metal_defect.config import load_config
 from metal_defect.pipeline import Runner
 
@@ -42,13 +43,12 @@ def test_served_neu_model_answers_re_encoded_images_alike_and_litert_matches(tmp
     from PIL import Image
 
     from metal_defect.artifacts import ArtifactStore, read_json
-    from metal_defect.serving import bundle as bundles
     from metal_defect.serving.export import export_bundle
     from metal_defect.serving.predictor import Predictor
 
     folder, manifest = neu_run
     store = ArtifactStore(folder / "artifacts")
-    predictor = Predictor.from_bundle(bundles.bundle_of_run(store, manifest["run_id"]))
+    predictor = Predictor.from_bundle(served_model.bundle_of_run(store, manifest["run_id"]))
     prepared = manifest["stages"]["data_preprocessing"]["output"]
     test_files = [r["source"] for r in read_json(Path(prepared) / "records.json")["records"] if r["split"] == "test"]
     answers = predictor.answer_paths(test_files)

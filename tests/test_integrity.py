@@ -25,6 +25,7 @@ from PIL import Image
 from toy_stages import TOY_STAGES
 
 from metal_defect import pipeline, synthetic
+from metal_defect import served as served_model
 from metal_defect.artifacts import ArtifactStore, read_json
 from metal_defect.cli import main
 from metal_defect.components import c01_data_ingestion as c01
@@ -404,7 +405,7 @@ def test_refused_archive_leaves_no_empty_work_folder(tmp_path):
 # ----------------------------------------------------------------------------- 9. a rollback survives the next run
 def _publish(store: ArtifactStore, run_id: str, output: Path) -> dict:
     pointer = {"run_id": run_id}
-    store.set_served(pointer)
+    served_model.write_pointer(store, pointer)
     return pointer
 
 
@@ -416,10 +417,10 @@ def test_a_rerun_that_reuses_the_evaluation_does_not_undo_a_promote(tmp_path, mo
     store = ArtifactStore(folder / "artifacts")
     old = Runner(load_config(folder), stages).run()
     new = Runner(load_config(folder, ["data_loader.batch_size=7"]), stages).run()
-    assert store.served()["run_id"] == new["run_id"]  # a new evaluation is published
-    store.set_served({"run_id": old["run_id"]})  # what `promote OLD` does
+    assert served_model.read_pointer(store)["run_id"] == new["run_id"]  # a new evaluation is published
+    served_model.write_pointer(store, {"run_id": old["run_id"]})  # what `promote OLD` does
     rerun = Runner(load_config(folder, ["data_loader.batch_size=7"]), stages).run()
-    assert rerun["stages"]["second"]["reused"] and store.served()["run_id"] == old["run_id"]
+    assert rerun["stages"]["second"]["reused"] and served_model.read_pointer(store)["run_id"] == old["run_id"]
     (folder / "artifacts" / "served.json").unlink()  # nothing served at all: a reused evaluation may be served
     Runner(load_config(folder, ["data_loader.batch_size=7"]), stages).run()
-    assert store.served()["run_id"] != old["run_id"]
+    assert served_model.read_pointer(store)["run_id"] != old["run_id"]

@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO
 from PIL import Image
 
+from metal_defect import served as served_model
 from metal_defect import synthetic
 from metal_defect.artifacts import ArtifactStore
 from metal_defect.cli import main
@@ -158,7 +159,7 @@ def test_a_bundle_from_before_the_texture_part_still_answers(tiny, tmp_path):
     (copy / "serving.json").write_text(json.dumps(spec | {"spec_version": 2}))
     (copy / bundles.OOD_TEXTURE).unlink()
     (copy / bundles.OOD_TEXTURE_INVERTED).unlink()
-    (copy / bundles.MANIFEST).unlink()
+    (copy / bundles.BUNDLE_MANIFEST).unlink()
     bundles.write_manifest(copy)
     old = Predictor.from_bundle(copy)
     assert old.scorer.texture is None and len(old.scorer.thresholds) == 2
@@ -240,7 +241,7 @@ def test_export_into_model_bundle_as_in_git_keeps_its_readme_and_refuses_foreign
     export = ["export", str(folder), "--model", tiny["run_id"], "--config", str(tiny["folder"])]
     assert main(export) == 0
     assert (folder / "README.md").read_bytes() == readme and (folder / bundles.SERVING_SPEC).is_file()
-    assert "README.md" not in json.loads((folder / bundles.MANIFEST).read_text())["files"]
+    assert "README.md" not in json.loads((folder / bundles.BUNDLE_MANIFEST).read_text())["files"]
     Predictor.from_bundle(folder)
     assert main(export) == 0, "exporting again replaces the bundle export wrote"
     assert (folder / "README.md").read_bytes() == readme and not list(tmp_path.glob(".old-*")) and not list(tmp_path.glob(".tmp-*"))
@@ -280,7 +281,7 @@ def test_served_pointer_is_relative_and_survives_moving_the_artifacts(tiny, tmp_
     assert not Path(pointer["bundle"]).is_absolute()
     moved = tmp_path / "elsewhere"
     shutil.copytree(tiny["folder"] / "artifacts", moved)
-    predictor = Predictor.load(ArtifactStore(moved))
+    predictor = Predictor.from_bundle(served_model.resolve_bundle(ArtifactStore(moved), None))
     assert predictor.bundle.resolve().is_relative_to(moved.resolve())
     assert predictor.answer_file(_sample(tiny)[0]).label == "patches"
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY_SCHEMA, _deep_merge, tiny_training_params, write_config
 
+from metal_defect import served as served_model
 from metal_defect import synthetic
 from metal_defect.artifacts import ArtifactStore
 from metal_defect.cli import main
@@ -43,7 +44,7 @@ def test_pipeline_trains_evaluates_and_serves(trained):
     metrics = manifest["metrics"]
     assert metrics["best_model"] == "custom_cnn" and metrics["valid_accuracy"] > 0.9 and metrics["test_accuracy"] > 0.9
     store = ArtifactStore(folder / "artifacts")
-    assert store.served()["run_id"] == manifest["run_id"]
+    assert served_model.read_pointer(store)["run_id"] == manifest["run_id"]
     train = manifest["stages"]["train"]["summary"]["models"]["custom_cnn"]
     assert train["pretrained"] is False and train["schedule"] == "end_to_end"
 
@@ -69,7 +70,7 @@ def test_evaluation_outputs_state_n_errors_and_intervals(trained):
 
 def test_served_bundle_maps_uint8_to_probabilities_like_the_trained_model(trained):
     folder, manifest, data = trained
-    predictor = Predictor.load(ArtifactStore(folder / "artifacts"))
+    predictor = Predictor.from_bundle(served_model.resolve_bundle(ArtifactStore(folder / "artifacts"), None))
     files = sorted((data / "patches").glob("*.png"))[:4]
     answers = predictor.answer_paths([*files, data / "missing.png"])
     assert [a.label for a in answers[:4]] == ["patches"] * 4
@@ -94,9 +95,9 @@ def test_runs_promote_and_roll_back(trained, capsys):
     folder, first, _ = trained
     store = ArtifactStore(folder / "artifacts")
     latest = Runner(load_config(folder, ["evaluation.misclassified_max=3"])).run()
-    assert store.served()["run_id"] == latest["run_id"]
+    assert served_model.read_pointer(store)["run_id"] == latest["run_id"]
     assert main(["promote", first["run_id"], "--config", str(folder)]) == 0
-    assert store.served()["run_id"] == first["run_id"]
+    assert served_model.read_pointer(store)["run_id"] == first["run_id"]
     assert main(["runs", "--config", str(folder)]) == 0
     listing = capsys.readouterr().out
     served_line = next(line for line in listing.splitlines() if first["run_id"] in line and "succeeded" in line)
@@ -146,10 +147,10 @@ def test_a_plain_rerun_keeps_a_rollback(trained):
     folder, first, _ = trained
     store = ArtifactStore(folder / "artifacts")
     newer = Runner(load_config(folder, ["evaluation.misclassified_max=2"])).run()
-    assert store.served()["run_id"] == newer["run_id"]
+    assert served_model.read_pointer(store)["run_id"] == newer["run_id"]
     assert main(["promote", first["run_id"], "--config", str(folder)]) == 0
     rerun = Runner(load_config(folder, ["evaluation.misclassified_max=2"])).run()
-    assert rerun["stages"]["select"]["reused"] and store.served()["run_id"] == first["run_id"]
+    assert rerun["stages"]["select"]["reused"] and served_model.read_pointer(store)["run_id"] == first["run_id"]
 
 
 def test_commands_that_load_tensorflow_keep_its_start_up_lines_off_the_screen(trained, tmp_path):

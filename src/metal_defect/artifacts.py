@@ -31,8 +31,7 @@ from typing import Any
 from metal_defect.errors import ArtifactError, ConfigError
 
 STAGE_RECORD = "_stage.json"
-MANIFEST = "manifest.json"
-SERVED_POINTER = "served.json"
+RUN_MANIFEST = "manifest.json"
 TRACKED_LIBRARIES = ("tensorflow", "keras", "keras-tuner", "numpy", "pillow", "scikit-learn", "pyyaml", "metal-defect")
 
 
@@ -294,7 +293,7 @@ class ArtifactStore:
     def manifest(self, run_id: str) -> dict[str, Any]:
         if not RUN_ID.fullmatch(str(run_id)) or ".." in str(run_id):
             raise ArtifactError(f"'{run_id}' is not a run id (like 20261125-183000-a1b2); `python main.py runs` lists them")
-        path = self.run_dir(run_id) / MANIFEST
+        path = self.run_dir(run_id) / RUN_MANIFEST
         if not path.is_file():
             known = ", ".join(self.run_ids()[-5:]) or "none yet"
             raise ArtifactError(f"run '{run_id}' not found under {self.runs_dir} (recent runs: {known}); `python main.py runs` lists them")
@@ -303,13 +302,13 @@ class ArtifactStore:
     def run_ids(self) -> list[str]:
         if not self.runs_dir.is_dir():
             return []
-        return sorted(p.name for p in self.runs_dir.iterdir() if (p / MANIFEST).is_file())
+        return sorted(p.name for p in self.runs_dir.iterdir() if (p / RUN_MANIFEST).is_file())
 
     def mark_dead_runs_failed(self) -> list[str]:
         """Runs still marked 'running' whose process is gone (SIGKILL, power loss) become failed."""
         fixed = []
         for run_id in self.run_ids():
-            path = self.run_dir(run_id) / MANIFEST
+            path = self.run_dir(run_id) / RUN_MANIFEST
             try:
                 data = read_json(path)
             except ArtifactError:
@@ -324,16 +323,3 @@ class ArtifactStore:
                 write_json_atomic(path, data)
                 fixed.append(run_id)
         return fixed
-
-    # served model -------------------------------------------------------------
-    @property
-    def served_pointer(self) -> Path:
-        return self.root / SERVED_POINTER
-
-    def served(self) -> dict[str, Any] | None:
-        if not self.served_pointer.is_file():
-            return None
-        return read_json(self.served_pointer)
-
-    def set_served(self, pointer: dict[str, Any]) -> None:
-        write_json_atomic(self.served_pointer, pointer)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from metal_defect import artifacts as art
+from metal_defect import served as served_model
 from metal_defect.config import Config, load_config
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def loop_overhead(config: Config, prepared_dir: Path, epochs: int, repeats: int)
     from metal_defect.components import c04_model_builder as builder
     from metal_defect.components.c03_dataset_loader import build_datasets
     from metal_defect.components.c05_callbacks import EpochTimer, learning_rate
-    from metal_defect.components.c06_training import compile_model, pixel_statistics, train_one
+    from metal_defect.components.c06_training import HISTORY_FILE, compile_model, pixel_statistics, train_one
 
     data = build_datasets(prepared_dir, config.data_loader, config.base.seed)
     train = dataclasses.replace(config.train, epochs=epochs, models=config.train.models[:1], verbose=0)
@@ -159,7 +160,7 @@ def loop_overhead(config: Config, prepared_dir: Path, epochs: int, repeats: int)
     def ours() -> list[float]:
         with tempfile.TemporaryDirectory(prefix="bench-loop-") as work:
             train_one(name, data, config.base, config.model, callbacks_params, train, Path(work) / name)
-            history = json.loads((Path(work) / name / "history.json").read_text())
+            history = json.loads((Path(work) / name / HISTORY_FILE).read_text())
         return [row["epoch_seconds"] for row in history]
 
     def bare() -> list[float]:
@@ -315,7 +316,7 @@ def bench_model(config: Config, args: Any) -> dict[str, Any]:
 def _served_predictor(config: Config, args: Any, backend: str = "compiled") -> Any:
     from metal_defect.serving.predictor import Predictor
 
-    return Predictor.load(art.ArtifactStore(config.paths.artifacts), getattr(args, "model", None), backend)
+    return Predictor.from_bundle(served_model.resolve_bundle(art.ArtifactStore(config.paths.artifacts), getattr(args, "model", None)), backend)
 
 
 def _image_files(folder: Path, extensions: tuple[str, ...], n: int) -> list[Path]:
@@ -428,7 +429,7 @@ def bench_ood(config: Config, args: Any) -> dict[str, Any]:
 
     predictor = _served_predictor(config, args)
     store = art.ArtifactStore(config.paths.artifacts)
-    run = predictor.spec.run_id or store.served()["run_id"]
+    run = predictor.spec.run_id or served_model.read_pointer(store)["run_id"]
     prepared = Path(store.manifest(run)["stages"]["data_preprocessing"]["output"])
     test_sources = [Path(r["source"]) for r in read_records(prepared)["records"] if r["split"] == "test"]
     xsdd = Path(config.data_ingestion.source).parents[1] / "xsdd" / "images"

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from metal_defect import artifacts as art
+from metal_defect import served as served_model
 from metal_defect.config import Config
 from metal_defect.errors import ArtifactError, ConfigError, DataError
 from metal_defect.serving.images import walked_file_problem
@@ -19,7 +20,7 @@ def list_runs(config: Config, limit: int = 20) -> str:
     """A table of the last `limit` runs: status, duration, stages run/reused, model and metrics."""
     store = art.ArtifactStore(config.paths.artifacts)
     store.mark_dead_runs_failed()
-    served = (store.served() or {}).get("run_id")
+    served = (served_model.read_pointer(store) or {}).get("run_id")
     rows = [("", "run", "status", "started", "duration", "ran/reused", "model", "val F1", "test acc", "test F1")]
     for run_id in store.run_ids()[-limit:]:
         try:
@@ -49,14 +50,7 @@ def _fmt(value: float | None) -> str:
 
 def promote(config: Config, run_id: str) -> str:
     """Serve the evaluated model of `run_id` (roll back or forward)."""
-    from metal_defect.components.c07_hyper_tuning import publish
-    from metal_defect.serving.bundle import bundle_of_run
-
-    store = art.ArtifactStore(config.paths.artifacts)
-    bundle = bundle_of_run(store, run_id)
-    previous = (store.served() or {}).get("run_id")
-    pointer = publish(store, run_id, bundle.parent)
-    return f"served model: {pointer['model_name']} from run {run_id} (was: {previous or 'none'})"
+    return served_model.promote(art.ArtifactStore(config.paths.artifacts), run_id)
 
 
 def evaluate(config: Config, folder: Path, run_id: str | None, out: Path | None) -> str:
@@ -69,7 +63,7 @@ def evaluate(config: Config, folder: Path, run_id: str | None, out: Path | None)
     if not folder.exists():
         raise DataError(f"evaluate: {folder} does not exist")
     store = art.ArtifactStore(config.paths.artifacts)
-    predictor = Predictor.load(store, run_id)
+    predictor = Predictor.from_bundle(served_model.resolve_bundle(store, run_id))
     out = out or store.root / "evaluations" / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{folder.name.replace(' ', '_')}"
     report = evaluate_folder(folder, predictor, config, Path(out))
     lines = [f"{predictor.spec.model_name} on {folder}: {caption(report['n'], report['errors'])}, macro F1 {report['macro_f1']:.4f}, "
@@ -179,7 +173,7 @@ def predict(config: Config, arguments: list[str], model: str | None, csv_path: P
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"predict --threshold {threshold}: a confidence threshold lies between 0 and 1")
     store = art.ArtifactStore(config.paths.artifacts)
-    predictor = Predictor.load(store, model, backend)
+    predictor = Predictor.from_bundle(served_model.resolve_bundle(store, model), backend)
     files, skipped = expand_paths(arguments, predictor.spec.extensions)
     check_outputs({"--csv": csv_path, "--json": json_path, "--heatmaps": heatmaps}, files, store.root / PREDICTIONS_LOG)
     if not files:
@@ -245,7 +239,7 @@ def export(config: Config, destination: Path, model: str | None) -> str:
     if target == store.root.resolve() or store.root.resolve() in target.parents:
         raise ArtifactError(f"export {destination}: inside the artifacts folder {store.root}, whose stage outputs and runs "
                             "are never changed in place; export to a folder of its own (e.g. model_bundle)")
-    predictor = Predictor.load(store, model)
+    predictor = Predictor.from_bundle(served_model.resolve_bundle(store, model))
     result = export_bundle(predictor, Path(destination))
     return f"exported {predictor.spec.model_name} (run {predictor.spec.run_id or '-'}) to {result['folder']}: {', '.join(result['files'])} + bundle_manifest.json"
 
@@ -256,10 +250,9 @@ def screenshot(config: Config, image: Path | None, out: Path) -> str:
 
     from metal_defect import screenshot as shot
     from metal_defect.components.c03_dataset_loader import read_records
-    from metal_defect.serving.bundle import served_bundle
 
     store = art.ArtifactStore(config.paths.artifacts)
-    _, pointer = served_bundle(store)
+    _, pointer = served_model.served_bundle(store)
     if image is None:
         prepared = Path(store.manifest(pointer["run_id"])["stages"]["data_preprocessing"]["output"])
         tests = [r["source"] for r in read_records(prepared)["records"] if r["split"] == "test"]
@@ -280,7 +273,7 @@ def tune_worker(config: Config, chief: str | None, worker_id: str | None, wait_s
     active = c07.wait_for_chief(config.paths.tuning_root, wait_s)
     manifest = Runner(config, command="tune-worker").run("data_ingestion-data_preprocessing")
     prepared = Path(manifest["stages"]["data_preprocessing"]["output"])
-    recipe = c07.Recipe(config.base, config.data_loader, config.model, config.callbacks, config.train)
+    recipe = c07.Recipe.of(config)
     job = c07.SearchJob(active["model"], recipe, config.tuning, prepared, c07.data_fingerprint(prepared))
     result = c07.take_trials(job, active, config.paths.tuning_root / active["project"], chief, worker_id)
     return f"worker {result['worker']} ran {len(result['trials'])} trial(s): {', '.join(result['trials']) or 'none'}"

@@ -340,6 +340,31 @@ class SchemaConfig:
         return problems
 
 
+# ----------------------------------------------------------------------------- the recipe
+@dataclass(frozen=True)
+class Recipe:
+    """The sections a model is trained from: the train stage's, and what a tuning trial starts from."""
+
+    base: BaseParams
+    data_loader: DataLoaderParams
+    model: ModelParams
+    callbacks: CallbacksParams
+    train: TrainParams
+
+    @classmethod
+    def of(cls, config: Config) -> Recipe:
+        return cls(**{name: getattr(config, name) for name in RECIPE_SECTIONS})
+
+    @classmethod
+    def from_plain(cls, data: dict[str, Any]) -> Recipe:
+        """Validate a recipe written with `to_plain` (a trial's spec) back into its sections."""
+        types_of = typing.get_type_hints(cls)
+        return cls(**{name: parse_section(types_of[name], data[name], name) for name in RECIPE_SECTIONS})
+
+
+RECIPE_SECTIONS = tuple(f.name for f in dataclasses.fields(Recipe))
+
+
 # ----------------------------------------------------------------------------- the whole
 @dataclass(frozen=True)
 class Config:

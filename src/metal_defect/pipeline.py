@@ -35,8 +35,9 @@ from typing import Any
 
 from metal_defect import artifacts as art
 from metal_defect import runtime
-from metal_defect.config import Config, dump_yaml, fingerprint_of
+from metal_defect.config import RECIPE_SECTIONS, Config, dump_yaml, fingerprint_of
 from metal_defect.errors import ArtifactError, ConfigError
+from metal_defect.served import read_pointer
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "train",
         "metal_defect.components.c06_training:run_stage",
-        sections=("base", "data_loader", "model", "callbacks", "train"),
+        sections=RECIPE_SECTIONS,
         upstream=("data_preprocessing",),
         description="train the base models in train.models (c03 loader, c04 builder, c05 callbacks)",
     ),
@@ -122,7 +123,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "tune",
         "metal_defect.components.c07_hyper_tuning:run_stage",
-        sections=("base", "data_loader", "model", "callbacks", "train", "tuning", "evaluation", "data_preprocessing", "schema"),
+        sections=(*RECIPE_SECTIONS, "tuning", "evaluation", "data_preprocessing", "schema"),
         upstream=("data_ingestion", "data_preprocessing", "train", "evaluation"),
         reports=("trials.png",),
         description="Keras Tuner search around the best base model (resumable, distributed); the tuned model evaluated like the base models",
@@ -393,7 +394,7 @@ class Runner:
             manifest["ended"] = art.now_iso()
             manifest["duration_s"] = round(time.monotonic() - started, 3)
             self._save(run_dir, manifest)
-            log.info("run %s %s in %.1f s; manifest %s", run_id, manifest["status"], manifest["duration_s"], run_dir / art.MANIFEST)
+            log.info("run %s %s in %.1f s; manifest %s", run_id, manifest["status"], manifest["duration_s"], run_dir / art.RUN_MANIFEST)
             _detach_run_log(handler)
         return manifest
 
@@ -474,7 +475,7 @@ class Runner:
     def _publish(self, stage: Stage, outcome: StageOutcome, run_id: str, manifest: dict[str, Any]) -> None:
         """Publish a new output (e.g. serve the model). A reused one is published only when nothing is
         served yet: otherwise a plain rerun would undo a `promote` (a rollback)."""
-        served = self.store.served()
+        served = read_pointer(self.store)
         if outcome.reused and served is not None:
             log.info("stage %s was reused: the served model stays run %s's (publishing belongs to the run that produced it, or `promote`)",
                      stage.name, served.get("run_id"))
@@ -482,7 +483,7 @@ class Runner:
         manifest["served"] = stage.resolve(stage.publish)(self.store, run_id, outcome.output)
 
     def _save(self, run_dir: Path, manifest: dict[str, Any]) -> None:
-        art.write_json_atomic(run_dir / art.MANIFEST, manifest)
+        art.write_json_atomic(run_dir / art.RUN_MANIFEST, manifest)
 
 
 def _remove_empty_folders(folder: Path, stop: Path) -> None:

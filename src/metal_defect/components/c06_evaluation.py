@@ -25,12 +25,13 @@ from metal_defect.artifacts import read_json, write_json_atomic
 from metal_defect.components.c01_data_ingestion import REPORT_FILE as INGESTION_REPORT
 from metal_defect.components.c02_data_preprocessing import RECORDS_FILE
 from metal_defect.components.c02_data_preprocessing import REPORT_FILE as PREPROCESSING_REPORT
-from metal_defect.components.c06_training import MODEL_FILE, MODELS_DIR, TRAIN_SUMMARY
+from metal_defect.components.c06_training import HISTORY_FILE, MODELS_DIR, TRAIN_SUMMARY, TRAINED_MODEL
 from metal_defect.config import DataPreprocessingParams, EvaluationParams, SchemaConfig
 from metal_defect.serving import explain, ood
 from metal_defect.serving.bundle import (
     BUNDLE_DIR,
     MODEL_CARD,
+    MODEL_FILE,
     OodSpec,
     ServingSpec,
     load_model,
@@ -90,13 +91,13 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
                            resize=records.get("resize", "stretch"), pretrained=info["pretrained"], run_id=run_id,
                            max_image_pixels=limits.max_image_pixels if limits else 40_000_000, max_file_mb=limits.max_file_mb if limits else 50.0,
                            extensions=extensions or ServingSpec.extensions)
-        candidate = Predictor(load_model(model_dir / MODEL_FILE), spec)
+        candidate = Predictor(load_model(model_dir / TRAINED_MODEL), spec)
         probs = candidate.raw_probabilities(x_valid, params.batch_size)
         valid_probs[name] = probs
         folder = out_dir / "models" / name
         results[name] = {"valid": report_split(y_valid, probs, class_names, x_valid, valid_names, folder, f"{name}, validation", params),
                          "pretrained": info["pretrained"], "schedule": info["schedule"], "epochs_run": info["epochs_run"], "spec": spec}
-        history = read_json(model_dir / "history.json") if (model_dir / "history.json").is_file() else []
+        history = read_json(model_dir / HISTORY_FILE) if (model_dir / HISTORY_FILE).is_file() else []
         if history:
             plots.training_curves(history, f"{name}: training curves ({info['epochs_run']} epochs, {info['schedule']})",
                                   metrics.caption(results[name]["valid"]["n"], results[name]["valid"]["errors"]), folder / "training_curves.png")
@@ -107,13 +108,13 @@ def evaluate_models(ingested: Path, prepared: Path, trained: Path, params: Evalu
         other.pop("spec", None)
 
     temperature, calibration = calibrate(y_valid, valid_probs[best], params)
-    chosen = Predictor(load_model(trained / MODELS_DIR / best / MODEL_FILE), dataclasses.replace(spec, temperature=temperature))
+    chosen = Predictor(load_model(trained / MODELS_DIR / best / TRAINED_MODEL), dataclasses.replace(spec, temperature=temperature))
     x_train, y_train, _ = load_split(prepared, "train")
     spec, scorer, verdicts = fit_verdicts(chosen, x_train, x_valid, y_valid, params)
 
     bundle = out_dir / BUNDLE_DIR
     bundle.mkdir(parents=True)
-    shutil.copy2(trained / MODELS_DIR / best / MODEL_FILE, bundle / MODEL_FILE)
+    shutil.copy2(trained / MODELS_DIR / best / TRAINED_MODEL, bundle / MODEL_FILE)
     write_ood_references(bundle, scorer)
     valid_records = [r for r in records["records"] if r["split"] == "valid"]
     layer, heatmap_choice = choose_heatmap_layer(chosen, x_valid, valid_probs[best].argmax(axis=1), valid_records, params.annotations)
@@ -380,7 +381,7 @@ def quality_gate(predictor: Predictor, x_train: np.ndarray, y_train: np.ndarray,
     # dropout off): the last epoch's running accuracy is lowered by both and is no fair test.
     train_pred = predictor.raw_probabilities(x_train, params.batch_size).argmax(axis=1)
     train_accuracy = float(np.mean(train_pred == y_train)) if len(y_train) else None
-    history = read_json(model_dir / "history.json") if (model_dir / "history.json").is_file() else []
+    history = read_json(model_dir / HISTORY_FILE) if (model_dir / HISTORY_FILE).is_file() else []
     last_epoch = next((row["accuracy"] for row in reversed(history) if "accuracy" in row), None)
     reasons = []
     if train_accuracy is not None and train_accuracy < params.gate_min_train_accuracy:

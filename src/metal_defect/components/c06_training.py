@@ -33,7 +33,9 @@ from metal_defect.serving.keras_objects import SparseSmoothedCrossentropy
 log = logging.getLogger(__name__)
 
 MODELS_DIR = "models"
-MODEL_FILE = "model.keras"
+# the train stage's file per model; a bundle's own model file (serving.bundle.MODEL_FILE) is another contract
+TRAINED_MODEL = "model.keras"
+HISTORY_FILE = "history.json"  # per-epoch metrics and seconds of one model's fit
 TRAIN_SUMMARY = "train_summary.json"
 SUMMARIES_FILE = "model_summaries.txt"
 
@@ -62,8 +64,8 @@ def train_models(data: Datasets, base: BaseParams, model_params: ModelParams, ca
             write_json_atomic(done, info)
         target = out_dir / MODELS_DIR / name
         target.mkdir(parents=True)
-        shutil.copy2(model_work / MODEL_FILE, target / MODEL_FILE)
-        for extra in (HISTORY_CSV, "history.json"):
+        shutil.copy2(model_work / TRAINED_MODEL, target / TRAINED_MODEL)
+        for extra in (HISTORY_CSV, HISTORY_FILE):
             if (model_work / extra).is_file():
                 shutil.copy2(model_work / extra, target / extra)
         for board in sorted(model_work.glob("*/tensorboard")):
@@ -126,10 +128,10 @@ def discard_unreadable_state(model_work: Path) -> None:
     if not model_work.is_dir():
         return
     done = model_work / "done.json"
-    if done.is_file() and not readable_state_file(model_work / MODEL_FILE):
-        log.warning("%s: saved model %s is unreadable; discarding it and rebuilding it from the finished phases", model_work.name, model_work / MODEL_FILE)
+    if done.is_file() and not readable_state_file(model_work / TRAINED_MODEL):
+        log.warning("%s: saved model %s is unreadable; discarding it and rebuilding it from the finished phases", model_work.name, model_work / TRAINED_MODEL)
         done.unlink()
-        (model_work / MODEL_FILE).unlink(missing_ok=True)
+        (model_work / TRAINED_MODEL).unlink(missing_ok=True)
     for phase_work in sorted(p for p in model_work.iterdir() if p.is_dir()):
         checkpoint = phase_work / BEST_CHECKPOINT
         backups = sorted((phase_work / "backup").glob("*.weights.h5"))
@@ -267,8 +269,8 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
             rows = read_history(phase_work / HISTORY_CSV) or _rows(fit.history)
             history += _tag(rows, phase, len(history))
             (phase_work / "phase_done").write_text("")
-        built.model.save(model_work / MODEL_FILE)
-        (model_work / "history.json").write_text(json.dumps(history, indent=1))
+        built.model.save(model_work / TRAINED_MODEL)
+        (model_work / HISTORY_FILE).write_text(json.dumps(history, indent=1))
         seconds = [row["epoch_seconds"] for row in history[1:] if "epoch_seconds" in row]
         val_losses = [row["val_loss"] for row in history if "val_loss" in row]
         return {

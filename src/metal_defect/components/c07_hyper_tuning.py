@@ -57,6 +57,7 @@ from metal_defect.config import (
     EvaluationParams,
     ModelParams,
     RangeParam,
+    Recipe,
     SchemaConfig,
     TrainParams,
     TuningParams,
@@ -64,6 +65,8 @@ from metal_defect.config import (
     to_plain,
 )
 from metal_defect.errors import ArtifactError, ConfigError, DataError
+from metal_defect.served import SERVED_RECORD
+from metal_defect.served import publish as publish_served
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,6 @@ EVALUATION_DIR = "evaluation"
 ACTIVE_FILE = "active.json"  # in paths.tuning: the search a chief serves now (read by workers)
 TRIAL_RECORD = "metal_defect_trial.json"  # in a trial folder: worker, duration, status, error
 TUNING_SUMMARY = "tuning_summary.json"
-SERVED_RECORD = "served_model.json"
 
 INT_KEYS = ("batch_size", "blocks", "convs_per_block", "dense_units", "fine_tune_layers")
 CNN_ONLY = ("blocks", "width", "convs_per_block", "pooling", "input_scale")
@@ -86,17 +88,6 @@ MAX_FILTERS = 512
 
 
 # ----------------------------------------------------------------------------- the recipe a trial trains
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """The train stage's sections: what a trial starts from before its hyperparameters are applied."""
-
-    base: BaseParams
-    data_loader: DataLoaderParams
-    model: ModelParams
-    callbacks: CallbacksParams
-    train: TrainParams
-
-
 def searched_entries(tuning: TuningParams, model_name: str) -> dict[str, Any]:
     """The space entries that apply to `model_name` (custom-CNN keys only for custom_cnn, ...)."""
     from metal_defect.components.c04_model_builder import CUSTOM
@@ -370,12 +361,9 @@ def train_trial(trial_dir: Path) -> dict[str, list[float]]:
     from metal_defect.components.c03_dataset_loader import build_datasets
     from metal_defect.components.c05_callbacks import HISTORY_CSV, DeadlineStop, make_callbacks, monitor_mode
     from metal_defect.components.c06_training import make_strategy, scaled_patience
-    from metal_defect.config import parse_section
 
     spec = art.read_json(trial_dir / TRIAL_SPEC)
-    recipe = Recipe(**{name: parse_section(cls, spec["recipe"][name], name) for name, cls in
-                       (("base", BaseParams), ("data_loader", DataLoaderParams), ("model", ModelParams), ("callbacks", CallbacksParams),
-                        ("train", TrainParams))})
+    recipe = Recipe.from_plain(spec["recipe"])
     recipe = apply_hyperparameters(recipe, spec["values"])
     prepared = Path(spec["prepared"])
     keras.utils.set_random_seed(recipe.base.seed)
@@ -546,9 +534,9 @@ def plot_trials(rows: list[dict[str, Any]], objective: str, path: Path, base_val
 
 def base_objective(trained: Path, model_name: str, objective: str) -> float | None:
     """The base model's best value of the objective over its training epochs (None when not recorded)."""
-    from metal_defect.components.c06_training import MODELS_DIR
+    from metal_defect.components.c06_training import HISTORY_FILE, MODELS_DIR
 
-    history_file = Path(trained) / MODELS_DIR / model_name / "history.json"
+    history_file = Path(trained) / MODELS_DIR / model_name / HISTORY_FILE
     from metal_defect.components.c05_callbacks import best_of
 
     return best_of([row[objective] for row in (json.loads(history_file.read_text()) if history_file.is_file() else []) if objective in row], objective)
@@ -581,7 +569,7 @@ def write_results(io: Any, tuner: Any, job: SearchJob, project: Path, seconds: f
     """trials.csv and plot, best hyperparameters, the tuned model laid out like a train output, its evaluation."""
     from metal_defect.components.c05_callbacks import HISTORY_CSV, read_history
     from metal_defect.components.c06_evaluation import evaluate_models
-    from metal_defect.components.c06_training import MODEL_FILE, MODELS_DIR, TRAIN_SUMMARY
+    from metal_defect.components.c06_training import HISTORY_FILE, MODELS_DIR, TRAIN_SUMMARY, TRAINED_MODEL
 
     out = io.out_dir
     rows = trial_rows(tuner, project, job.tuning.objective)
@@ -607,9 +595,9 @@ def write_results(io: Any, tuner: Any, job: SearchJob, project: Path, seconds: f
     target = out / MODELS_DIR / tuned_name
     target.mkdir(parents=True)
     tuned = tuner.load_model(best)
-    tuned.save(target / MODEL_FILE)
+    tuned.save(target / TRAINED_MODEL)
     history = [{**row, "phase": "trial", "global_epoch": i + 1} for i, row in enumerate(read_history(project / f"trial_{best.trial_id}" / HISTORY_CSV))]
-    (target / "history.json").write_text(json.dumps(history, indent=1))
+    (target / HISTORY_FILE).write_text(json.dumps(history, indent=1))
     from metal_defect.components.c03_dataset_loader import read_records
     from metal_defect.components.c04_model_builder import CUSTOM, parameter_counts
 
@@ -704,22 +692,8 @@ def _served_section(served: str, reason: str, base: Mapping[str, Any], tuned: Ma
 
 
 def publish(store: art.ArtifactStore, run_id: str, output: Path) -> dict[str, Any]:
-    """Point the served model at the bundle in `output` (a select output, or an evaluation output of older runs)."""
-    from metal_defect.components.c06_evaluation import BEST_FILE
-    from metal_defect.serving.bundle import BUNDLE_DIR, MANIFEST, pointer_value
-
-    record = art.read_json(output / SERVED_RECORD) if (output / SERVED_RECORD).is_file() else art.read_json(output / BEST_FILE)
-    pointer = {"run_id": run_id, "bundle": pointer_value(store, output / BUNDLE_DIR), "model_name": record["name"],
-               "served": record.get("served", "base"), "reason": record.get("reason", ""), "temperature": record["temperature"],
-               "valid": record["valid"], "test": record["test"], "weak_model": record.get("weak_model", False),
-               "weak_reasons": record.get("weak_reasons", []), "promoted": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-               # the bundle's manifest as it was when served: an emptied or replaced manifest is caught on load
-               "manifest_sha256": art.sha256_file(output / BUNDLE_DIR / MANIFEST)}
-    store.set_served(pointer)
-    log.info("served model is now %s from run %s", record["name"], run_id)
-    if pointer["weak_model"]:
-        log.warning("the served model is flagged weak_model: %s", "; ".join(pointer["weak_reasons"]))
-    return pointer
+    """The select stage's publish step: serve the bundle it chose (see `metal_defect.served`)."""
+    return publish_served(store, run_id, output)
 
 
 # ----------------------------------------------------------------------------- workers

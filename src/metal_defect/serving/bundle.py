@@ -1,4 +1,4 @@
-"""The model bundle: the folder a served model lives in, and the pointer that names it.
+"""The model bundle: the folder a served model lives in (which bundle is served: `metal_defect.served`).
 
 Layout (every file listed with its sha256 in `bundle_manifest.json`, checked on load):
 
@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metal_defect.artifacts import ArtifactStore, read_json, sha256_file, write_json_atomic
+from metal_defect.artifacts import read_json, sha256_file, write_json_atomic
 from metal_defect.errors import ArtifactError
 
 SPEC_VERSION = 3
@@ -39,7 +38,7 @@ OOD_REFERENCE = "ood_reference.npy"  # normalised penultimate features of the tr
 OOD_STATISTICS = "ood_statistics.npy"  # their standardised image statistics
 OOD_TEXTURE = "ood_texture.npy"  # their standardised texture statistics (spec_version 3)
 OOD_TEXTURE_INVERTED = "ood_texture_inverted.npy"  # the same of their negatives (255 - pixels)
-MANIFEST = "bundle_manifest.json"
+BUNDLE_MANIFEST = "bundle_manifest.json"
 BUNDLE_ENV = "METAL_DEFECT_BUNDLE"  # a bundle folder to serve instead of the served pointer (containers)
 
 
@@ -135,8 +134,8 @@ class ServingSpec:
 
 def write_manifest(bundle: Path) -> dict[str, str]:
     """Record the sha256 of every file in the bundle (call after the last file is written)."""
-    files = {p.relative_to(bundle).as_posix(): sha256_file(p) for p in sorted(bundle.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    write_json_atomic(bundle / MANIFEST, {"files": files})
+    files = {p.relative_to(bundle).as_posix(): sha256_file(p) for p in sorted(bundle.rglob("*")) if p.is_file() and p.name != BUNDLE_MANIFEST}
+    write_json_atomic(bundle / BUNDLE_MANIFEST, {"files": files})
     return files
 
 
@@ -151,23 +150,23 @@ def verify_bundle(bundle: Path) -> dict[str, str]:
     """Check the manifest covers every bundle file there is (and the required ones), and every file
     against it; ArtifactError naming the first problem. (The manifest's own sha256, recorded by the
     served pointer, is checked by `served_bundle`.)"""
-    manifest = bundle / MANIFEST
+    manifest = bundle / BUNDLE_MANIFEST
     if not manifest.is_file():
-        raise ArtifactError(f"{bundle}: no {MANIFEST}; re-export the bundle with `python main.py export DIR`")
+        raise ArtifactError(f"{bundle}: no {BUNDLE_MANIFEST}; re-export the bundle with `python main.py export DIR`")
     listing = read_json(manifest)
     files = listing.get("files") if isinstance(listing, dict) else None
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-        raise ArtifactError(f"{bundle}: {MANIFEST} is not a manifest (no 'files' mapping of names to sha256); re-export the bundle")
+        raise ArtifactError(f"{bundle}: {BUNDLE_MANIFEST} is not a manifest (no 'files' mapping of names to sha256); re-export the bundle")
     uncovered = [name for name in BUNDLE_FILES if name not in files and ((bundle / name).exists() or name in REQUIRED_FILES)]
     if uncovered:
-        raise ArtifactError(f"{bundle}: {', '.join(uncovered)} not covered by {MANIFEST} (the manifest was emptied or edited); "
+        raise ArtifactError(f"{bundle}: {', '.join(uncovered)} not covered by {BUNDLE_MANIFEST} (the manifest was emptied or edited); "
                             "re-export the bundle")
     for name, expected in files.items():
         path = bundle / name
         if not path.is_file():
-            raise ArtifactError(f"{bundle}: {name} is listed in {MANIFEST} but missing; the bundle is incomplete")
+            raise ArtifactError(f"{bundle}: {name} is listed in {BUNDLE_MANIFEST} but missing; the bundle is incomplete")
         if sha256_file(path) != expected:
-            raise ArtifactError(f"{bundle}: {name} does not match its sha256 in {MANIFEST} (changed or damaged); re-export the bundle")
+            raise ArtifactError(f"{bundle}: {name} does not match its sha256 in {BUNDLE_MANIFEST} (changed or damaged); re-export the bundle")
     return files
 
 
@@ -237,86 +236,6 @@ def check_model_fits(model: Any, spec: ServingSpec, path: Path) -> None:
     if inputs != expected_in or outputs != (len(spec.class_names),):
         raise ArtifactError(f"{path}: the model takes {inputs} and gives {outputs}, but {SERVING_SPEC} says {expected_in} "
                             f"and {len(spec.class_names)} classes; this is not the bundle's model")
-
-
-# ----------------------------------------------------------------------------- which bundle
-def bundle_of_run(store: ArtifactStore, run_id: str) -> Path:
-    """The model bundle run `run_id` chose to serve (its select stage; in runs from before tuning existed, its evaluation)."""
-    manifest = store.manifest(run_id)
-    stages = manifest.get("stages", {})
-    stage = stages.get("select") or stages.get("evaluation")
-    if not stage or stage.get("status") not in ("succeeded", "reused"):
-        raise ArtifactError(f"run {run_id} has no finished select (or evaluation) stage (status {manifest.get('status')}); "
-                            "only runs that chose a model can be served")
-    bundle = _rebase(store, Path(stage["output"])) / BUNDLE_DIR
-    if not (bundle / SERVING_SPEC).is_file():
-        raise ArtifactError(f"run {run_id}: model bundle {bundle} is missing; re-run `python main.py`")
-    return bundle
-
-
-def _rebase(store: ArtifactStore, recorded: Path) -> Path:
-    """A path recorded under an artifacts folder that has since been moved or mounted elsewhere."""
-    if recorded.exists() or "stages" not in recorded.parts:
-        return recorded
-    parts = recorded.parts
-    return store.root.joinpath(*parts[len(parts) - 1 - parts[::-1].index("stages"):])
-
-
-def pointer_value(store: ArtifactStore, bundle: Path) -> str:
-    """How the served pointer records a bundle: relative to the artifacts folder when inside it."""
-    try:
-        return Path(os.path.relpath(Path(bundle).resolve(), store.root.resolve())).as_posix() if _inside(bundle, store.root) else str(bundle)
-    except ValueError:  # another drive (Windows)
-        return str(bundle)
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return Path(path).resolve().is_relative_to(Path(root).resolve())
-
-
-def served_bundle(store: ArtifactStore) -> tuple[Path, dict[str, Any]]:
-    """The bundle the served pointer names (relative to the artifacts folder; absolute in old pointers)."""
-    pointer = store.served()
-    if pointer is None:
-        raise ArtifactError(f"no model is served yet ({store.served_pointer} missing): train one with `python main.py`, "
-                            "or serve an earlier run with `python main.py promote RUN_ID`")
-    recorded = Path(pointer["bundle"])
-    bundle = recorded if recorded.is_absolute() else store.root / recorded
-    if not (bundle / SERVING_SPEC).is_file():
-        bundle = _rebase(store, recorded)
-    recorded_manifest = pointer.get("manifest_sha256")
-    if recorded_manifest and (bundle / MANIFEST).is_file() and sha256_file(bundle / MANIFEST) != recorded_manifest:
-        raise ArtifactError(f"{bundle}: {MANIFEST} is not the one recorded in {store.served_pointer} when run {pointer.get('run_id')} "
-                            "was served (changed or replaced); `python main.py promote RUN_ID` serves a run again")
-    return bundle, pointer
-
-
-def resolve_bundle(store: ArtifactStore | None, model: str | None) -> Path:
-    """`--model` (a run id or a bundle folder), else $METAL_DEFECT_BUNDLE, else the served pointer."""
-    choice = model or os.environ.get(BUNDLE_ENV) or None
-    if choice and (Path(choice) / SERVING_SPEC).is_file():
-        return Path(choice)
-    if choice and store is not None and (store.runs_dir / choice).is_dir():
-        return bundle_of_run(store, choice)
-    if choice:
-        source = "--model" if model else f"${BUNDLE_ENV}"
-        raise ArtifactError(f"{source}={choice}: neither a bundle folder (with {SERVING_SPEC}) nor a run id under "
-                            f"{store.runs_dir if store else 'the artifacts folder'}; see `python main.py runs`")
-    if store is None:
-        raise ArtifactError(f"no model: give a bundle folder (--model DIR or ${BUNDLE_ENV})")
-    return served_bundle(store)[0]
-
-
-def evaluated_runs(store: ArtifactStore) -> list[tuple[str, Path]]:
-    """(run id, bundle) of every run whose evaluation wrote a bundle, newest first (duplicates of a reused stage once)."""
-    found: dict[Path, str] = {}
-    for run_id in reversed(store.run_ids()):
-        try:
-            bundle = bundle_of_run(store, run_id)
-        except ArtifactError:
-            continue
-        found.setdefault(bundle.resolve(), run_id)
-    return [(run_id, bundle) for bundle, run_id in found.items()]
 
 
 def read_metrics(bundle: Path) -> dict[str, Any]:

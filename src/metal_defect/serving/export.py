@@ -47,7 +47,7 @@ def export_bundle(predictor: Any, destination: Path) -> dict[str, Any]:
     kept = files_kept_beside_bundle(destination)
     with staging_dir(destination) as staged:
         for item in sorted(predictor.bundle.iterdir()):
-            if item.name in (bundles.MANIFEST, bundles.TFLITE_FILE, *KEPT_BESIDE_BUNDLE) or not item.is_file():
+            if item.name in (bundles.BUNDLE_MANIFEST, bundles.TFLITE_FILE, *KEPT_BESIDE_BUNDLE) or not item.is_file():
                 continue
             shutil.copy2(item, staged / item.name)
         export_litert(predictor.serving_model(), staged / bundles.TFLITE_FILE)
@@ -73,12 +73,12 @@ def files_kept_beside_bundle(destination: Path) -> list[str]:
     if not others:
         return kept
     listed: set[str] = set()
-    if (destination / bundles.SERVING_SPEC).is_file() and (destination / bundles.MANIFEST).is_file():
+    if (destination / bundles.SERVING_SPEC).is_file() and (destination / bundles.BUNDLE_MANIFEST).is_file():
         try:
-            listed = {name.split("/")[0] for name in read_json(destination / bundles.MANIFEST).get("files", {})}
+            listed = {name.split("/")[0] for name in read_json(destination / bundles.BUNDLE_MANIFEST).get("files", {})}
         except (ArtifactError, AttributeError, UnicodeDecodeError):
             listed = set()
-    foreign = [name for name in others if name not in listed | {bundles.MANIFEST}]
+    foreign = [name for name in others if name not in listed | {bundles.BUNDLE_MANIFEST}]
     if not listed or foreign:
         raise ArtifactError(f"export: {destination} holds files that are not an exported bundle ({', '.join(foreign[:5])}"
                             f"{', ...' if len(foreign) > 5 else ''}); give an empty or new folder")

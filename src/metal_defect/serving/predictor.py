@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from metal_defect.artifacts import ArtifactStore, sha256_file
+from metal_defect.artifacts import sha256_file
 from metal_defect.metrics import apply_temperature
 from metal_defect.serving import bundle as bundles
 from metal_defect.serving import ood
@@ -97,7 +97,7 @@ class Predictor:
         """Load a bundle folder, checking every file against its sha256 manifest first."""
         bundle = Path(bundle)
         spec = bundles.read_spec(bundle)
-        files = bundles.verify_bundle(bundle) if verify or (bundle / bundles.MANIFEST).is_file() else {}
+        files = bundles.verify_bundle(bundle) if verify or (bundle / bundles.BUNDLE_MANIFEST).is_file() else {}
         scorer = bundles.read_ood_scorer(bundle, spec.ood) if spec.ood is not None else None
         model = bundles.load_model(bundle / bundles.MODEL_FILE)
         bundles.check_model_fits(model, spec, bundle / bundles.MODEL_FILE)
@@ -106,11 +106,6 @@ class Predictor:
         if backend == "litert":
             predictor.use_litert()
         return predictor
-
-    @classmethod
-    def load(cls, store: ArtifactStore | None, model: str | None = None, backend: str = "compiled") -> Predictor:
-        """`model` is a run id or a bundle folder; default $METAL_DEFECT_BUNDLE, then the served model."""
-        return cls.from_bundle(bundles.resolve_bundle(store, model), backend)
 
     @property
     def class_names(self) -> list[str]:

@@ -1,0 +1,140 @@
+"""c07 across processes: a killed search resumes, a chief and two workers share one search, a
+worker with other data is refused, and the search's memory stays flat over many trials.
+(A file of its own so that the test runner's two workers share the tuning tests.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_tuning import TRIAL_COLUMNS, make_config, read_trials, tiny_tuning_params
+
+from metal_defect.artifacts import ArtifactStore, read_json
+from metal_defect.components import c07_hyper_tuning as c07
+from metal_defect.config import load_config
+from metal_defect.pipeline import Runner
+
+
+def _wait_for(predicate, timeout: float, what: str, procs=()) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        for proc in procs:
+            if proc.poll() is not None and proc.returncode != 0:
+                raise AssertionError(f"{what}: process exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _main(*args: str, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    handle = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], stdout=handle, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_without_redoing_finished_trials(tmp_path):
+    folder = make_config(tmp_path, tiny_tuning_params(max_trials=3, epochs_per_trial=6))
+    runner = _main("run", "--config", str(folder), log=tmp_path / "first.log")
+    root = folder / "artifacts" / "tuning"
+
+    def finished() -> dict[str, str]:
+        """Trials the oracle recorded as completed (Keras Tuner's trial.json), with the start our record noted."""
+        done = {}
+        for path in root.glob("*/trial_*/trial.json"):
+            record = path.parent / c07.TRIAL_RECORD
+            try:
+                if json.loads(path.read_text())["status"] == "COMPLETED" and record.is_file():
+                    done[path.parent.name] = read_json(record)["started"]
+            except (ValueError, KeyError):  # being written
+                continue
+        return done
+
+    try:
+        _wait_for(lambda: len(finished()) >= 1, 300, "the first finished trial", [runner])
+    finally:
+        os.killpg(runner.pid, signal.SIGKILL)
+        runner.wait()
+    first = finished()
+    assert first and len(first) < 3, first
+    manifest = Runner(load_config(folder)).run()
+    assert manifest["status"] == "succeeded"
+    rows = read_trials(manifest)
+    assert len(rows) == 3 and all(r["status"] == "COMPLETED" for r in rows)
+    after = {p.parent.name: read_json(p)["started"] for p in root.glob("*/trial_*/metal_defect_trial.json")}
+    assert all(after[name] == started for name, started in first.items()), "a finished trial was run again"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_chief_and_two_workers_share_one_search(tmp_path):
+    folder = make_config(tmp_path, tiny_tuning_params(max_trials=6, epochs_per_trial=4))
+    port = _free_port()
+    logs = {name: tmp_path / f"{name}.log" for name in ("chief", "worker1", "worker2")}
+    procs = []
+    try:
+        for name in ("worker1", "worker2"):  # workers may start first: they wait for the chief's announcement
+            procs.append(_main("tune-worker", "--config", str(folder), "--chief", f"127.0.0.1:{port}", "--id", name, "--wait", "600",
+                               log=logs[name]))
+        chief = _main("run", "--config", str(folder), "--tune-chief", f"127.0.0.1:{port}", log=logs["chief"])
+        procs.append(chief)
+        _wait_for(lambda: all("taking trials from the chief" in logs[w].read_text() for w in ("worker1", "worker2")), 600,
+                  "both workers to register", procs)
+        for proc in procs:
+            assert proc.wait(timeout=900) == 0, {n: p.read_text()[-3000:] for n, p in logs.items()}
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    store = ArtifactStore(folder / "artifacts")
+    manifest = store.manifest(store.run_ids()[-1])  # the chief's run (workers' runs are command tune-worker)
+    chief_runs = [store.manifest(r) for r in store.run_ids() if store.manifest(r)["command"] == "run"]
+    manifest = chief_runs[-1]
+    assert manifest["status"] == "succeeded"
+    rows = read_trials(manifest)
+    assert len(rows) == 6 and list(rows[0])[: len(TRIAL_COLUMNS)] == TRIAL_COLUMNS
+    assert {r["worker"] for r in rows} == {"worker1", "worker2"}, [r["worker"] for r in rows]
+    assert all(r["status"] == "COMPLETED" for r in rows)
+    summary = read_json(Path(manifest["stages"]["select"]["output"]) / c07.TUNING_SUMMARY)
+    assert summary["trials_completed"] == 6 and summary["served"] in ("tuned", "base")
+    assert json.loads((folder / "artifacts" / "tuning" / c07.ACTIVE_FILE).read_text())["state"] == "finished"
+
+
+def test_a_worker_with_other_data_refuses_to_take_trials(tmp_path):
+    folder = make_config(tmp_path, tiny_tuning_params())
+    root = folder / "artifacts" / "tuning"
+    root.mkdir(parents=True)
+    (root / c07.ACTIVE_FILE).write_text(json.dumps({"state": "running", "project": "p", "chief": "127.0.0.1:1", "model": "custom_cnn",
+                                                    "recipe_fingerprint": "x", "data_fingerprint": "not-this-data"}))
+    from metal_defect import commands
+    from metal_defect.errors import DataError
+
+    with pytest.raises(DataError, match=r"refuses to take trials: its prepared data .* differs from the chief's"):
+        commands.tune_worker(load_config(folder), None, "w1", wait_s=5)
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_a_dozen_trials(tmp_path):
+    # 12 trials (each a child process with its own TensorFlow start-up, ~12 s here): the search's own
+    # memory after the first few must not grow by a trial's worth (a kept model or graph is 100+ MB)
+    params = tiny_tuning_params(max_trials=12, epochs_per_trial=2, space={"width": [0.5, 0.75, 1.0], "batch_size": [8, 16]})
+    folder = make_config(tmp_path, params, per_class=10)
+    manifest = Runner(load_config(folder), command="run").run("tune")
+    rows = {int(r["trial_id"]): r for r in read_trials(manifest)}
+    assert len(rows) == 12 and all(r["status"] == "COMPLETED" for r in rows.values())
+    grown = float(rows[11]["rss_mb"]) - float(rows[3]["rss_mb"])
+    assert grown < 100, {i: rows[i]["rss_mb"] for i in sorted(rows)}
