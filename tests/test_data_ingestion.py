@@ -19,6 +19,7 @@ from metal_defect import synthetic
 from metal_defect.components import c01_data_ingestion as c01
 from metal_defect.config import load_config
 from metal_defect.errors import DataError
+from metal_defect.stages import s1_data_ingestion as s1
 
 
 def _config(source: Path | str, *overrides: str):
@@ -77,8 +78,8 @@ def test_skipped_files_are_listed_with_reasons(tmp_path):
     assert reasons[".DS_Store"].startswith("hidden file")
     assert reasons["m_1.png"].startswith("unknown class: folder 'mystery'")
     assert len(items) == 9
-    c01.write_outputs(items, skipped, meta, tmp_path / "out")
-    report = (tmp_path / "out" / c01.REPORT_FILE).read_text()
+    s1.write_outputs(items, skipped, meta, tmp_path / "out")
+    report = (tmp_path / "out" / s1.REPORT_FILE).read_text()
     assert '"unknown class": 1' in report and '"unsupported extension": 1' in report
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from metal_defect import metrics
-from metal_defect.components.c06_evaluation import choose_best
+from metal_defect.components.c06_evaluation.scores import choose_best
 
 
 def test_wilson_interval_known_values():

@@ -20,7 +20,7 @@ from metal_defect import served as served_model
 from metal_defect import synthetic
 from metal_defect.artifacts import ArtifactStore
 from metal_defect.cli import main
-from metal_defect.components.c06_evaluation import uncertainty_threshold
+from metal_defect.components.c06_evaluation.verdicts import uncertainty_threshold
 from metal_defect.errors import ArtifactError
 from metal_defect.serving import bundle as bundles
 from metal_defect.serving import ood

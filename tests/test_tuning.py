@@ -15,10 +15,11 @@ from conftest import REPO, TINY_SCHEMA, _deep_merge, tiny_training_params, write
 from metal_defect import served as served_model
 from metal_defect import synthetic
 from metal_defect.artifacts import ArtifactStore, read_json
-from metal_defect.components import c07_hyper_tuning as c07
-from metal_defect.config import load_config
+from metal_defect.components.c07_hyper_tuning import distributed, report, space, trials
+from metal_defect.config import Recipe, load_config
 from metal_defect.errors import ConfigError
 from metal_defect.pipeline import Runner
+from metal_defect.stages import s5_tune, s6_select
 
 TRIAL_COLUMNS = ["trial_id", "status", "objective", "score", "best_epoch", "duration_s", "worker", "host", "rss_mb", "error"]
 
@@ -38,7 +39,7 @@ def make_config(root: Path, params: dict, per_class: int = 16) -> Path:
 
 
 def read_trials(manifest: dict) -> list[dict]:
-    with open(Path(manifest["stages"]["tune"]["output"]) / c07.TRIALS_CSV, newline="") as handle:
+    with open(Path(manifest["stages"]["tune"]["output"]) / s5_tune.TRIALS_CSV, newline="") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -51,37 +52,37 @@ def test_space_is_read_from_params_and_lands_in_the_recipe(tmp_path):
         "brightness": [0.0, 0.2], "fine_tune_layers": [10]}}}))
     config = load_config(folder)
     hp = kt.HyperParameters()
-    c07.declare_space(hp, config.tuning, "custom_cnn")
+    space.declare_space(hp, config.tuning, "custom_cnn")
     declared = {p.name: p for p in hp.space}
     assert set(declared) == {"learning_rate", "batch_size", "blocks", "width", "pooling", "dropout", "brightness"}  # fine_tune_layers: transfer only
     assert declared["learning_rate"].sampling == "log" and (declared["learning_rate"].min_value, declared["learning_rate"].max_value) == (0.001, 0.01)
     assert declared["batch_size"].values == [8, 16] and declared["pooling"].values == ["max", "avg_max"]
-    recipe = c07.Recipe(config.base, config.data_loader, config.model, config.callbacks, config.train)
-    tuned = c07.apply_hyperparameters(recipe, {"learning_rate": 0.005, "batch_size": 16, "blocks": 3, "width": 0.5, "pooling": "max",
+    recipe = Recipe(config.base, config.data_loader, config.model, config.callbacks, config.train)
+    tuned = space.apply_hyperparameters(recipe, {"learning_rate": 0.005, "batch_size": 16, "blocks": 3, "width": 0.5, "pooling": "max",
                                                 "dropout": 0.25, "brightness": 0.2, "tuner/epochs": 3})
     assert tuned.train.learning_rate == 0.005 and tuned.data_loader.batch_size == 16
     assert tuned.model.custom_cnn.filters == [8, 8, 16]  # [8, 16] + one block at 32, times 0.5, at least 8
     assert tuned.model.custom_cnn.pooling == "max" and tuned.model.custom_cnn.dropout == 0.25
     assert tuned.data_loader.augmentation.brightness == 0.2 and tuned.data_loader.augmentation.rotate90 == recipe.data_loader.augmentation.rotate90
     transfer_hp = kt.HyperParameters()
-    c07.declare_space(transfer_hp, config.tuning, "MobileNetV2")
+    space.declare_space(transfer_hp, config.tuning, "MobileNetV2")
     assert "fine_tune_layers" in {p.name for p in transfer_hp.space} and "blocks" not in {p.name for p in transfer_hp.space}
 
 
 def test_the_trial_setup_reaches_the_trial_process_unchanged():
     import dataclasses
 
-    setup = c07.TrialSetup((32, 32, 1), 3, 40, (0.41, 0.12), {0: 0.8, 1: 1.3, 2: 1.0})
-    assert c07.TrialSetup.from_json(json.loads(json.dumps(dataclasses.asdict(setup)))) == setup
+    setup = trials.TrialSetup((32, 32, 1), 3, 40, (0.41, 0.12), {0: 0.8, 1: 1.3, 2: 1.0})
+    assert trials.TrialSetup.from_json(json.loads(json.dumps(dataclasses.asdict(setup)))) == setup
     unweighted = dataclasses.replace(setup, class_weights=None)
-    assert c07.TrialSetup.from_json(json.loads(json.dumps(dataclasses.asdict(unweighted)))) == unweighted
+    assert trials.TrialSetup.from_json(json.loads(json.dumps(dataclasses.asdict(unweighted)))) == unweighted
 
 
 def test_scaled_filters_extend_cut_and_widen():
-    assert c07.scaled_filters([32, 64, 128, 256], 5, None) == [32, 64, 128, 256, 512]
-    assert c07.scaled_filters([32, 64, 128, 512], 6, None) == [32, 64, 128, 512, 512, 512]  # capped
-    assert c07.scaled_filters([32, 64, 128, 256], 3, 0.75) == [24, 48, 96]
-    assert c07.scaled_filters([32, 64], None, 0.1) == [8, 8]
+    assert space.scaled_filters([32, 64, 128, 256], 5, None) == [32, 64, 128, 256, 512]
+    assert space.scaled_filters([32, 64, 128, 512], 6, None) == [32, 64, 128, 512, 512, 512]  # capped
+    assert space.scaled_filters([32, 64, 128, 256], 3, 0.75) == [24, 48, 96]
+    assert space.scaled_filters([32, 64], None, 0.1) == [8, 8]
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -101,11 +102,11 @@ def test_a_bad_search_space_is_refused_with_the_key_and_what_is_allowed(override
 
 def test_served_only_when_strictly_better_on_validation():
     base = {"valid": {"macro_f1": 0.95}}
-    assert c07.choose_served(base, {"valid": {"macro_f1": 0.96}}, "macro_f1")[0] == "tuned"
-    served, reason = c07.choose_served(base, {"valid": {"macro_f1": 0.95}}, "macro_f1")
+    assert s6_select.choose_served(base, {"valid": {"macro_f1": 0.96}}, "macro_f1")[0] == "tuned"
+    served, reason = s6_select.choose_served(base, {"valid": {"macro_f1": 0.95}}, "macro_f1")
     assert served == "base" and "equal" in reason and "ties keep the base model" in reason
-    assert c07.choose_served(base, {"valid": {"macro_f1": 0.90}}, "macro_f1")[0] == "base"
-    assert c07.choose_served(base, None, "macro_f1") == ("base", "no tuned model (tuning off, or no trial completed)")
+    assert s6_select.choose_served(base, {"valid": {"macro_f1": 0.90}}, "macro_f1")[0] == "base"
+    assert s6_select.choose_served(base, None, "macro_f1") == ("base", "no tuned model (tuning off, or no trial completed)")
 
 
 # ----------------------------------------------------------------------------- a local search
@@ -125,12 +126,12 @@ def test_search_tolerates_a_failing_trial_and_writes_csv_plot_summary_and_card(t
     assert failed and all(r["hp_blocks"] == "6" and "negative" in r["error"] for r in failed)
     assert completed and all(r["hp_blocks"] == "2" and float(r["score"]) > 0 and r["worker"] == "tuner0" for r in completed)
     tune_out = Path(manifest["stages"]["tune"]["output"])
-    assert (tune_out / c07.TRIALS_PLOT).stat().st_size > 10_000
-    best = read_json(tune_out / c07.BEST_HP_FILE)
+    assert (tune_out / s5_tune.TRIALS_PLOT).stat().st_size > 10_000
+    best = read_json(tune_out / s5_tune.BEST_HP_FILE)
     assert best["hyperparameters"]["blocks"] == 2 and best["score"] == min(float(r["score"]) for r in completed)
     assert (tune_out / "evaluation" / "tuned_models_metrics.json").is_file() and (tune_out / "evaluation" / "served" / "model.keras").is_file()
     select_out = Path(manifest["stages"]["select"]["output"])
-    summary = read_json(select_out / c07.TUNING_SUMMARY)
+    summary = read_json(select_out / s6_select.TUNING_SUMMARY)
     assert summary["trials_completed"] == len(completed) and summary["trials_failed"] == len(failed)
     assert summary["best_hyperparameters"] == best["hyperparameters"] and summary["served"] in ("tuned", "base") and summary["reason"]
     tuned_f1, base_f1 = summary["valid"]["tuned"]["macro_f1"], summary["valid"]["base"]["macro_f1"]
@@ -153,7 +154,7 @@ def test_a_tuned_model_strictly_better_on_validation_is_served(tmp_path):
                          {"train": {"epochs": 1, "learning_rate": 0.000001}})
     folder = make_config(tmp_path, params)
     manifest = Runner(load_config(folder)).run()
-    summary = read_json(Path(manifest["stages"]["select"]["output"]) / c07.TUNING_SUMMARY)
+    summary = read_json(Path(manifest["stages"]["select"]["output"]) / s6_select.TUNING_SUMMARY)
     assert summary["valid"]["tuned"]["macro_f1"] > summary["valid"]["base"]["macro_f1"], summary["valid"]
     assert summary["served"] == "tuned" and "better on validation" in summary["reason"]
     from metal_defect.serving.predictor import Predictor
@@ -172,11 +173,11 @@ def test_each_tuner_runs_a_search_with_the_same_outputs(tmp_path, tuner):
     config = load_config(folder)
     manifest = Runner(config).run("data_preprocessing")
     prepared = Path(manifest["stages"]["data_preprocessing"]["output"])
-    recipe = c07.Recipe(config.base, config.data_loader, config.model, config.callbacks, config.train)
-    job = c07.SearchJob("custom_cnn", recipe, config.tuning, prepared, c07.data_fingerprint(prepared))
+    recipe = Recipe(config.base, config.data_loader, config.model, config.callbacks, config.train)
+    job = space.SearchJob("custom_cnn", recipe, config.tuning, prepared, space.data_fingerprint(prepared))
     project = tmp_path / "tuning" / job.key
-    tuner_object = c07.search(job, project)
-    rows = c07.trial_rows(tuner_object, project, "val_loss")
+    tuner_object = distributed.search(job, project)
+    rows = report.trial_rows(tuner_object, project, "val_loss")
     assert rows and all(r["status"] == "COMPLETED" and r["score"] > 0 for r in rows)
     assert list(rows[0])[: len(TRIAL_COLUMNS)] == TRIAL_COLUMNS
     if tuner == "hyperband":  # brackets: later trials continue from an earlier trial's weights

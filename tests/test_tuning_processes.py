@@ -18,9 +18,10 @@ from conftest import REPO
 from test_tuning import TRIAL_COLUMNS, make_config, read_trials, tiny_tuning_params
 
 from metal_defect.artifacts import ArtifactStore, read_json
-from metal_defect.components import c07_hyper_tuning as c07
+from metal_defect.components.c07_hyper_tuning import distributed, trials
 from metal_defect.config import load_config
 from metal_defect.pipeline import Runner
+from metal_defect.stages import s6_select
 
 
 def _wait_for(predicate, timeout: float, what: str, procs=()) -> None:
@@ -51,7 +52,7 @@ def test_a_killed_search_resumes_without_redoing_finished_trials(tmp_path):
         """Trials the oracle recorded as completed (Keras Tuner's trial.json), with the start our record noted."""
         done = {}
         for path in root.glob("*/trial_*/trial.json"):
-            record = path.parent / c07.TRIAL_RECORD
+            record = path.parent / trials.TRIAL_RECORD
             try:
                 if json.loads(path.read_text())["status"] == "COMPLETED" and record.is_file():
                     done[path.parent.name] = read_json(record)["started"]
@@ -109,16 +110,16 @@ def test_a_chief_and_two_workers_share_one_search(tmp_path):
     assert len(rows) == 6 and list(rows[0])[: len(TRIAL_COLUMNS)] == TRIAL_COLUMNS
     assert {r["worker"] for r in rows} == {"worker1", "worker2"}, [r["worker"] for r in rows]
     assert all(r["status"] == "COMPLETED" for r in rows)
-    summary = read_json(Path(manifest["stages"]["select"]["output"]) / c07.TUNING_SUMMARY)
+    summary = read_json(Path(manifest["stages"]["select"]["output"]) / s6_select.TUNING_SUMMARY)
     assert summary["trials_completed"] == 6 and summary["served"] in ("tuned", "base")
-    assert json.loads((folder / "artifacts" / "tuning" / c07.ACTIVE_FILE).read_text())["state"] == "finished"
+    assert json.loads((folder / "artifacts" / "tuning" / distributed.ACTIVE_FILE).read_text())["state"] == "finished"
 
 
 def test_a_worker_with_other_data_refuses_to_take_trials(tmp_path):
     folder = make_config(tmp_path, tiny_tuning_params())
     root = folder / "artifacts" / "tuning"
     root.mkdir(parents=True)
-    (root / c07.ACTIVE_FILE).write_text(json.dumps({"state": "running", "project": "p", "chief": "127.0.0.1:1", "model": "custom_cnn",
+    (root / distributed.ACTIVE_FILE).write_text(json.dumps({"state": "running", "project": "p", "chief": "127.0.0.1:1", "model": "custom_cnn",
                                                     "recipe_fingerprint": "x", "data_fingerprint": "not-this-data"}))
     from metal_defect import commands
     from metal_defect.errors import DataError

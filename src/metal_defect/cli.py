@@ -259,7 +259,7 @@ def _dispatch(args: argparse.Namespace, config: Any) -> int:
         from metal_defect.pipeline import Runner
 
         if args.tune_chief:
-            from metal_defect.components.c07_hyper_tuning import join_search
+            from metal_defect.components.c07_hyper_tuning.distributed import join_search
 
             join_search("chief", args.tune_chief, "--tune-chief")
         manifest = Runner(config, command="run").run(args.stages, args.force)

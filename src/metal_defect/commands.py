@@ -55,7 +55,8 @@ def promote(config: Config, run_id: str) -> str:
 
 def evaluate(config: Config, folder: Path, run_id: str | None, out: Path | None) -> str:
     """Evaluate the served model, or run `run_id`'s, on a labelled folder; returns a summary line."""
-    from metal_defect.components.c06_evaluation import evaluate_folder
+    # deliberately lazy: these start TensorFlow, which `runs`, `promote` and --help never need
+    from metal_defect.folder_evaluation import evaluate_folder
     from metal_defect.metrics import caption
     from metal_defect.serving.predictor import Predictor
 
@@ -267,13 +268,14 @@ def screenshot(config: Config, image: Path | None, out: Path) -> str:
 
 def tune_worker(config: Config, chief: str | None, worker_id: str | None, wait_s: float) -> str:
     """`main.py tune-worker`: wait for a chief's search, prepare the data from this config, take trials."""
-    from metal_defect.components import c07_hyper_tuning as c07
+    from metal_defect.components.c07_hyper_tuning.distributed import take_trials, wait_for_chief
+    from metal_defect.components.c07_hyper_tuning.space import SearchJob, data_fingerprint
+    from metal_defect.config import Recipe
     from metal_defect.pipeline import Runner
 
-    active = c07.wait_for_chief(config.paths.tuning_root, wait_s)
+    active = wait_for_chief(config.paths.tuning_root, wait_s)
     manifest = Runner(config, command="tune-worker").run("data_ingestion-data_preprocessing")
     prepared = Path(manifest["stages"]["data_preprocessing"]["output"])
-    recipe = c07.Recipe.of(config)
-    job = c07.SearchJob(active["model"], recipe, config.tuning, prepared, c07.data_fingerprint(prepared))
-    result = c07.take_trials(job, active, config.paths.tuning_root / active["project"], chief, worker_id)
+    job = SearchJob(active["model"], Recipe.of(config), config.tuning, prepared, data_fingerprint(prepared))
+    result = take_trials(job, active, config.paths.tuning_root / active["project"], chief, worker_id)
     return f"worker {result['worker']} ran {len(result['trials'])} trial(s): {', '.join(result['trials']) or 'none'}"

@@ -89,18 +89,18 @@ class StageOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-# The stages, in order. Component stages are added here as they are built.
+# The stages, in order: stage N runs metal_defect.stages.sN_<name> (which drives the numbered components).
 STAGES: tuple[Stage, ...] = (
     Stage(
         "data_ingestion",
-        "metal_defect.components.c01_data_ingestion:run_stage",
+        "metal_defect.stages.s1_data_ingestion:run_stage",
         sections=("data_ingestion", "schema"),
         external="metal_defect.components.c01_data_ingestion:source_fingerprint",
         description="find labelled images in a folder, archive or URL; report what was skipped",
     ),
     Stage(
         "data_preprocessing",
-        "metal_defect.components.c02_data_preprocessing:run_stage",
+        "metal_defect.stages.s2_data_preprocessing:run_stage",
         sections=("base", "data_preprocessing", "schema"),
         upstream=("data_ingestion",),
         reports=("eda/",),
@@ -108,21 +108,21 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "train",
-        "metal_defect.components.c06_training:run_stage",
+        "metal_defect.stages.s3_train:run_stage",
         sections=RECIPE_SECTIONS,
         upstream=("data_preprocessing",),
         description="train the base models in train.models (c03 loader, c04 builder, c05 callbacks)",
     ),
     Stage(
         "evaluation",
-        "metal_defect.components.c06_evaluation:run_stage",
+        "metal_defect.stages.s4_evaluation:run_stage",
         sections=("evaluation", "data_preprocessing", "schema"),  # file limits and image extensions travel into the serving spec
         upstream=("data_ingestion", "data_preprocessing", "train"),
         description="metrics, plots, calibration, verdict rules and model card of the base models; the best on validation gets a bundle",
     ),
     Stage(
         "tune",
-        "metal_defect.components.c07_hyper_tuning:run_stage",
+        "metal_defect.stages.s5_tune:run_stage",
         sections=(*RECIPE_SECTIONS, "tuning", "evaluation", "data_preprocessing", "schema"),
         upstream=("data_ingestion", "data_preprocessing", "train", "evaluation"),
         reports=("trials.png",),
@@ -130,10 +130,10 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "select",
-        "metal_defect.components.c07_hyper_tuning:select_stage",
+        "metal_defect.stages.s6_select:select_stage",
         sections=("evaluation",),
         upstream=("evaluation", "tune"),
-        publish="metal_defect.components.c07_hyper_tuning:publish",
+        publish="metal_defect.served:publish",
         description="serve the tuned model only when strictly better on validation than the base model; say which and why",
     ),
 )

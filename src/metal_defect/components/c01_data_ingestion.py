@@ -27,8 +27,8 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -39,8 +39,6 @@ from metal_defect.serving.images import walked_file_problem
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "index.json"
-REPORT_FILE = "ingestion_report.json"
 EXTRACT_DIR = "extracted"
 SPLIT_NAMES = {"train": "train", "training": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test", "testing": "test"}
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
@@ -82,13 +80,6 @@ def source_fingerprint(data_ingestion: DataIngestionParams, schema: SchemaConfig
     return digest.hexdigest()
 
 
-# ----------------------------------------------------------------------------- the stage
-def run_stage(io: Any, *, data_ingestion: DataIngestionParams, schema: SchemaConfig) -> dict[str, Any]:
-    """Runner entry: resolve the source, list images, write index.json and the report."""
-    items, skipped, meta = ingest(data_ingestion, schema, io.out_dir, io.cache_dir)
-    return write_outputs(items, skipped, meta, io.out_dir)
-
-
 def ingest(params: DataIngestionParams, schema: SchemaConfig, out_dir: Path, cache_dir: Path,
            require_all_classes: bool = True) -> tuple[list[Item], list[Skipped], dict[str, Any]]:
     """Find every labelled image of `params.source`; archives are extracted into out_dir.
@@ -127,32 +118,6 @@ def ingest(params: DataIngestionParams, schema: SchemaConfig, out_dir: Path, cac
     classes = list(schema.classes) if schema.classes != "auto" else sorted({i.label for i in items})
     meta = {"source": source, "source_kind": kind, "root": str(root), "layout": layout, "classes": classes}
     return items, skipped, meta
-
-
-def write_outputs(items: list[Item], skipped: list[Skipped], meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """index.json (what c02 reads) and ingestion_report.json (what a person reads)."""
-    counts: dict[str, dict[str, int]] = defaultdict(dict)
-    for (split, label), n in sorted(Counter((i.split or "all", i.label) for i in items).items()):
-        counts[split][label] = n
-    reasons = Counter(reason_kind(s.reason) for s in skipped)
-    report = {
-        **meta,
-        "images_found": len(items),
-        "counts": counts,
-        "skipped_count": len(skipped),
-        "skipped_by_reason": dict(reasons),
-        "skipped": [asdict(s) for s in skipped],
-    }
-    write_json_atomic(out_dir / INDEX_FILE, {"classes": report["classes"], "layout": meta["layout"], "items": [asdict(i) for i in items]})
-    write_json_atomic(out_dir / REPORT_FILE, report)
-    log.info("ingestion: %d images in %d classes (%s layout, %s source); %d files skipped", len(items), len(report["classes"]),
-             meta["layout"], meta["source_kind"], len(skipped))
-    for split, per_class in counts.items():
-        log.info("  %-5s %s", split, ", ".join(f"{c}={n}" for c, n in per_class.items()))
-    for reason, n in reasons.most_common():
-        example = next(s for s in skipped if reason_kind(s.reason) == reason)
-        log.warning("  skipped %d file(s): %s (e.g. %s)", n, reason, example.path)
-    return {"images_found": len(items), "classes": report["classes"], "layout": meta["layout"], "skipped": len(skipped)}
 
 
 def reason_kind(reason: str) -> str:

@@ -23,8 +23,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from metal_defect.artifacts import read_json, write_json_atomic
-from metal_defect.components.c01_data_ingestion import INDEX_FILE
+from metal_defect.artifacts import write_json_atomic
 from metal_defect.config import BaseParams, DataPreprocessingParams, SchemaConfig, SplitParams
 from metal_defect.errors import DataError
 from metal_defect.serving.images import (
@@ -105,14 +104,6 @@ def auto_image_size(paths: list[str], max_size: int) -> int:
     size = int(min(max(median // AUTO_SIZE_STEP * AUTO_SIZE_STEP, AUTO_SIZE_MIN), max_size))
     log.info("base.image_size=auto: median long side %d px -> input %d px (cap base.max_image_size=%d)", median, size, max_size)
     return size
-
-
-def run_stage(io: Any, *, base: BaseParams, data_preprocessing: DataPreprocessingParams, schema: SchemaConfig) -> dict[str, Any]:
-    """Runner entry: read c01's index and prepare the images into io.out_dir."""
-    ingested = io.inputs["data_ingestion"]
-    index = read_json(ingested / INDEX_FILE)
-    items = [dict(item, path=str(ingested / item["path"]) if not os.path.isabs(item["path"]) else item["path"]) for item in index["items"]]
-    return prepare(items, index["classes"], base, data_preprocessing, schema, io.out_dir)
 
 
 def prepare(items: list[dict[str, Any]], classes: list[str], base: BaseParams, params: DataPreprocessingParams,

@@ -25,9 +25,9 @@ import numpy as np
 
 from metal_defect.artifacts import read_json, write_json_atomic
 from metal_defect.components import c04_model_builder as builder
-from metal_defect.components.c03_dataset_loader import Datasets, build_datasets
+from metal_defect.components.c03_dataset_loader import Datasets
 from metal_defect.components.c05_callbacks import BEST_CHECKPOINT, HISTORY_CSV, learning_rate, make_callbacks, read_history
-from metal_defect.config import BaseParams, CallbacksParams, DataLoaderParams, ModelParams, TrainParams
+from metal_defect.config import BaseParams, CallbacksParams, ModelParams, TrainParams
 from metal_defect.serving.keras_objects import SparseSmoothedCrossentropy
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,6 @@ TRAINED_MODEL = "model.keras"
 HISTORY_FILE = "history.json"  # per-epoch metrics and seconds of one model's fit
 TRAIN_SUMMARY = "train_summary.json"
 SUMMARIES_FILE = "model_summaries.txt"
-
-
-def run_stage(io: Any, *, base: BaseParams, data_loader: DataLoaderParams, model: ModelParams, callbacks: CallbacksParams,
-              train: TrainParams) -> dict[str, Any]:
-    """Runner entry: train every model in train.models on c02's prepared images."""
-    data = build_datasets(io.inputs["data_preprocessing"], data_loader, base.seed)
-    return train_models(data, base, model, callbacks, train, io.work_dir, io.out_dir)
 
 
 def train_models(data: Datasets, base: BaseParams, model_params: ModelParams, callback_params: CallbacksParams, train: TrainParams,

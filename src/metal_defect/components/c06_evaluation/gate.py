@@ -1,0 +1,84 @@
+"""c06 quality gate: is the chosen model clearly better than a majority-class and a classical texture baseline?"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metal_defect import baselines, metrics
+from metal_defect.artifacts import read_json
+from metal_defect.components.c06_training import HISTORY_FILE
+from metal_defect.config import EvaluationParams
+from metal_defect.serving.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+
+BASELINE_MAX_TRAIN = 5000  # the classical baseline fits on at most this many training images (seconds, not minutes)
+
+
+def quality_gate(predictor: Predictor, x_train: np.ndarray, y_train: np.ndarray, class_names: list[str], split: str, y_eval: np.ndarray,
+                 model_pred: np.ndarray, x_eval: np.ndarray, model_dir: Path, params: EvaluationParams) -> dict[str, Any]:
+    """Is the chosen model clearly better than what a much simpler method gets on the same split?
+
+    Flags `weak_model` with a reason when the model underfits (training accuracy at the last
+    epoch below `gate_min_train_accuracy`), is near the majority-class baseline (macro F1
+    less than `gate_majority_margin` above it), or is not clearly better than the classical
+    texture baseline (overlapping 95 % bootstrap macro-F1 intervals, or below it) while its
+    own interval does not start above `gate_good_macro_f1`.
+    """
+
+
+    started = time.perf_counter()
+    if len(y_train) > BASELINE_MAX_TRAIN:
+        keep = np.sort(np.random.default_rng(0).choice(len(y_train), BASELINE_MAX_TRAIN, replace=False))
+        x_train, y_train = x_train[keep], y_train[keep]
+    k = len(class_names)
+
+    def score(pred: np.ndarray) -> dict[str, Any]:
+        lo, hi = metrics.bootstrap_macro_f1(y_eval, pred, k, params.bootstrap_samples)
+        return {"macro_f1": metrics.macro_f1(y_eval, pred, k), "macro_f1_ci95": [lo, hi], "accuracy": float(np.mean(pred == y_eval))}
+
+    model = score(model_pred)
+    classical = score(baselines.classical_predictions(x_train, y_train, x_eval))
+    majority_pred = baselines.majority_predictions(y_train, len(y_eval))
+    majority = score(majority_pred) | {"class": class_names[int(majority_pred[0])] if len(majority_pred) else None}
+    # Can the model fit its own training images? Measured on them as they are (no augmentation,
+    # dropout off): the last epoch's running accuracy is lowered by both and is no fair test.
+    train_pred = predictor.raw_probabilities(x_train, params.batch_size).argmax(axis=1)
+    train_accuracy = float(np.mean(train_pred == y_train)) if len(y_train) else None
+    history = read_json(model_dir / HISTORY_FILE) if (model_dir / HISTORY_FILE).is_file() else []
+    last_epoch = next((row["accuracy"] for row in reversed(history) if "accuracy" in row), None)
+    reasons = []
+    if train_accuracy is not None and train_accuracy < params.gate_min_train_accuracy:
+        reasons.append(f"underfits: accuracy {train_accuracy:.3f} on its own training images (below {params.gate_min_train_accuracy:g})")
+    if model["macro_f1"] < majority["macro_f1"] + params.gate_majority_margin:
+        reasons.append(f"near the majority-class baseline: macro F1 {model['macro_f1']:.3f} against {majority['macro_f1']:.3f} "
+                       f"for always answering '{majority['class']}'")
+    (m_lo, m_hi), (c_lo, c_hi) = model["macro_f1_ci95"], classical["macro_f1_ci95"]
+    not_better = model["macro_f1"] <= classical["macro_f1"] or (m_lo <= c_hi and c_lo <= m_hi)
+    note = ""
+    if not_better and m_lo >= params.gate_good_macro_f1:
+        note = (f"the classical baseline is about as good here (macro F1 {classical['macro_f1']:.3f}): the data is easy for texture "
+                f"features, and the model's interval starts above {params.gate_good_macro_f1:g}, so it is not flagged")
+    if not_better and m_lo < params.gate_good_macro_f1:
+        reasons.append(f"not clearly better than a classical texture baseline (LBP + gradients, RBF SVM): macro F1 {model['macro_f1']:.3f} "
+                       f"(95% CI {m_lo:.3f}–{m_hi:.3f}) against {classical['macro_f1']:.3f} ({c_lo:.3f}–{c_hi:.3f})")
+    gate = {"weak_model": bool(reasons), "reasons": reasons, "note": note, "split": split, "n": len(y_eval), "model": model, "classical": classical,
+            "majority": majority, "train_accuracy": train_accuracy, "train_accuracy_last_epoch": last_epoch,
+            "seconds": round(time.perf_counter() - started, 2)}
+    if reasons:
+        log.warning("!" * 78)
+        log.warning("WEAK MODEL: %s is flagged weak_model on the %s split:", predictor.spec.model_name, split)
+        for reason in reasons:
+            log.warning("  - %s", reason)
+        log.warning("Check the data (labels, class balance, image size) before trusting its answers; see the model card.")
+        log.warning("!" * 78)
+    else:
+        log.info("quality gate passed on %s: macro F1 %.4f against classical %.4f and majority %.4f (%.1f s)", split, model["macro_f1"],
+                 classical["macro_f1"], majority["macro_f1"], gate["seconds"])
+    return gate

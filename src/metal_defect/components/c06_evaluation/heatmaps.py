@@ -1,0 +1,109 @@
+"""c06 heatmaps: which layer the served heatmaps use, and how often they point into the Pascal VOC boxes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from metal_defect.artifacts import write_json_atomic
+from metal_defect.serving import explain
+from metal_defect.serving.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+
+def boxes_for(records: list[dict[str, Any]], annotations: str | None) -> tuple[list[int], list[explain.Boxes]]:
+    """Indices of the records with Pascal VOC boxes in `annotations` (matched by file name), and their
+    boxes scaled to each image's original size."""
+    if not annotations or not Path(annotations).is_dir():
+        return [], []
+    chosen, boxes = [], []
+    for i, record in enumerate(records):
+        xml = Path(annotations) / f"{Path(record['source']).stem}.xml"
+        if xml.is_file():
+            try:
+                found = explain.read_voc(xml)
+            except ValueError as exc:
+                log.warning("heatmap boxes: %s", exc)
+                continue
+            chosen.append(i)
+            boxes.append(found.scaled_to(*(record.get("original_size") or (found.width, found.height))))
+    return chosen, boxes
+
+
+def _pointing(predictor: Predictor, images: np.ndarray, records: list[dict[str, Any]], chosen: list[int], boxes: list[explain.Boxes],
+              classes: np.ndarray) -> tuple[dict[str, Any], list[np.ndarray]]:
+    sizes = [tuple(records[i].get("original_size") or (b.width, b.height)) for i, b in zip(chosen, boxes)]
+    heat = predictor.heatmaps(images[chosen], classes[chosen], sizes)
+    return explain.pointing_accuracy([explain.peak(h) for h in heat], boxes, [records[i]["label"] for i in chosen]), heat
+
+
+def choose_heatmap_layer(predictor: Predictor, x_valid: np.ndarray, predicted: np.ndarray, valid_records: list[dict[str, Any]],
+                         annotations: str | None) -> tuple[str, dict[str, Any]]:
+    """The heatmap layer: among the deepest layer of each feature-map size, the one whose LayerCAM
+    points into the validation boxes most often; without boxes, explain.heatmap_layer's default."""
+    size = int(predictor.spec.image_size)
+    default = explain.heatmap_layer(predictor.model, size)
+    chosen, boxes = boxes_for(valid_records, annotations)
+    if not chosen:
+        return default, {"layer": default, "method": "layercam", "chosen_by": "default rule (no validation boxes): the deepest layer at stride 4"}
+    scores: dict[str, float] = {}
+    for layer, _side in explain.candidate_layers(predictor.model, size):
+        probe = Predictor(predictor.model, dataclasses.replace(predictor.spec, heatmap_layer=layer, heatmap_method="layercam"))
+        scores[layer] = _pointing(probe, x_valid, valid_records, chosen, boxes, predicted)[0]["overall"]["strict"]
+    best = max(scores, key=lambda name: (round(scores[name], 6), -list(scores).index(name)))  # ties: the deeper layer
+    log.info("heatmap layer %s: LayerCAM validation pointing accuracy %s", best, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    return best, {"layer": best, "method": "layercam", "chosen_by": f"validation pointing accuracy on {len(chosen)} boxed images",
+                  "validation_strict": scores}
+
+
+def pointing_report(predictor: Predictor, images: np.ndarray, records: list[dict[str, Any]], predicted: np.ndarray, class_names: list[str],
+                    annotations: str | None, out_dir: Path) -> dict[str, Any] | None:
+    """Pointing accuracy of the served heatmaps on the test images that have Pascal VOC boxes, beside
+    plain Grad-CAM at the last spatial layer, and a grid of overlays (hits and misses of every class);
+    None when no test image has boxes."""
+
+
+    started = time.perf_counter()
+    chosen, boxes = boxes_for(records, annotations)
+    if not chosen:
+        if annotations:
+            log.info("no test image has boxes in %s: no pointing accuracy", annotations)
+        return None
+    result, heat = _pointing(predictor, images, records, chosen, boxes, predicted)
+    baseline_layer = explain.last_spatial_layer(predictor.model)
+    baseline = Predictor(predictor.model, dataclasses.replace(predictor.spec, heatmap_layer=baseline_layer, heatmap_method="gradcam"))
+    baseline_result = _pointing(baseline, images, records, chosen, boxes, predicted)[0]
+    hits = result.pop("hits")
+    baseline_result.pop("hits")
+    result |= {"layer": predictor.gradcam().layer, "method": predictor.gradcam().method, "annotations": str(annotations),
+               "images_with_boxes": len(chosen), "of_test_images": len(records),
+               "gradcam_last_layer": {"layer": baseline_layer, "overall": baseline_result["overall"]},
+               "seconds": round(time.perf_counter() - started, 2)}
+    overall = result["overall"]
+    log.info("heatmap pointing accuracy on %d boxed test images (%s at %s): %.3f strict, %.3f within %d px (chance %.3f); "
+             "plain Grad-CAM at %s: %.3f strict", len(chosen), result["method"], result["layer"], overall["strict"], overall["tolerant"],
+             result["tolerance_px"], overall["chance"], baseline_layer, baseline_result["overall"]["strict"])
+    shown = []
+    for label in dict.fromkeys(records[i]["label"] for i in chosen):  # up to 2 hits and 2 misses per class
+        of_class = [j for j, i in enumerate(chosen) if records[i]["label"] == label]
+        shown += [j for j in of_class if hits[j]][:2] + [j for j in of_class if not hits[j]][:2]
+    pictures, captions = [], []
+    for j in shown:
+        record = records[chosen[j]]
+        source = Path(record["source"])
+        original = Image.open(source) if source.is_file() else Image.fromarray(images[chosen[j]].squeeze())
+        size = tuple(record.get("original_size") or original.size)
+        pictures.append(explain.draw_boxes(explain.overlay(original.resize(size), heat[j]), boxes[j]))
+        captions.append(f"{'HIT' if hits[j] else 'MISS'}: {source.name}\npredicted {class_names[predicted[chosen[j]]]}")
+    explain.overlay_grid(pictures, captions, f"{explain.METHOD_NAMES[result['method']]} at {result['layer']} on boxed test images: peak inside a box "
+                         f"{overall['strict']:.1%} (chance {overall['chance']:.1%}); ring = peak, white boxes = ground truth",
+                         out_dir / "heatmaps.png", columns=8)
+    write_json_atomic(out_dir / "pointing.json", result)
+    return result

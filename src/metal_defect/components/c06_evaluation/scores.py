@@ -1,0 +1,75 @@
+"""c06 scores: metrics, calibration and plots of one labelled set, and the choice among models on validation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from metal_defect import metrics, plots
+from metal_defect.artifacts import read_json, write_json_atomic
+from metal_defect.components.c02_data_preprocessing import RECORDS_FILE
+from metal_defect.config import EvaluationParams
+
+log = logging.getLogger(__name__)
+
+
+def load_split(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """uint8 images, labels and file names of one prepared split (read exactly, no augmentation)."""
+    records = [r for r in read_json(prepared / RECORDS_FILE)["records"] if r["split"] == split]
+    images = [np.asarray(Image.open(prepared / r["file"])) for r in records]
+    images = [im[..., None] if im.ndim == 2 else im for im in images]
+    return np.stack(images) if images else np.zeros((0, 1, 1, 1), np.uint8), np.array([r["label_index"] for r in records]), [r["source"] for r in records]
+
+
+def report_split(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], images: np.ndarray, names: list[str], folder: Path,
+                 title: str, params: EvaluationParams) -> dict[str, Any]:
+    """Metrics JSON, confusion matrices, reliability diagram and misclassified gallery for one set."""
+    folder.mkdir(parents=True, exist_ok=True)
+    result = metrics.classification_metrics(y_true, probs, class_names)
+    result["calibration"] = calibration_summary(y_true, probs, params)
+    caption = metrics.caption(result["n"], result["errors"])
+    plots.confusion_matrices(np.array(result["confusion_matrix"]), class_names, caption, f"{title}: confusion matrix", folder / "confusion_matrix.png")
+    cal = result["calibration"]
+    plots.reliability_diagram(cal["bins"], cal["ece"], tuple(cal["ece_ci95"]), caption, f"{title}: reliability", folder / "reliability_diagram.png")
+    wrong = np.flatnonzero(probs.argmax(axis=1) != y_true)[: params.misclassified_max]
+    captions = [f"{Path(names[i]).name}\ntrue {class_names[y_true[i]]}\npred {class_names[probs[i].argmax()]} ({probs[i].max():.0%})" for i in wrong]
+    plots.misclassified_gallery([images[i] for i in wrong], captions, f"{title}: misclassified ({caption})", folder / "misclassified.png")
+    result["misclassified"] = [{"file": names[i], "true": class_names[y_true[i]], "predicted": class_names[probs[i].argmax()],
+                                "confidence": float(probs[i].max())} for i in np.flatnonzero(probs.argmax(axis=1) != y_true)]
+    write_json_atomic(folder / "metrics.json", result)
+    return result
+
+
+def calibration_summary(y_true: np.ndarray, probs: np.ndarray, params: EvaluationParams) -> dict[str, Any]:
+    ece, table = metrics.expected_calibration_error(y_true, probs, params.calibration_bins)
+    lo, hi = metrics.bootstrap_ece(y_true, probs, params.calibration_bins, params.bootstrap_samples)
+    return {"ece": ece, "ece_ci95": [lo, hi], "n": len(y_true), "bins": table, "nll": metrics.negative_log_likelihood(y_true, probs)}
+
+
+def calibrate(y_valid: np.ndarray, probs: np.ndarray, params: EvaluationParams) -> tuple[float, dict[str, Any]]:
+    """Fit a bounded temperature on validation; keep it only if it lowers the validation NLL."""
+    fitted = metrics.fit_temperature(y_valid, probs, params.temperature_min, params.temperature_max)
+    before = metrics.negative_log_likelihood(y_valid, probs)
+    after = metrics.negative_log_likelihood(y_valid, metrics.apply_temperature(probs, fitted))
+    helps = after < before - 1e-4
+    info = {"fitted_temperature": fitted, "used": helps, "valid_nll_before": before, "valid_nll_after": after,
+            "valid_ece_before": metrics.expected_calibration_error(y_valid, probs, params.calibration_bins)[0],
+            "valid_ece_after": metrics.expected_calibration_error(y_valid, metrics.apply_temperature(probs, fitted), params.calibration_bins)[0]}
+    log.info("temperature scaling: T=%.3f, validation NLL %.4f -> %.4f (%s)", fitted, before, after, "stored" if helps else "not stored: no gain")
+    return (fitted if helps else 1.0), info
+
+
+def choose_best(results: dict[str, Any], metric: str) -> str:
+    """Highest validation `metric`; ties broken by lower validation log loss. Never looks at test."""
+    return min(results, key=lambda n: (-round(results[n]["valid"][metric], 6), results[n]["valid"]["log_loss"]))
+
+
+def headline(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    keys = ("n", "errors", "accuracy", "accuracy_ci95", "macro_precision", "macro_recall", "macro_f1", "log_loss")
+    return {k: report[k] for k in keys} | {"ece": report["calibration"]["ece"], "ece_ci95": report["calibration"]["ece_ci95"]}

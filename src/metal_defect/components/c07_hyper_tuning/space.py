@@ -1,0 +1,108 @@
+"""c07 search space: which hyperparameters a search declares, and where a trial's values go in the recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from metal_defect import artifacts as art
+from metal_defect.components.c04_model_builder import CUSTOM
+from metal_defect.config import RangeParam, Recipe, TuningParams, fingerprint_of, to_plain
+from metal_defect.errors import ArtifactError
+
+INT_KEYS = ("batch_size", "blocks", "convs_per_block", "dense_units", "fine_tune_layers")
+CNN_ONLY = ("blocks", "width", "convs_per_block", "pooling", "input_scale")
+TRANSFER_ONLY = ("fine_tune_layers",)
+AUGMENTATION_KEYS = ("rotation_degrees", "brightness", "contrast", "noise_std", "resample_blur")
+MAX_FILTERS = 512
+
+
+def searched_entries(tuning: TuningParams, model_name: str) -> dict[str, Any]:
+    """The space entries that apply to `model_name` (custom-CNN keys only for custom_cnn, ...)."""
+    skip = TRANSFER_ONLY if model_name == CUSTOM else CNN_ONLY
+    return {name: entry for name, entry in tuning.space.searched().items() if name not in skip}
+
+
+def declare_space(hp: Any, tuning: TuningParams, model_name: str) -> None:
+    """Register the searched entries as Keras Tuner hyperparameters."""
+    for name, entry in searched_entries(tuning, model_name).items():
+        if isinstance(entry, RangeParam):
+            hp.Float(name, entry.min, entry.max, sampling="log" if entry.log else "linear")
+        elif name in INT_KEYS:
+            hp.Choice(name, sorted({int(v) for v in entry}))
+        elif name == "pooling":
+            hp.Choice(name, list(dict.fromkeys(entry)))
+        else:
+            hp.Choice(name, sorted({float(v) for v in entry}))
+
+
+def scaled_filters(filters: list[int], blocks: int | None, width: float | None) -> list[int]:
+    """`filters` cut or extended to `blocks` (an extra block doubles the last, capped at 512), times `width`
+    (rounded to a multiple of 8, at least 8)."""
+    filters = list(filters)
+    if blocks is not None:
+        extra = [min(filters[-1] * 2**i, MAX_FILTERS) for i in range(1, max(blocks - len(filters), 0) + 1)]
+        filters = (filters + extra)[:blocks]
+    if width is not None:
+        filters = [max(8, round(f * width / 8) * 8) for f in filters]
+    return filters
+
+
+def apply_hyperparameters(recipe: Recipe, values: Mapping[str, Any]) -> Recipe:
+    """The recipe with a trial's values written where they belong (train, data_loader, model)."""
+    values = {k: v for k, v in values.items() if not k.startswith("tuner/")}
+    cnn = recipe.model.custom_cnn
+    filters = scaled_filters(cnn.filters, values.get("blocks"), values.get("width"))
+    cnn = dataclasses.replace(cnn, filters=filters, **{k: values[k] for k in ("convs_per_block", "pooling", "dropout", "dense_units", "input_scale")
+                                                        if k in values})
+    transfer = dataclasses.replace(recipe.model.transfer, **{k: values[k] for k in ("dropout", "dense_units", "fine_tune_layers") if k in values})
+    augmentation = dataclasses.replace(recipe.data_loader.augmentation, **{k: float(values[k]) for k in AUGMENTATION_KEYS if k in values})
+    loader = dataclasses.replace(recipe.data_loader, batch_size=int(values.get("batch_size", recipe.data_loader.batch_size)), augmentation=augmentation)
+    train = dataclasses.replace(recipe.train, learning_rate=float(values.get("learning_rate", recipe.train.learning_rate)))
+    return dataclasses.replace(recipe, data_loader=loader, model=dataclasses.replace(recipe.model, custom_cnn=cnn, transfer=transfer), train=train)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchJob:
+    """One search: which model, which recipe and settings, on which prepared data."""
+
+    model_name: str
+    recipe: Recipe
+    tuning: TuningParams
+    prepared: Path
+    data_fingerprint: str
+
+    @property
+    def recipe_fingerprint(self) -> str:
+        """Covers everything that changes what a trial computes (not the budget, not `enabled`)."""
+        tuning = {k: v for k, v in to_plain(self.tuning).items() if k not in ("enabled", "max_minutes", "model")}
+        return fingerprint_of({"model": self.model_name, "tuning": tuning, "recipe": to_plain(self.recipe)})[:16]
+
+    @property
+    def key(self) -> str:
+        """The project folder name: a changed space, recipe or data starts a new search."""
+        return f"{self.model_name}-{fingerprint_of([self.recipe_fingerprint, self.data_fingerprint])[:12]}"
+
+
+def data_fingerprint(prepared: Path) -> str:
+    """The content hash c02's finished output was recorded with (the same on every machine for the same data)."""
+    record = Path(prepared) / art.STAGE_RECORD
+    if not record.is_file():
+        raise ArtifactError(f"{prepared}: no finished-stage record; prepare the data with `python main.py run --stages data_preprocessing`")
+    return str(art.read_json(record)["output_hash"])
+
+
+def shown_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if not k.startswith("tuner/")}
+
+
+def format_values(values: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown_values(values).items()) or "defaults"
+
+
+def space_text(job: SearchJob) -> str:
+    entries = searched_entries(job.tuning, job.model_name)
+    shown = [f"{k} {v.min:g}..{v.max:g}{' (log)' if v.log else ''}" if isinstance(v, RangeParam) else f"{k} {v}" for k, v in entries.items()]
+    return "space: " + ("; ".join(shown) or "empty (one trial of the recipe as it is)")

@@ -1,0 +1,270 @@
+"""c07 trials: the Keras Tuner oracle with the wall-clock budget, the tuner, and each trial trained in a child process."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from metal_defect import artifacts as art
+from metal_defect.components import c04_model_builder as builder
+from metal_defect.components.c03_dataset_loader import build_datasets, read_records
+from metal_defect.components.c05_callbacks import HISTORY_CSV, DeadlineStop, best_of, learning_rate, make_callbacks, monitor_mode
+from metal_defect.components.c06_training import (
+    class_weights,
+    compile_model,
+    make_strategy,
+    pixel_statistics,
+    scaled_patience,
+    use_class_weights,
+)
+from metal_defect.components.c07_hyper_tuning.space import SearchJob, apply_hyperparameters, declare_space, format_values, shown_values
+from metal_defect.config import Recipe, TuningParams, to_plain
+from metal_defect.errors import ArtifactError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+TRIAL_RECORD = "metal_defect_trial.json"  # in a trial folder: worker, duration, status, error
+
+
+def _keras_tuner() -> Any:
+    try:
+        import keras_tuner
+    except ImportError as exc:  # pragma: no cover - it is in requirements.txt
+        raise ConfigError("tuning.enabled is true but keras-tuner is not installed: pip install -r requirements.txt, "
+                          "or set tuning.enabled=false") from exc
+    return keras_tuner
+
+
+class BudgetMixin:
+    """Oracle side of the wall-clock budget: after `deadline` (time.time()) the oracle starts no trial.
+
+    In a distributed search the oracle runs on the chief, so the budget holds for every worker.
+    """
+
+    deadline: float | None = None
+
+    def populate_space(self, trial_id: str) -> dict[str, Any]:
+        if self.deadline is not None and time.time() >= self.deadline:
+            log.info("tuning budget spent: no trial starts after %s", dt.datetime.fromtimestamp(self.deadline).isoformat(timespec="seconds"))
+            return {"status": "STOPPED", "values": None}
+        return super().populate_space(trial_id)  # type: ignore[misc]
+
+
+def make_oracle(tuning: TuningParams, deadline: float | None) -> Any:
+    """The oracle for tuning.tuner, with the budget."""
+    kt = _keras_tuner()
+    common = {"objective": kt.Objective(tuning.objective, monitor_mode(tuning.objective)), "seed": tuning.seed, "max_retries_per_trial": 0,
+              "max_consecutive_failed_trials": tuning.max_consecutive_failed_trials}
+    if tuning.tuner == "hyperband":
+        base, extra = kt.oracles.HyperbandOracle, {"max_epochs": tuning.epochs_per_trial, "factor": 3, "hyperband_iterations": 1}
+    else:
+        base = kt.oracles.RandomSearchOracle if tuning.tuner == "random" else kt.oracles.BayesianOptimizationOracle
+        extra = {"max_trials": tuning.max_trials}
+    oracle = type(f"Budgeted{base.__name__}", (BudgetMixin, base), {})(**common, **extra)
+    oracle.deadline = deadline
+    return oracle
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a search shares: the input shape, classes, pixel statistics and class weights."""
+
+    image_shape: tuple[int, int, int]
+    n_classes: int
+    n_train: int
+    pixel_stats: tuple[float, float]
+    class_weights: dict[int, float] | None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TrialSetup:
+        """From `dataclasses.asdict` through JSON (lists for tuples, string keys for the class weights)."""
+        weights = data["class_weights"]
+        return cls(tuple(data["image_shape"]), data["n_classes"], data["n_train"], tuple(data["pixel_stats"]),
+                   {int(k): float(v) for k, v in weights.items()} if weights is not None else None)
+
+
+def trial_setup(prepared: Path, recipe: Recipe) -> TrialSetup:
+    """Read c02's records once: the same shape, statistics and class weights the train stage uses."""
+    records = read_records(prepared)
+    channels = 1 if records["color_mode"] == "grayscale" else 3
+    rows = [r for r in records["records"] if r["split"] == "train"]
+    labels = np.array([r["label_index"] for r in rows])
+    n_classes = len(records["classes"])
+    weights = class_weights(labels, n_classes, recipe.train.class_weight_power) if use_class_weights(recipe.train.class_weights, labels) else None
+    return TrialSetup((records["image_size"], records["image_size"], channels), n_classes, len(rows),
+                      pixel_statistics([Path(prepared) / r["file"] for r in rows]), weights)
+
+
+def build_trial_model(model_name: str, recipe: Recipe, setup: TrialSetup, epochs: int) -> Any:
+    """The trial's model, built and compiled like the train stage's (c04 builder, same loss, optimizer and schedule)."""
+    built = builder.build_model(model_name, setup.image_shape, setup.n_classes, recipe.model, setup.pixel_stats)
+    if built.schedule == "two_phase":  # a pretrained backbone: one phase with its top layers trained
+        builder.unfreeze_top(built, recipe.model.transfer.fine_tune_layers)
+    steps = math.ceil(setup.n_train / recipe.data_loader.batch_size)
+    compile_model(built.model, recipe.train, learning_rate(recipe.callbacks, recipe.train.learning_rate, steps, epochs))
+    return built.model
+
+
+def build_tuner(job: SearchJob, project: Path, deadline: float | None) -> Any:
+    """A Keras Tuner over `job`, its project in `project` (resumed when it exists).
+
+    Each trial trains in a child process (`python -m metal_defect.components.c07_hyper_tuning.trials`):
+    TensorFlow keeps ~12 MB of every fitted graph for the life of a process (clear_session does
+    not return it), so in-process trials grow without bound; a child also turns a crash or an
+    out-of-memory kill into one failed trial instead of the end of the search.
+    """
+    kt = _keras_tuner()
+
+    setup = trial_setup(job.prepared, job.recipe)
+    epochs = job.tuning.epochs_per_trial
+
+    class TrialModel(kt.HyperModel):
+        """The space, and the model of a set of values (built in this process only to read a trial's checkpoint)."""
+
+        def declare_hyperparameters(self, hp: Any) -> None:
+            declare_space(hp, job.tuning, job.model_name)
+
+        def build(self, hp: Any) -> Any:
+            return build_trial_model(job.model_name, apply_hyperparameters(job.recipe, hp.values), setup, epochs)
+
+    class SearchTuner(kt.Tuner):
+        """Runs each trial in a child process, logs it, records who ran it and how long it took; any trial error is a failed trial."""
+
+        def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
+            values = trial.hyperparameters.values
+            trial_dir = Path(self.get_trial_dir(trial.trial_id))
+            resume = values.get("tuner/trial_id")  # hyperband: continue from an earlier bracket's weights
+            spec = {"model_name": job.model_name, "recipe": to_plain(job.recipe), "prepared": str(job.prepared), "values": shown_values(values),
+                    "setup": dataclasses.asdict(setup),
+                    "epochs": int(values.get("tuner/epochs", epochs)), "schedule_epochs": epochs,
+                    "initial_epoch": int(values.get("tuner/initial_epoch", 0)), "deadline": deadline, "objective": job.tuning.objective,
+                    "checkpoint": self._get_checkpoint_fname(trial.trial_id),
+                    "resume_from": self._get_checkpoint_fname(resume) if resume else None}
+            record = {"trial_id": trial.trial_id, "worker": self.tuner_id, "host": socket.gethostname(), "started": art.now_iso(),
+                      "hyperparameters": shown_values(values)}
+            started = time.monotonic()
+            log.info("trial %s start on %s: %s", trial.trial_id, self.tuner_id, format_values(values))
+            try:
+                history = run_trial_process(spec, trial_dir)
+            except (DataError, ArtifactError) as exc:
+                raise kt.errors.FatalError(str(exc)) from exc
+            except TrialFailed as exc:
+                record |= {"status": "FAILED", "error": str(exc)[:2000], "duration_s": round(time.monotonic() - started, 2), "rss_mb": resident_mb()}
+                art.write_json_atomic(trial_dir / TRIAL_RECORD, record)
+                log.warning("trial %s FAILED after %.1f s: %s", trial.trial_id, record["duration_s"], str(exc).splitlines()[-1][:300])
+                raise kt.errors.FailedTrialError(record["error"]) from exc
+            scores = history.get(job.tuning.objective, [])
+            best = best_of(scores, job.tuning.objective)
+            record |= {"status": "COMPLETED", "duration_s": round(time.monotonic() - started, 2), "epochs": len(scores), job.tuning.objective: best,
+                       "rss_mb": resident_mb()}
+            art.write_json_atomic(trial_dir / TRIAL_RECORD, record)
+            log.info("trial %s end after %.1f s: best %s %s", trial.trial_id, record["duration_s"], job.tuning.objective,
+                     f"{best:.5f}" if best is not None else "-")
+            result = keras.callbacks.History()
+            result.history = history
+            return result
+
+    return SearchTuner(oracle=make_oracle(job.tuning, deadline), hypermodel=TrialModel(), directory=str(project.parent),
+                       project_name=project.name, overwrite=False)
+
+
+class TrialFailed(Exception):
+    """A trial's child process failed (an error in building or training, a crash, or a kill)."""
+
+
+TRIAL_SPEC = "trial_spec.json"
+TRIAL_RESULT = "trial_result.json"
+TRIAL_LOG = "trial.log"
+
+
+def run_trial_process(spec: dict[str, Any], trial_dir: Path) -> dict[str, list[float]]:
+    """Train one trial in a child process; its per-epoch history, or TrialFailed with the child's error."""
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / TRIAL_RESULT).unlink(missing_ok=True)
+    art.write_json_atomic(trial_dir / TRIAL_SPEC, spec)
+    package_root = str(Path(__file__).resolve().parents[3])  # the child imports this package from where the parent did
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+           "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)}
+    with open(trial_dir / TRIAL_LOG, "w", encoding="utf-8") as handle:
+        code = subprocess.call([sys.executable, "-m", __name__, str(trial_dir)], stdout=handle, stderr=subprocess.STDOUT, env=env)
+    result = art.read_json(trial_dir / TRIAL_RESULT) if (trial_dir / TRIAL_RESULT).is_file() else {}
+    if code == 0 and "history" in result:
+        return result["history"]
+    if result.get("fatal"):
+        raise DataError(result["error"])
+    tail = (trial_dir / TRIAL_LOG).read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+    how = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+    raise TrialFailed(result.get("error") or f"the trial process ended with {how}: " + " | ".join(tail))
+
+
+def train_trial(trial_dir: Path) -> dict[str, list[float]]:
+    """The child process: build the trial's model and fit it with the train stage's loader and callbacks,
+    keeping the best epoch's weights (by the objective) at spec['checkpoint']."""
+    spec = art.read_json(trial_dir / TRIAL_SPEC)
+    recipe = Recipe.from_plain(spec["recipe"])
+    recipe = apply_hyperparameters(recipe, spec["values"])
+    prepared = Path(spec["prepared"])
+    keras.utils.set_random_seed(recipe.base.seed)
+    setup = TrialSetup.from_json(spec["setup"])  # computed once by the parent, not again in every trial
+    with make_strategy(recipe.train.strategy).scope():  # a worker's local GPUs (MirroredStrategy over 2 or more), as in training
+        model = build_trial_model(spec["model_name"], recipe, setup, spec["schedule_epochs"])
+        if spec.get("resume_from"):
+            model.load_weights(spec["resume_from"])
+    data = build_datasets(prepared, recipe.data_loader, recipe.base.seed, splits=("train", "valid"))
+    params = dataclasses.replace(scaled_patience(recipe.callbacks, spec["schedule_epochs"], recipe.train.epochs), tensorboard=False,
+                                 backup_and_restore=False)
+    (trial_dir / HISTORY_CSV).unlink(missing_ok=True)  # a re-run trial starts its log again
+    callbacks = make_callbacks(params, trial_dir, checkpoint=False)
+    objective = spec["objective"]
+    callbacks.insert(0, keras.callbacks.ModelCheckpoint(spec["checkpoint"], monitor=objective, mode=monitor_mode(objective),
+                                                        save_best_only=True, save_weights_only=True))
+    if spec.get("deadline"):
+        callbacks.append(DeadlineStop(spec["deadline"]))
+    fit = model.fit(data["train"].dataset, validation_data=data["valid"].dataset, epochs=spec["epochs"], initial_epoch=spec["initial_epoch"],
+                    callbacks=callbacks, class_weight=setup.class_weights, verbose=0, shuffle=False)
+    return {k: [float(v) for v in values] for k, values in fit.history.items()}
+
+
+def _trial_main(argv: list[str]) -> int:
+    """`python -m metal_defect.components.c07_hyper_tuning.trials TRIAL_DIR`: one trial, result in TRIAL_DIR/trial_result.json."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trial_dir = Path(argv[0])
+    try:
+        history = train_trial(trial_dir)
+    except (DataError, ArtifactError) as exc:
+        art.write_json_atomic(trial_dir / TRIAL_RESULT, {"error": str(exc), "fatal": True})
+        return 2
+    except Exception as exc:  # the parent records the trial as failed with this message
+        traceback.print_exc()
+        message = f"{type(exc).__name__}: {exc}"
+        art.write_json_atomic(trial_dir / TRIAL_RESULT, {"error": message})
+        return 1
+    art.write_json_atomic(trial_dir / TRIAL_RESULT, {"history": history})
+    return 0
+
+
+def resident_mb() -> float | None:
+    """This process's resident memory in MB (Linux /proc; None elsewhere): recorded per trial, to see that it stays flat."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 1e6, 1)
+
+
+if __name__ == "__main__":
+    sys.exit(_trial_main(sys.argv[1:]))

@@ -1,0 +1,90 @@
+"""Stage 6, `select`: serve the tuned model only when it is strictly better than the base model on validation.
+
+Ties keep the base model. It copies the chosen bundle, says in its model card which model is
+served and why, writes tuning_summary.json and served_model.json (the record the served
+pointer reads, named by `metal_defect.served`); the runner then calls the stage's publish step,
+`metal_defect.served:publish`, which points the served model at it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+from metal_defect import artifacts as art
+from metal_defect.components.c06_evaluation.evaluate import BEST_FILE, metrics_files
+from metal_defect.components.c07_hyper_tuning.space import format_values
+from metal_defect.config import EvaluationParams
+from metal_defect.served import SERVED_RECORD
+from metal_defect.serving.bundle import BUNDLE_DIR, MODEL_CARD, write_manifest
+from metal_defect.stages.s5_tune import EVALUATION_DIR, SEARCH_FILE
+
+log = logging.getLogger(__name__)
+
+TUNING_SUMMARY = "tuning_summary.json"
+
+def choose_served(base: Mapping[str, Any], tuned: Mapping[str, Any] | None, metric: str) -> tuple[str, str]:
+    """('tuned' or 'base', reason): tuned only when strictly better on validation `metric`; ties keep the base."""
+    base_value = base["valid"][metric]
+    if tuned is None:
+        return "base", "no tuned model (tuning off, or no trial completed)"
+    tuned_value = tuned["valid"][metric]
+    if tuned_value > base_value:
+        return "tuned", f"tuned model better on validation {metric}: {tuned_value:.4f} against the base model's {base_value:.4f}"
+    relation = "equal" if tuned_value == base_value else "worse"
+    return "base", f"tuned model not strictly better on validation {metric} ({relation}: {tuned_value:.4f} against {base_value:.4f}); ties keep the base model"
+
+
+def select_stage(io: Any, *, evaluation: EvaluationParams) -> dict[str, Any]:
+    """Runner entry: serve the base or the tuned model, and say which and why."""
+    base_dir = io.inputs["evaluation"]
+    tune_dir = io.inputs["tune"]
+    base = art.read_json(base_dir / BEST_FILE)
+    tuned_record = tune_dir / EVALUATION_DIR / metrics_files("tuned")[1]
+    tuned = art.read_json(tuned_record) if tuned_record.is_file() else None
+    search_info = art.read_json(tune_dir / SEARCH_FILE) if (tune_dir / SEARCH_FILE).is_file() else {"enabled": False}
+    served, reason = choose_served(base, tuned, evaluation.select_metric)
+    chosen_dir = tune_dir / EVALUATION_DIR if served == "tuned" else base_dir
+    record = dict(tuned if served == "tuned" else base)
+    bundle = io.out_dir / BUNDLE_DIR
+    shutil.copytree(chosen_dir / BUNDLE_DIR, bundle)
+    card = (bundle / MODEL_CARD).read_text(encoding="utf-8")
+    section = served_section(served, reason, base, tuned, search_info, evaluation.select_metric)
+    (bundle / MODEL_CARD).write_text(card + section, encoding="utf-8")
+    shutil.copy2(bundle / MODEL_CARD, io.out_dir / MODEL_CARD)
+    write_manifest(bundle)
+    summary = {"trials_completed": search_info.get("trials_completed", 0), "trials_failed": search_info.get("trials_failed", 0),
+               "best_hyperparameters": search_info.get("best_hyperparameters"), "served": served, "reason": reason,
+               "tuning_enabled": search_info.get("enabled", False), "base_model": base["name"], "tuned_model": tuned["name"] if tuned else None,
+               "valid": {"base": base["valid"], "tuned": tuned["valid"] if tuned else None},
+               "test": {"base": base.get("test"), "tuned": tuned.get("test") if tuned else None}}
+    art.write_json_atomic(io.out_dir / TUNING_SUMMARY, summary)
+    art.write_json_atomic(io.out_dir / SERVED_RECORD, record | {"served": served, "reason": reason})
+    log.info("served: %s model %s (%s)", served, record["name"], reason)
+    headline = {"best_model": record["name"], "served": served, "valid_accuracy": record["valid"]["accuracy"],
+                "valid_macro_f1": record["valid"]["macro_f1"], "weak_model": record.get("weak_model", False)}
+    if record.get("test"):
+        headline |= {"test_accuracy": record["test"]["accuracy"], "test_macro_f1": record["test"]["macro_f1"]}
+    return {"served": served, "reason": reason, "metrics": headline}
+
+
+def served_section(served: str, reason: str, base: Mapping[str, Any], tuned: Mapping[str, Any] | None, search_info: Mapping[str, Any],
+                    metric: str) -> str:
+    lines = ["", "## Which model is served, and why", "",
+             f"- Served: **{served}** model `{(tuned if served == 'tuned' else base)['name']}`. {reason[0].upper()}{reason[1:]}."]
+    if search_info.get("enabled"):
+        lines.append(f"- Keras Tuner search ({search_info.get('tuner')}, objective {search_info.get('objective')}): "
+                     f"{search_info.get('trials_completed', 0)} trials completed, {search_info.get('trials_failed', 0)} failed; "
+                     f"the tuned model is {search_info.get('tuned_model_source')}.")
+        if search_info.get("best_hyperparameters"):
+            lines.append(f"- Best hyperparameters: {format_values(search_info['best_hyperparameters'])}.")
+    else:
+        lines.append("- Tuning was off (tuning.enabled: false).")
+    for label, rec in (("base", base), ("tuned", tuned)):
+        if rec:
+            test = rec.get("test") or {}
+            lines.append(f"- {label}: validation {metric} {rec['valid'][metric]:.4f}"
+                         + (f", test accuracy {test['accuracy']:.4f}, test macro F1 {test['macro_f1']:.4f}" if test else ""))
+    return "\n".join(lines) + "\n"
