@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import REPO, write_config
 
-from metal_defect.config import all_keys, fingerprint_of, load_config
+from metal_defect.config import Config, all_keys, fingerprint_of, load_config
 from metal_defect.errors import ConfigError
 
 
@@ -138,5 +138,5 @@ def test_fingerprint_is_stable_and_sensitive():
 
 
 def test_every_key_is_listed():
-    keys = all_keys()
+    keys = all_keys(Config)
     assert "data_loader.augmentation.noise_std" in keys and "schema.aliases" in keys and "paths.artifacts" in keys

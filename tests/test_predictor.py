@@ -150,21 +150,15 @@ def test_inverted_images_are_out_of_distribution_where_polarity_is_evidence(tiny
             assert all(a.verdict == OUT_OF_DISTRIBUTION for a in inverted), (label, [(a.ood_score, a.ood_part) for a in inverted])
 
 
-def test_a_bundle_from_before_the_texture_part_still_answers(tiny, tmp_path):
+def test_a_bundle_older_than_this_spec_version_is_refused_with_what_to_do(tiny, tmp_path):
     copy = tmp_path / "v2"
     shutil.copytree(tiny["bundle"], copy)
     spec = json.loads((copy / "serving.json").read_text())
-    for key in ("texture_layer", "texture_threshold", "polarity_threshold", "texture_mean", "texture_scale"):
-        spec["ood"].pop(key)
-    (copy / "serving.json").write_text(json.dumps(spec | {"spec_version": 2}))
-    (copy / bundles.OOD_TEXTURE).unlink()
-    (copy / bundles.OOD_TEXTURE_INVERTED).unlink()
+    (copy / "serving.json").write_text(json.dumps(spec | {"spec_version": bundles.SPEC_VERSION - 1}))
     (copy / bundles.BUNDLE_MANIFEST).unlink()
     bundles.write_manifest(copy)
-    old = Predictor.from_bundle(copy)
-    assert old.scorer.texture is None and len(old.scorer.thresholds) == 2
-    answers = old.answer_paths(_sample(tiny, "crazing", 3))
-    assert all(a.error is None and a.ood_score is not None and a.ood_part in ("semantic", "statistics") for a in answers)
+    with pytest.raises(ArtifactError, match=r"spec_version 2 is older than this program serves \(3.*python main.py"):
+        Predictor.from_bundle(copy)
 
 
 def test_ood_scorer_parts_by_hand():

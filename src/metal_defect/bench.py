@@ -238,8 +238,10 @@ def bench_datasets(config: Config, args: Any) -> dict[str, Any]:
 
 
 def _dataset_row(manifest: dict[str, Any], seconds: float) -> dict[str, Any]:
+    from metal_defect.components.c06_evaluation.evaluate import GATE_FILE
+
     m = manifest["metrics"]
-    gate = json.loads((Path(manifest["stages"]["evaluation"]["output"]) / "quality_gate.json").read_text())
+    gate = json.loads((Path(manifest["stages"]["evaluation"]["output"]) / GATE_FILE).read_text())
     return {"run_id": manifest["run_id"], "images": manifest["stages"]["data_preprocessing"]["summary"]["images_prepared"],
             "test_n": m.get("test_n"), "test_accuracy": m.get("test_accuracy"), "test_macro_f1": m.get("test_macro_f1"),
             "classical_accuracy": gate["classical"]["accuracy"], "classical_macro_f1": gate["classical"]["macro_f1"],
@@ -332,6 +334,7 @@ def bench_predict(config: Config, args: Any) -> dict[str, Any]:
 
     import numpy as np
 
+    from metal_defect.serving.bundle import TFLITE_FILE
     from metal_defect.serving.export import LiteRtRunner, export_litert
 
     predictor = _served_predictor(config, args)
@@ -356,7 +359,7 @@ def bench_predict(config: Config, args: Any) -> dict[str, Any]:
     predictor.backend = "compiled"
     paths["compiled"] = latency(predictor.answer_file)
     with tempfile.TemporaryDirectory() as tmp:
-        tflite = (predictor.bundle / "model.tflite") if (predictor.bundle / "model.tflite").is_file() else export_litert(predictor.serving_model(), Path(tmp) / "m.tflite")
+        tflite = (predictor.bundle / TFLITE_FILE) if (predictor.bundle / TFLITE_FILE).is_file() else export_litert(predictor.serving_model(), Path(tmp) / "m.tflite")
         predictor._litert, predictor.backend = LiteRtRunner(tflite, len(predictor.class_names)), "litert"
         paths["litert"] = latency(predictor.answer_file)
         # the same answers? probabilities of the LiteRT model against the compiled graph over the files

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from metal_defect.config import PARAMS_FILE
 from metal_defect.errors import MetalDefectError
 
 log = logging.getLogger("metal_defect.cli")
@@ -198,7 +199,7 @@ def installed_defaults() -> Path | None:
     """The default params.yaml, schema.yaml and config/config.yaml that `pip install .` puts in
     <prefix>/share/metal-defect, or None (an editable install or a checkout has its own)."""
     folder = Path(sys.prefix) / "share" / "metal-defect"
-    return folder if (folder / "params.yaml").is_file() else None
+    return folder if (folder / PARAMS_FILE).is_file() else None
 
 
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
@@ -220,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         config_dir = args.config or default_config_dir()
         overrides = list(getattr(args, "overrides", []) or [])
-        packaged = args.config is None and not (Path(config_dir) / "params.yaml").is_file() and installed_defaults() is not None
+        packaged = args.config is None and not (Path(config_dir) / PARAMS_FILE).is_file() and installed_defaults() is not None
         if packaged:
             # the installed command outside a checkout: packaged defaults, outputs in the current folder
             config_dir = args.config = installed_defaults()

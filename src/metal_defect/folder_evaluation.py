@@ -11,7 +11,7 @@ import numpy as np
 
 from metal_defect.artifacts import write_json_atomic
 from metal_defect.components.c01_data_ingestion import ingest
-from metal_defect.components.c06_evaluation.scores import report_split
+from metal_defect.components.c06_evaluation.scores import SPLIT_METRICS, report_split
 from metal_defect.components.c06_evaluation.verdicts import verdict_counts
 from metal_defect.serving.predictor import Predictor
 
@@ -39,6 +39,6 @@ def evaluate_folder(folder: Path, predictor: Predictor, config: Any, out_dir: Pa
     report = report_split(labels, probs, class_names, images, names, out_dir, title, config.evaluation)
     report |= {"verdicts": verdict_counts(answers, labels, class_names), "folder": str(folder), "layout": meta["layout"], "bundle": str(predictor.bundle), "temperature": predictor.temperature,
                "skipped_at_ingestion": [dataclasses.asdict(s) for s in skipped], "unreadable": problems}
-    write_json_atomic(out_dir / "metrics.json", report)
+    write_json_atomic(out_dir / SPLIT_METRICS, report)
     shutil.rmtree(out_dir / "_ingest", ignore_errors=True)
     return report

@@ -9,6 +9,7 @@ stage folder; the served bundle's `serving.json` is the authoritative contract.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import shutil
@@ -20,9 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import joblib
 import numpy as np
 from PIL import Image
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
 
+from metal_defect import plots
 from metal_defect.artifacts import write_json_atomic
 from metal_defect.config import BaseParams, DataPreprocessingParams, SchemaConfig, SplitParams
 from metal_defect.errors import DataError
@@ -109,79 +114,33 @@ def auto_image_size(paths: list[str], max_size: int) -> int:
 def prepare(items: list[dict[str, Any]], classes: list[str], base: BaseParams, params: DataPreprocessingParams,
             schema: SchemaConfig, out_dir: Path) -> dict[str, Any]:
     """Decode, check, de-duplicate, split and store `items` ({path, label, split}) in out_dir."""
-    from tqdm import tqdm
-
     started = time.perf_counter()
     items = sorted(items, key=lambda i: (classes.index(i["label"]), i["path"]))
     if base.image_size == "auto":
         base = dataclasses.replace(base, image_size=auto_image_size([i["path"] for i in items], base.max_image_size))
-    pending_dir = out_dir / "_pending"
-    pending_dir.mkdir(parents=True)
-    max_bytes = int(params.max_file_mb * 1e6)
-
-    def work(position: int) -> _Decoded:
-        return _decode_one(position, items[position]["path"], base, params, schema, pending_dir, max_bytes)
-
-    workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = list(tqdm(pool.map(work, range(len(items))), total=len(items), desc="preprocessing", unit="img", leave=False))
+    decoded = _decode_all(items, base, params, schema, out_dir / "_pending")
     elapsed_decode = time.perf_counter() - started
 
     skipped = [{"path": items[d.index]["path"], "reason": d.reason} for d in decoded if not d.ok]
     usable = [d for d in decoded if d.ok]
     kept, duplicates = _deduplicate(usable, items)
-    labels = [items[d.index]["label"] for d in kept]
-    counts = Counter(labels)
+    counts = Counter(items[d.index]["label"] for d in kept)
     short = {c: counts.get(c, 0) for c in classes if counts.get(c, 0) < schema.min_images_per_class}
     if short:
         raise DataError(f"too few usable images: {short} (schema.min_images_per_class = {schema.min_images_per_class}); "
                         f"{len(skipped)} files were unusable, see the log")
     splits = assign_splits([items[d.index] for d in kept], params.split, base.seed)
-
-    records = []
-    used_names: set[str] = set()
-    for d, split in zip(kept, splits):
-        item = items[d.index]
-        stem = Path(item["path"]).stem
-        name = f"{stem}.png"
-        rel = f"{IMAGES_DIR}/{split}/{item['label']}/{name}"
-        if rel in used_names:
-            rel = f"{IMAGES_DIR}/{split}/{item['label']}/{stem}-{d.content_hash[:8]}.png"
-        used_names.add(rel)
-        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(d.pending, out_dir / rel)
-        records.append({"file": rel, "label": item["label"], "label_index": classes.index(item["label"]), "split": split,
-                        "source": item["path"], "sha256": d.content_hash, "original_size": list(d.original_size)})
-    shutil.rmtree(pending_dir)
+    records = _place_images(kept, splits, items, classes, out_dir)
+    shutil.rmtree(out_dir / "_pending")
 
     split_counts = {s: {c: sum(1 for r in records if r["split"] == s and r["label"] == c) for c in classes} for s in SPLITS}
     colour = [items[d.index]["path"] for d in usable if d.colourful] if schema.color_mode == "grayscale" else []
     write_json_atomic(out_dir / RECORDS_FILE, {"classes": classes, "image_size": base.image_size, "color_mode": base.color_mode,
                                                "resize": base.resize, "records": records})
     write_json_atomic(out_dir / CLASS_LABELS_FILE, {"classes": classes, "index_of": {c: i for i, c in enumerate(classes)}})
-    import joblib
-
     joblib.dump(ImagePreprocessor(base.image_size, base.color_mode, tuple(classes), max_pixels=params.max_image_pixels, resize=base.resize),
                 out_dir / PREPROCESSOR_FILE)
-
-    from metal_defect import plots
-
-    eda = out_dir / EDA_DIR
-    eda.mkdir()
-    write_json_atomic(eda / "class_counts.json", split_counts)
-    plots.class_counts(split_counts, eda / "class_counts.png")
-    samples = _samples_per_class(out_dir, records, classes, params.eda_samples_per_class)
-    plots.sample_grid(samples, eda / "sample_grid.png")
-    stats = _intensity_stats(kept, items, classes)
-    write_json_atomic(eda / "intensity_stats.json", stats)
-    plots.intensity_histograms({c: np.asarray(s["histogram"]) for c, s in stats.items()}, eda / "intensity_histograms.png")
-    overview = dataset_overview(records, classes, duplicates, len(skipped))
-    write_json_atomic(eda / "dataset_overview.json", overview)
-    log.info("data: %d images, median %gx%g px, %.0f%% not square (resize: %s), class imbalance %sx, %d duplicates dropped",
-             overview["images"], overview["width"]["median"], overview["height"]["median"], 100 * overview["non_square_share"], base.resize,
-             overview["imbalance_ratio"], overview["duplicates_dropped"])
-    plots.image_sizes([tuple(r["original_size"]) for r in records], eda / "image_sizes.png")
-    plots.class_mean_images(_class_means(out_dir, records, classes), overview["class_counts"], eda / "class_mean_images.png")
+    write_eda(out_dir / EDA_DIR, records, classes, split_counts, kept, items, duplicates, len(skipped), params.eda_samples_per_class, base.resize)
 
     elapsed = time.perf_counter() - started
     report = {
@@ -206,10 +165,60 @@ def prepare(items: list[dict[str, Any]], classes: list[str], base: BaseParams, p
             "seconds": round(elapsed, 3), "images_per_second": images_per_second}
 
 
+def _decode_all(items: list[dict[str, Any]], base: BaseParams, params: DataPreprocessingParams, schema: SchemaConfig,
+                pending_dir: Path) -> list[_Decoded]:
+    """Every item decoded and checked on a few threads (the model input of each usable one waits in `pending_dir`)."""
+    pending_dir.mkdir(parents=True)
+    max_bytes = int(params.max_file_mb * 1e6)
+
+    def work(position: int) -> _Decoded:
+        return _decode_one(position, items[position]["path"], base, params, schema, pending_dir, max_bytes)
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(tqdm(pool.map(work, range(len(items))), total=len(items), desc="preprocessing", unit="img", leave=False))
+
+
+def _place_images(kept: list[_Decoded], splits: list[str], items: list[dict[str, Any]], classes: list[str], out_dir: Path) -> list[dict[str, Any]]:
+    """Move each kept image to images/<split>/<label>/<name>.png (a hash suffix when two sources share a name); its record."""
+    records = []
+    used_names: set[str] = set()
+    for d, split in zip(kept, splits):
+        item = items[d.index]
+        stem = Path(item["path"]).stem
+        rel = f"{IMAGES_DIR}/{split}/{item['label']}/{stem}.png"
+        if rel in used_names:
+            rel = f"{IMAGES_DIR}/{split}/{item['label']}/{stem}-{d.content_hash[:8]}.png"
+        used_names.add(rel)
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(d.pending, out_dir / rel)
+        records.append({"file": rel, "label": item["label"], "label_index": classes.index(item["label"]), "split": split,
+                        "source": item["path"], "sha256": d.content_hash, "original_size": list(d.original_size)})
+    return records
+
+
+def write_eda(eda: Path, records: list[dict[str, Any]], classes: list[str], split_counts: dict[str, dict[str, int]], kept: list[_Decoded],
+              items: list[dict[str, Any]], duplicates: list[dict[str, Any]], skipped: int, samples: int, resize: str) -> dict[str, Any]:
+    """The EDA folder: class counts, sample grid, intensity statistics, image sizes, class mean images and the overview (PNG + JSON)."""
+    out_dir = eda.parent
+    eda.mkdir()
+    write_json_atomic(eda / "class_counts.json", split_counts)
+    plots.class_counts(split_counts, eda / "class_counts.png")
+    plots.sample_grid(_samples_per_class(out_dir, records, classes, samples), eda / "sample_grid.png")
+    stats = _intensity_stats(kept, items, classes)
+    write_json_atomic(eda / "intensity_stats.json", stats)
+    plots.intensity_histograms({c: np.asarray(s["histogram"]) for c, s in stats.items()}, eda / "intensity_histograms.png")
+    overview = dataset_overview(records, classes, duplicates, skipped)
+    write_json_atomic(eda / "dataset_overview.json", overview)
+    log.info("data: %d images, median %gx%g px, %.0f%% not square (resize: %s), class imbalance %sx, %d duplicates dropped",
+             overview["images"], overview["width"]["median"], overview["height"]["median"], 100 * overview["non_square_share"], resize,
+             overview["imbalance_ratio"], overview["duplicates_dropped"])
+    plots.image_sizes([tuple(r["original_size"]) for r in records], eda / "image_sizes.png")
+    plots.class_mean_images(_class_means(out_dir, records, classes), overview["class_counts"], eda / "class_mean_images.png")
+    return overview
+
+
 def _decode_one(position: int, path: str, base: BaseParams, params: DataPreprocessingParams, schema: SchemaConfig,
                 pending_dir: Path, max_bytes: int) -> _Decoded:
-    import hashlib
-
     try:
         image = decode_image(path, max_pixels=params.max_image_pixels, max_bytes=max_bytes)
     except ImageProblem as exc:
@@ -269,8 +278,6 @@ def assign_splits(items: list[dict[str, Any]], fractions: SplitParams, seed: int
     Same items, fractions and seed -> same split. A pre-split source missing valid or test
     has them carved out of its train part, stratified.
     """
-    from sklearn.model_selection import train_test_split
-
     labels = np.array([i["label"] for i in items])
     given = [i.get("split") for i in items]
     result = np.array([s or "train" for s in given], dtype=object)

@@ -38,6 +38,8 @@ TRAINED_MODEL = "model.keras"
 HISTORY_FILE = "history.json"  # per-epoch metrics and seconds of one model's fit
 TRAIN_SUMMARY = "train_summary.json"
 SUMMARIES_FILE = "model_summaries.txt"
+DONE_FILE = "done.json"  # in a model's work folder: its training finished (what a resumed run skips)
+SUMMARY_TEXT = "summary.txt"  # in a model's work folder: its Keras summary, gathered into SUMMARIES_FILE
 
 
 def train_models(data: Datasets, base: BaseParams, model_params: ModelParams, callback_params: CallbacksParams, train: TrainParams,
@@ -47,7 +49,7 @@ def train_models(data: Datasets, base: BaseParams, model_params: ModelParams, ca
     texts = []
     for name in train.models:
         model_work = work_dir / name
-        done = model_work / "done.json"
+        done = model_work / DONE_FILE
         discard_unreadable_state(model_work)
         if done.is_file():
             log.info("%s: already trained in an earlier attempt of this stage; not training again", name)
@@ -63,7 +65,7 @@ def train_models(data: Datasets, base: BaseParams, model_params: ModelParams, ca
                 shutil.copy2(model_work / extra, target / extra)
         for board in sorted(model_work.glob("*/tensorboard")):
             shutil.copytree(board, target / "tensorboard" / board.parent.name)
-        texts.append((model_work / "summary.txt").read_text())
+        texts.append((model_work / SUMMARY_TEXT).read_text())
         summaries[name] = info
     (out_dir / SUMMARIES_FILE).write_text("\n\n".join(texts), encoding="utf-8")
     write_json_atomic(out_dir / TRAIN_SUMMARY, {"models": summaries, "class_names": data.class_names, "image_shape": list(data.image_shape)})
@@ -120,7 +122,7 @@ def discard_unreadable_state(model_work: Path) -> None:
     """
     if not model_work.is_dir():
         return
-    done = model_work / "done.json"
+    done = model_work / DONE_FILE
     if done.is_file() and not readable_state_file(model_work / TRAINED_MODEL):
         log.warning("%s: saved model %s is unreadable; discarding it and rebuilding it from the finished phases", model_work.name, model_work / TRAINED_MODEL)
         done.unlink()
@@ -225,7 +227,7 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
         with strategy.scope():
             built = builder.build_model(name, data.image_shape, len(data.class_names), model_params, stats)
         model_work.mkdir(parents=True, exist_ok=True)
-        (model_work / "summary.txt").write_text(f"== {name} ({'pretrained ' + built.weights if built.pretrained else 'random init'}, "
+        (model_work / SUMMARY_TEXT).write_text(f"== {name} ({'pretrained ' + built.weights if built.pretrained else 'random init'}, "
                                                f"{built.schedule}) ==\n{builder.summary_text(built.model)}", encoding="utf-8")
         use = use_class_weights(train.class_weights, data["train"].labels)
         weights = class_weights(data["train"].labels, len(data.class_names), train.class_weight_power) if use else None

@@ -47,8 +47,7 @@ class OodSpec:
     """Out-of-distribution settings (see serving/ood.py): k-NN distances to the training images in
     L2-normalised penultimate features (Sun et al., ICML 2022), in standardised image statistics,
     in the texture statistics of `texture_layer` and its polarity ratio, each divided by its
-    validation threshold; the OOD score is the largest, flagged above 1. Bundles older than
-    spec_version 3 have no texture part."""
+    validation threshold; the OOD score is the largest, flagged above 1."""
 
     feature_layer: str
     neighbours: int
@@ -77,13 +76,13 @@ class ServingSpec:
     class_names: tuple[str, ...]
     image_size: int
     color_mode: str
-    resize: str = "stretch"  # bundles written before aspect-preserving resize existed stretched
+    resize: str = "pad"  # base.resize: "pad" keeps the aspect ratio, "stretch" squares the image
     temperature: float = 1.0
     pretrained: bool = False
     created: str = ""
     run_id: str | None = None
     uncertain_threshold: float = 0.0
-    uncertain_rule: str = "none stored (bundle older than spec_version 2)"
+    uncertain_rule: str = "none (threshold 0: nothing is flagged uncertain)"
     ood: OodSpec | None = None
     heatmap_layer: str | None = None  # the heatmap's layer (serving/explain.py); None: its default rule
     heatmap_method: str = "layercam"
@@ -113,6 +112,9 @@ class ServingSpec:
         if version > SPEC_VERSION:
             raise ArtifactError(f"{where}: spec_version {version} is newer than this program understands ({SPEC_VERSION}); "
                                 "update metal-defect to serve this bundle")
+        if version < SPEC_VERSION:  # 0.1 has no released bundles: an older one comes from a development build
+            raise ArtifactError(f"{where}: spec_version {version} is older than this program serves ({SPEC_VERSION}: the texture part "
+                                "of the out-of-distribution check); run `python main.py` again to evaluate the model into a current bundle")
         missing = [k for k in ("model_name", "class_names", "image_size", "color_mode") if k not in data]
         if missing:
             raise ArtifactError(f"{where}: not a serving spec (missing {', '.join(missing)})")
@@ -207,10 +209,9 @@ def read_ood_scorer(bundle: Path, spec: OodSpec) -> Any:
 
     scorer = OodScorer(load(OOD_REFERENCE), load(OOD_STATISTICS), np.asarray(spec.statistics_mean, np.float32),
                        np.asarray(spec.statistics_scale, np.float32), spec.neighbours, spec.feature_threshold, spec.statistics_threshold)
-    if spec.texture_layer:
-        scorer.texture, scorer.texture_inverted = load(OOD_TEXTURE), load(OOD_TEXTURE_INVERTED)
-        scorer.texture_mean, scorer.texture_scale = np.asarray(spec.texture_mean, np.float32), np.asarray(spec.texture_scale, np.float32)
-        scorer.texture_threshold, scorer.polarity_threshold = spec.texture_threshold, spec.polarity_threshold
+    scorer.texture, scorer.texture_inverted = load(OOD_TEXTURE), load(OOD_TEXTURE_INVERTED)
+    scorer.texture_mean, scorer.texture_scale = np.asarray(spec.texture_mean, np.float32), np.asarray(spec.texture_scale, np.float32)
+    scorer.texture_threshold, scorer.polarity_threshold = spec.texture_threshold, spec.polarity_threshold
     return scorer
 
 
@@ -239,6 +240,6 @@ def check_model_fits(model: Any, spec: ServingSpec, path: Path) -> None:
 
 
 def read_metrics(bundle: Path) -> dict[str, Any]:
-    """The bundle's metrics.json ({} when absent: bundles older than spec_version 2)."""
+    """The bundle's metrics.json ({} when absent: a bundle put together by hand still answers; the app then shows no numbers)."""
     path = bundle / METRICS_FILE
     return read_json(path) if path.is_file() else {}

@@ -2,7 +2,7 @@
 
 Decode (any Pillow mode, EXIF orientation, first frame), check the pixel budget before
 decoding, convert to the model's colour mode and resize (aspect ratio kept by padding, or
-stretched for old bundles). c02 prepares the training data with `to_model_input` and the
+stretched: `base.resize`). c02 prepares the training data with `to_model_input` and the
 predictor calls the same function, so serving cannot drift from training. Pure functions:
 no stage state, no TensorFlow.
 """

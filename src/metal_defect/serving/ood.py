@@ -149,8 +149,8 @@ class OodScorer:
     """k-NN distances (see the module's docstring), each divided by its validation threshold; the
     score is the largest. A score above 1 means out of distribution.
 
-    `features` from the serving model: [penultimate | texture means | texture stds]; bundles from
-    before the texture part (spec_version < 3) have the first two components only.
+    `features` from the serving model: [penultimate | texture means | texture stds]. A scorer fitted
+    without texture statistics (`texture` None) has the first two components only.
     """
 
     features: np.ndarray  # [N, D] normalised training penultimate features

@@ -115,7 +115,7 @@ def score_on_validation(train_summary: dict[str, Any], records: dict[str, Any], 
     for name, info in train_summary["models"].items():
         model_dir = trained / MODELS_DIR / name
         specs[name] = ServingSpec(model_name=name, class_names=tuple(class_names), image_size=records["image_size"], color_mode=records["color_mode"],
-                                  resize=records.get("resize", "stretch"), pretrained=info["pretrained"], run_id=run_id,
+                                  resize=records["resize"], pretrained=info["pretrained"], run_id=run_id,
                                   max_image_pixels=limits.max_image_pixels if limits else 40_000_000, max_file_mb=limits.max_file_mb if limits else 50.0,
                                   extensions=extensions or ServingSpec.extensions)
         valid_probs[name] = Predictor(load_model(model_dir / TRAINED_MODEL), specs[name]).raw_probabilities(x_valid, params.batch_size)

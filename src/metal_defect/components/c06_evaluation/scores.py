@@ -16,6 +16,8 @@ from metal_defect.config import EvaluationParams
 
 log = logging.getLogger(__name__)
 
+SPLIT_METRICS = "metrics.json"  # beside the plots of one judged set
+
 
 def load_split(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """uint8 images, labels and file names of one prepared split (read exactly, no augmentation)."""
@@ -40,7 +42,7 @@ def report_split(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], 
     plots.misclassified_gallery([images[i] for i in wrong], captions, f"{title}: misclassified ({caption})", folder / "misclassified.png")
     result["misclassified"] = [{"file": names[i], "true": class_names[y_true[i]], "predicted": class_names[probs[i].argmax()],
                                 "confidence": float(probs[i].max())} for i in np.flatnonzero(probs.argmax(axis=1) != y_true)]
-    write_json_atomic(folder / "metrics.json", result)
+    write_json_atomic(folder / SPLIT_METRICS, result)
     return result
 
 
