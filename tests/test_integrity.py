@@ -3,6 +3,7 @@ report usage errors as such, and keep the screen clean. One test (or a few) per 
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import http.server
 import io
@@ -99,6 +100,47 @@ def test_readme_lists_each_stage_code_chain():
 
 
 # ----------------------------------------------------------------------------- 2. verify before reuse
+PACKAGE_DIR = REPO / "src" / "metal_defect"
+ENTRY_POINTS = {"run_stage", "select_stage", "publish"}
+
+
+def _modules(folder: Path) -> dict[str, Path]:
+    return {"metal_defect." + ".".join(p.relative_to(PACKAGE_DIR).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in sorted(folder.rglob("*.py"))}
+
+
+def test_every_stage_runs_from_its_own_stage_script_and_no_component_holds_an_entry_point():
+    for number, stage in enumerate(STAGES, 1):
+        assert stage.target.startswith(f"metal_defect.stages.s{number}_"), stage.target
+        stage.resolve()  # it exists
+    for module, path in _modules(PACKAGE_DIR / "components").items():
+        defined = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+        assert not defined & ENTRY_POINTS, f"{module} defines the stage entry point(s) {defined & ENTRY_POINTS}"
+
+
+def test_serving_imports_nothing_from_components_or_stages_and_names_no_stage():
+    stage_names = {s.name for s in STAGES}
+    for module, path in _modules(PACKAGE_DIR / "serving").items():
+        inside = pipeline._module_imports(module)[0]
+        assert not [m for m in inside if m.startswith(("metal_defect.components", "metal_defect.stages", "metal_defect.pipeline"))], module
+        strings = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not strings & stage_names, f"{module} names the stage(s) {strings & stage_names}"
+
+
+def test_no_source_file_is_over_550_lines():
+    long = {str(p.relative_to(REPO)): n for p in PACKAGE_DIR.rglob("*.py") if (n := len(p.read_text().splitlines())) > 550}
+    assert not long
+
+
+def test_the_stages_reports_are_the_names_their_stages_write():
+    from metal_defect.stages import s5_tune
+
+    reports = {s.name: s.reports for s in STAGES}
+    assert reports["data_preprocessing"] == (f"{c02.EDA_DIR}/",)
+    assert reports["tune"] == (s5_tune.TRIALS_PLOT,)
+    assert {name for name, r in reports.items() if r} == {"data_preprocessing", "tune"}
+
+
 def test_damaged_finished_output_is_reported_and_recomputed(tiny_config, caplog):
     folder = tiny_config()
     first = Runner(load_config(folder)).run("1-2")

@@ -82,7 +82,7 @@ def verify_tree(root: Path, record: dict[str, Any], exclude: Iterable[str] = ())
     """
     expected = record.get("files")
     if not isinstance(expected, dict) or "output_hash" not in record:
-        return ["its record lists no files (written by an older version)"]
+        return ["its record lists no files or no content hash (damaged)"]
     actual = tree_files(root)
     problems = []
     missing = [f for f in expected if f not in actual]

@@ -32,7 +32,10 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The whole command line; each subcommand's --help explains itself."""
+    """The whole command line; each subcommand's --help explains itself.
+
+    One long function on purpose: it is a declaration, one subcommand after another, read like a table.
+    """
     from metal_defect.pipeline import STAGES
 
     common = argparse.ArgumentParser(add_help=False)

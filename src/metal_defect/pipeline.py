@@ -22,6 +22,7 @@ summary dict that is stored with its output and in the run manifest.
 from __future__ import annotations
 
 import ast
+import difflib
 import functools
 import importlib
 import importlib.util
@@ -177,8 +178,6 @@ def parse_stage_selection(text: str | None, stages: Sequence[Stage], option: str
             return number - 1
         if token in names:
             return names.index(token)
-        import difflib
-
         close = difflib.get_close_matches(token, names, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"{option}: unknown stage '{token}'{hint} (stages: {_numbered(names)})")
@@ -339,25 +338,7 @@ class Runner:
         run_dir.mkdir(parents=True)
         (run_dir / "config.yaml").write_text(dump_yaml(self.config), encoding="utf-8")
         handler = _attach_run_log(run_dir / "run.log")
-        seed = self.config.base.seed
-        manifest: dict[str, Any] = {
-            "run_id": run_id,
-            "command": self.command,
-            "status": "running",
-            "started": art.now_iso(),
-            "ended": None,
-            "duration_s": None,
-            "git": art.git_state(self.config.config_dir),
-            "config_dir": str(self.config.config_dir),
-            "config_hash": fingerprint_of(self.config.to_dict()),
-            "data_fingerprint": None,
-            "seeds": {"python": seed, "numpy": seed, "tensorflow": seed},
-            "stages_selected": names,
-            "stages": {},
-            "metrics": {},
-            "libraries": art.library_versions(),
-            "host": art.host_info(),
-        }
+        manifest = self._new_manifest(run_id, names)
         self._save(run_dir, manifest)
         log.info("run %s: stages %s (folder %s)", run_id, ", ".join(s.name for s in todo), run_dir)
         started = time.monotonic()
@@ -399,6 +380,28 @@ class Runner:
         return manifest
 
     # ------------------------------------------------------------------------
+    def _new_manifest(self, run_id: str, names: list[str]) -> dict[str, Any]:
+        """The run manifest as it starts: what runs, with which config, code, seeds, libraries and host."""
+        seed = self.config.base.seed
+        return {
+            "run_id": run_id,
+            "command": self.command,
+            "status": "running",
+            "started": art.now_iso(),
+            "ended": None,
+            "duration_s": None,
+            "git": art.git_state(self.config.config_dir),
+            "config_dir": str(self.config.config_dir),
+            "config_hash": fingerprint_of(self.config.to_dict()),
+            "data_fingerprint": None,
+            "seeds": {"python": seed, "numpy": seed, "tensorflow": seed},
+            "stages_selected": names,
+            "stages": {},
+            "metrics": {},
+            "libraries": art.library_versions(),
+            "host": art.host_info(),
+        }
+
     def _parse_force(self, force: Sequence[str]) -> set[str]:
         names = {s.name for s in self.stages}
         forced: set[str] = set()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import http.client
+import json
 import logging
 import os
 import re
@@ -32,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from metal_defect.artifacts import hash_strings, sha256_file, write_json_atomic
+from tqdm import tqdm
+
+from metal_defect.artifacts import ensure_dir, hash_strings, sha256_file, write_json_atomic
 from metal_defect.config import DataIngestionParams, SchemaConfig
 from metal_defect.errors import DataError
 from metal_defect.serving.images import walked_file_problem
@@ -289,8 +292,6 @@ def download(url: str, cache_dir: Path, sha256: str | None, max_mb: float) -> tu
     does not match its record, or cannot be opened, is discarded and fetched again.
     Downloads larger than `max_mb` are refused before (announced size) or while fetching.
     """
-    from metal_defect.artifacts import ensure_dir
-
     name = Path(urllib.parse.urlparse(url).path).name or "download"
     if not name.lower().endswith(ARCHIVE_SUFFIXES):
         raise DataError(f"{url}: a URL source must point to a .zip, .tar.gz, .tgz or .tar archive")
@@ -318,8 +319,6 @@ def _download_record(path: Path) -> Path:
 
 
 def _cached_download_problem(path: Path, sha256: str | None) -> str | None:
-    import json
-
     try:
         record = json.loads(_download_record(path).read_text(encoding="utf-8"))
         expected = int(record["bytes"])
@@ -342,8 +341,6 @@ def _archive_opens(path: Path) -> bool:
 
 
 def _fetch(url: str, target: Path, sha256: str | None, max_mb: float) -> None:
-    from tqdm import tqdm
-
     limit = int(max_mb * 1024 * 1024)
     too_big = f"more than data_ingestion.max_download_mb ({max_mb:g} MB); raise it, or download the file yourself and pass --source FILE"
     partial = target.with_name(target.name + f".part-{os.getpid()}")

@@ -72,7 +72,7 @@ def build_datasets(prepared_dir: Path, params: DataLoaderParams, seed: int, spli
     Their shuffling and augmentation streams depend on `seed` alone: TensorFlow folds its global
     seed into every tf.data seed, and a run earlier in the same process (bench loops, tests) has
     set it, so it is reset to TensorFlow's own unset default, the value a fresh process sees."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: read_records serves the CLI and the app, which must not start TensorFlow for it
 
     tf.random.set_seed(TF_DEFAULT_GLOBAL_SEED)
     prepared_dir = Path(prepared_dir)

@@ -7,6 +7,7 @@ layers inside the model, so a saved model cannot be fed differently from trainin
 
 from __future__ import annotations
 
+import difflib
 import io
 import logging
 import os
@@ -60,8 +61,6 @@ def build_model(name: str, image_shape: tuple[int, int, int], n_classes: int, pa
     if name == CUSTOM:
         return BuiltModel(name, custom_cnn(image_shape, n_classes, params.custom_cnn, pixel_stats), pretrained=False, weights="random")
     if name not in BACKBONES:
-        import difflib
-
         close = difflib.get_close_matches(name, [CUSTOM, *BACKBONES], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"train.models: unknown model '{name}'{hint}; use custom_cnn or one of {', '.join(BACKBONES)}")

@@ -17,11 +17,15 @@ import math
 import shutil
 import statistics
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
+from PIL import Image
+from sklearn.utils.class_weight import compute_class_weight
 
 from metal_defect.artifacts import read_json, write_json_atomic
 from metal_defect.components import c04_model_builder as builder
@@ -38,6 +42,7 @@ TRAINED_MODEL = "model.keras"
 HISTORY_FILE = "history.json"  # per-epoch metrics and seconds of one model's fit
 TRAIN_SUMMARY = "train_summary.json"
 SUMMARIES_FILE = "model_summaries.txt"
+PHASE_DONE = "phase_done"  # in a phase's work folder: the phase finished (a resumed run loads its best epoch)
 DONE_FILE = "done.json"  # in a model's work folder: its training finished (what a resumed run skips)
 SUMMARY_TEXT = "summary.txt"  # in a model's work folder: its Keras summary, gathered into SUMMARIES_FILE
 
@@ -96,8 +101,6 @@ def scaled_patience(params: CallbacksParams, epochs: int, configured_epochs: int
 
 def readable_state_file(path: Path) -> bool:
     """Whether a saved model (.keras zip) or weights file (.h5) can be read to the end."""
-    import zipfile
-
     try:
         if path.suffix == ".keras":
             with zipfile.ZipFile(path) as archive:
@@ -130,7 +133,7 @@ def discard_unreadable_state(model_work: Path) -> None:
     for phase_work in sorted(p for p in model_work.iterdir() if p.is_dir()):
         checkpoint = phase_work / BEST_CHECKPOINT
         backups = sorted((phase_work / "backup").glob("*.weights.h5"))
-        if (phase_work / "phase_done").is_file():
+        if (phase_work / PHASE_DONE).is_file():
             broken = [] if readable_state_file(checkpoint) else [checkpoint]
         else:
             unreadable = [b for b in backups if not readable_state_file(b)]
@@ -145,8 +148,6 @@ def discard_unreadable_state(model_work: Path) -> None:
 
 def make_strategy(kind: str) -> Any:
     """MirroredStrategy over all local GPUs (auto: when there are two or more), else the default."""
-    import tensorflow as tf
-
     gpus = tf.config.list_logical_devices("GPU")
     if kind == "mirrored" or (kind == "auto" and len(gpus) > 1):
         strategy = tf.distribute.MirroredStrategy()
@@ -157,8 +158,6 @@ def make_strategy(kind: str) -> Any:
 
 def pixel_statistics(files: list[Path]) -> tuple[float, float]:
     """Mean and std of training pixels on a 0..1 scale (stored inside the model)."""
-    from PIL import Image
-
     total = total_sq = count = 0.0
     for path in files:
         arr = np.asarray(Image.open(path), dtype=np.float64) / 255.0
@@ -186,8 +185,6 @@ def use_class_weights(setting: bool | str, labels: np.ndarray) -> bool:
 
 def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> dict[int, float]:
     """Balanced class weights (n / (k * count)) raised to `power`: 1 balances fully, 0.5 goes halfway (in log terms)."""
-    from sklearn.utils.class_weight import compute_class_weight
-
     present = np.unique(labels)
     weights = compute_class_weight("balanced", classes=present, y=labels) ** power
     return {int(c): float(w) for c, w in zip(present, weights)} | {c: 1.0 for c in range(n_classes) if c not in present}
@@ -209,8 +206,6 @@ def compile_model(model: keras.Model, train: TrainParams, lr: Any) -> None:
 def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelParams, callback_params: CallbacksParams,
               train: TrainParams, model_work: Path) -> dict[str, Any]:
     """Build and fit one model; save its best-epoch weights as model_work/model.keras."""
-    import tensorflow as tf
-
     keras.utils.set_random_seed(base.seed)
     if base.deterministic_ops:
         tf.config.experimental.enable_op_determinism()
@@ -250,7 +245,7 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
                     unfrozen = builder.unfreeze_top(built, model_params.transfer.fine_tune_layers)
                     log.info("%s: fine-tuning the top %d backbone layers with weights (BatchNorm frozen)", name, unfrozen)
                 compile_model(built.model, train, learning_rate(callback_params, base_lr, steps, epochs))
-            if (phase_work / "phase_done").is_file():
+            if (phase_work / PHASE_DONE).is_file():
                 built.model.load_weights(phase_work / BEST_CHECKPOINT)
                 history += _tag(read_history(phase_work / HISTORY_CSV), phase, len(history))
                 continue
@@ -263,7 +258,7 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
                 built.model.load_weights(phase_work / BEST_CHECKPOINT)  # the best epoch, not the last
             rows = read_history(phase_work / HISTORY_CSV) or _rows(fit.history)
             history += _tag(rows, phase, len(history))
-            (phase_work / "phase_done").write_text("")
+            (phase_work / PHASE_DONE).write_text("")
         built.model.save(model_work / TRAINED_MODEL)
         (model_work / HISTORY_FILE).write_text(json.dumps(history, indent=1))
         seconds = [row["epoch_seconds"] for row in history[1:] if "epoch_seconds" in row]

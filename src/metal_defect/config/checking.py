@@ -107,6 +107,8 @@ def _convert(value: Any, tp: Any, key: str, meta: dict[str, Any], origins: dict[
 
 
 def _convert_strict(value: Any, tp: Any, key: str, meta: dict[str, Any], origins: dict[str, str], base_dir: Path, problems: list[str]) -> Any:
+    """`value` as type `tp`: problems are appended, a value of another type raises _Mismatch. One branch per
+    kind of type, in one function on purpose: it reads as the table of what each type accepts."""
     origin = typing.get_origin(tp)
     where = f"{_origin_of(key, origins)}: {key}"
     if dataclasses.is_dataclass(tp):

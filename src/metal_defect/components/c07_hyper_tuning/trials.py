@@ -41,6 +41,7 @@ TRIAL_RECORD = "metal_defect_trial.json"  # in a trial folder: worker, duration,
 
 
 def _keras_tuner() -> Any:
+    """Keras Tuner, imported lazily on purpose: a missing install becomes one line saying what to do."""
     try:
         import keras_tuner
     except ImportError as exc:  # pragma: no cover - it is in requirements.txt
