@@ -23,7 +23,7 @@ from metal_defect.errors import ConfigError
 def parse_section(cls: type, value: Any, key: str) -> Any:
     """Validate a plain value (e.g. a section written with `to_plain`) into `cls`; ConfigError lists the problems."""
     problems: list[str] = []
-    result = _convert(value, cls, key, {}, {}, Path("."), problems)
+    result = convert(value, cls, key, {}, {}, Path("."), problems)
     if problems:
         raise ConfigError(f"invalid {key}: " + "; ".join(problems))
     return result
@@ -32,8 +32,8 @@ def parse_section(cls: type, value: Any, key: str) -> Any:
 def all_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key a user may set, e.g. 'base.seed', 'data_loader.augmentation.rotate90'."""
     keys = []
-    for name, tp in _field_types(cls).items():
-        if _is_internal(cls, name):
+    for name, tp in field_types(cls).items():
+        if is_internal(cls, name):
             continue
         dotted = f"{prefix}{name}"
         if dataclasses.is_dataclass(tp):
@@ -43,7 +43,7 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _suggest(key: str, candidates: list[str]) -> str:
+def suggest(key: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if not close:
         last = key.rsplit(".", 1)[-1]
@@ -53,11 +53,11 @@ def _suggest(key: str, candidates: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _is_internal(cls: type, name: str) -> bool:
+def is_internal(cls: type, name: str) -> bool:
     return any(f.name == name and f.metadata.get("internal") for f in dataclasses.fields(cls))
 
 
@@ -97,7 +97,7 @@ class _Mismatch(Exception):
     """The value is not of this type (used to try the arms of a Union)."""
 
 
-def _convert(value: Any, tp: Any, key: str, meta: dict[str, Any], origins: dict[str, str], base_dir: Path, problems: list[str]) -> Any:
+def convert(value: Any, tp: Any, key: str, meta: dict[str, Any], origins: dict[str, str], base_dir: Path, problems: list[str]) -> Any:
     where = f"{_origin_of(key, origins)}: {key}"
     try:
         return _convert_strict(value, tp, key, meta, origins, base_dir, problems)
@@ -116,19 +116,19 @@ def _convert_strict(value: Any, tp: Any, key: str, meta: dict[str, Any], origins
             problems.append(f"{where} = {value!r} is not valid; expected a section with keys {', '.join(all_keys(tp))}")
             return None
         kwargs = {}
-        types_ = _field_types(tp)
+        types_ = field_types(tp)
         allowed = [f.name for f in dataclasses.fields(tp) if not f.metadata.get("internal")]
         for name in value:
             if name not in allowed:
                 full = [f"{key}.{k}" for k in allowed]
-                problems.append(f"{_origin_of(f'{key}.{name}', origins)}: unknown key '{key}.{name}'{_suggest(f'{key}.{name}', full)}")
+                problems.append(f"{_origin_of(f'{key}.{name}', origins)}: unknown key '{key}.{name}'{suggest(f'{key}.{name}', full)}")
         for f in dataclasses.fields(tp):
             if f.metadata.get("internal"):
                 continue
             if f.name not in value:
                 problems.append(f"{where}: missing key '{key}.{f.name}' ({_describe(types_[f.name], dict(f.metadata))})")
                 continue
-            kwargs[f.name] = _convert(value[f.name], types_[f.name], f"{key}.{f.name}", dict(f.metadata), origins, base_dir, problems)
+            kwargs[f.name] = convert(value[f.name], types_[f.name], f"{key}.{f.name}", dict(f.metadata), origins, base_dir, problems)
         if len(kwargs) != len(allowed) or any(v is None and not _allows_none(types_[k]) for k, v in kwargs.items()):
             return None
         obj = tp(**kwargs)
@@ -163,7 +163,7 @@ def _convert_strict(value: Any, tp: Any, key: str, meta: dict[str, Any], origins
         if not isinstance(value, list):
             raise _Mismatch
         (item_tp,) = typing.get_args(tp)
-        items = [_convert(v, item_tp, f"{key}[{i}]", {}, origins, base_dir, problems) for i, v in enumerate(value)]
+        items = [convert(v, item_tp, f"{key}[{i}]", {}, origins, base_dir, problems) for i, v in enumerate(value)]
         if len(items) < meta.get("min_len", 0):
             problems.append(f"{where} = {value!r} is too short; expected at least {meta['min_len']} items")
         return items
@@ -171,7 +171,7 @@ def _convert_strict(value: Any, tp: Any, key: str, meta: dict[str, Any], origins
         if not isinstance(value, dict):
             raise _Mismatch
         _, val_tp = typing.get_args(tp)
-        return {str(k): _convert(v, val_tp, f"{key}.{k}", {}, origins, base_dir, problems) for k, v in value.items()}
+        return {str(k): convert(v, val_tp, f"{key}.{k}", {}, origins, base_dir, problems) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise _Mismatch

@@ -16,7 +16,7 @@ from typing import Any, Union
 
 import yaml
 
-from metal_defect.config.checking import _convert, _field_types, _is_internal, _suggest, all_keys
+from metal_defect.config.checking import all_keys, convert, field_types, is_internal, suggest
 from metal_defect.config.sections import CONFIG_FILE, PARAMS_FILE, SCHEMA_FILE, SECTION_FILES, Config, PathsConfig
 from metal_defect.errors import ConfigError
 
@@ -59,7 +59,7 @@ def load_config(config_dir: Path | str | None = None, overrides: list[str] | Non
                 if owner:
                     raise ConfigError(f"{label}: section '{key}' belongs in {owner}, not {label}")
                 owned = [k for k, f in SECTION_FILES.items() if f == label]
-                raise ConfigError(f"{label}: unknown section '{key}'{_suggest(key, owned)}; allowed: {', '.join(owned)}")
+                raise ConfigError(f"{label}: unknown section '{key}'{suggest(key, owned)}; allowed: {', '.join(owned)}")
             raw[key] = value
             origins[key] = label
     for override in overrides or []:
@@ -67,11 +67,11 @@ def load_config(config_dir: Path | str | None = None, overrides: list[str] | Non
     problems: list[str] = []
     sections = {}
     for name, label in SECTION_FILES.items():
-        cls = _field_types(Config)[name]
+        cls = field_types(Config)[name]
         if name not in raw:
             problems.append(f"{label}: missing section '{name}'")
             continue
-        sections[name] = _convert(raw[name], cls, name, {}, origins, config_dir, problems)
+        sections[name] = convert(raw[name], cls, name, {}, origins, config_dir, problems)
     if "paths" in sections:
         problems.extend(_system_folder_problems(sections["paths"], origins.get("paths", "config.yaml")))
     if problems:
@@ -169,8 +169,8 @@ def _spec_at(dotted: str) -> tuple[Any, bool] | None:
     parts = dotted.split(".")
     for part in parts:
         if dataclasses.is_dataclass(tp):
-            types_ = _field_types(tp)
-            if part not in types_ or _is_internal(tp, part):
+            types_ = field_types(tp)
+            if part not in types_ or is_internal(tp, part):
                 return None
             tp = types_[part]
         elif typing.get_origin(tp) is dict:
@@ -187,7 +187,7 @@ def _apply_override(raw: dict[str, Any], origins: dict[str, str], override: str)
         raise ConfigError(f"override '{override}': expected key=value, e.g. train.epochs=5")
     spec = _spec_at(key)
     if spec is None:
-        raise ConfigError(f"override {override}: unknown key '{key}'{_suggest(key, all_keys(Config))}")
+        raise ConfigError(f"override {override}: unknown key '{key}'{suggest(key, all_keys(Config))}")
     tp, _ = spec
     if dataclasses.is_dataclass(tp):
         raise ConfigError(f"override {override}: '{key}' is a section; set one of its keys, e.g. {all_keys(tp, key + '.')[0]}=...")

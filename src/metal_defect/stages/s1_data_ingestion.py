@@ -51,5 +51,3 @@ def write_outputs(items: list[Item], skipped: list[Skipped], meta: dict[str, Any
         example = next(s for s in skipped if reason_kind(s.reason) == reason)
         log.warning("  skipped %d file(s): %s (e.g. %s)", n, reason, example.path)
     return {"images_found": len(items), "classes": report["classes"], "layout": meta["layout"], "skipped": len(skipped)}
-
-

@@ -157,8 +157,9 @@ def report_test(served: Predictor, prepared: Path, records: dict[str, Any], clas
     if not len(y_test):
         return None, None
     raw_test, features = served.forward(x_test, params.batch_size)
-    answers = served.answers_from(served.calibrate(raw_test), features, x_test, test_names)
-    report = report_split(y_test, served.calibrate(raw_test), class_names, x_test, test_names, out_dir / "test",
+    probs = served.calibrate(raw_test)
+    answers = served.answers_from(probs, features, x_test, test_names)
+    report = report_split(y_test, probs, class_names, x_test, test_names, out_dir / "test",
                           f"{best}, test split (chosen on validation)", params)
     report["calibration_uncalibrated"] = calibration_summary(y_test, raw_test, params)
     report["verdicts"] = verdict_counts(answers, y_test, class_names)
