@@ -165,3 +165,47 @@ def test_resample_blur_softens_half_of_the_images_and_keeps_shape_and_brightness
     blurred = [o for o in outputs if not np.array_equal(o, image)]
     assert 10 <= len(unchanged) <= 30, len(unchanged)
     assert all(detail(o) < 0.97 * detail(image) and abs(float(o.mean()) - float(image.mean())) < 3 for o in blurred)
+
+
+def _imbalanced_files(folder: Path, counts: tuple[int, ...]) -> tuple[list[Path], np.ndarray]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files, labels = [], []
+    for label, count in enumerate(counts):
+        for i in range(count):
+            path = folder / f"{label}_{i}.png"
+            Image.fromarray(np.full((8, 8), 10 * label + i % 10, np.uint8)).save(path)
+            files.append(path)
+            labels.append(label)
+    return files, np.array(labels, np.int32)
+
+
+@pytest.mark.parametrize("cache_max_mb", [1024, 0])  # cached and streamed pipelines draw alike
+def test_balanced_sampling_draws_rare_classes_at_the_asked_share_and_keeps_the_epoch_length(tmp_path, cache_max_mb):
+    files, labels = _imbalanced_files(tmp_path / "im", (90, 10))
+    assert c03.class_draw_shares(labels, 1.0) == pytest.approx([0.5, 0.5])
+    assert c03.class_draw_shares(labels, 0.5) == pytest.approx([0.75, 0.25])  # sqrt(90) : sqrt(10)
+    assert c03.class_draw_shares(labels, 0.0) == pytest.approx([0.9, 0.1])
+    params = _loader("data_loader.class_sampling=auto", "data_loader.class_sampling_power=1", f"data_loader.cache_max_mb={cache_max_mb}",
+                     "data_loader.augmentation.flip_horizontal=false", "data_loader.augmentation.flip_vertical=false",
+                     "data_loader.augmentation.rotate90=false", "data_loader.augmentation.resample_blur=0")
+    split = c03.make_split(files, labels, (8, 8, 1), params, 42, training=True)
+    assert split.balanced
+    drawn = [np.concatenate([y.numpy() for _, y in split.dataset]) for _ in range(5)]
+    assert all(len(epoch) == 100 for epoch in drawn)  # an epoch is still as many images as the split holds
+    assert 0.4 < np.mean(np.concatenate(drawn)) < 0.6  # the 10-image class drawn half of the time, not a tenth
+    plain = c03.make_split(files, labels, (8, 8, 1), params, 42, training=False)
+    assert not plain.balanced and np.mean(np.concatenate([y.numpy() for _, y in plain.dataset])) == pytest.approx(0.1)
+    shuffled = c03.make_split(files, labels, (8, 8, 1), _loader("data_loader.class_sampling=shuffle"), 42, training=True)
+    assert not shuffled.balanced and np.mean(np.concatenate([y.numpy() for _, y in shuffled.dataset])) == pytest.approx(0.1)
+
+
+def test_auto_sampling_balances_only_imbalanced_data_and_then_the_loss_is_not_weighted_again():
+    from metal_defect.components import c06_training
+
+    balanced, imbalanced = np.repeat([0, 1, 2], 10), np.repeat([0, 1, 2], [30, 10, 10])
+    assert not c03.balanced_sampling("auto", balanced) and c03.balanced_sampling("auto", imbalanced)
+    assert c03.balanced_sampling("balanced", balanced) and not c03.balanced_sampling("shuffle", imbalanced)
+    train = load_config(REPO).train
+    both = c06_training.training_class_weights(train, _loader("data_loader.class_sampling=auto"), imbalanced, 3)
+    weights_only = c06_training.training_class_weights(train, _loader("data_loader.class_sampling=shuffle"), imbalanced, 3)
+    assert both is None and weights_only is not None and weights_only[0] < 1 < weights_only[1]

@@ -162,3 +162,43 @@ def test_ood_features_reach_into_a_nested_backbone_and_match_the_model():
     penultimate = int(np.prod(model.get_layer(feature_layer).output.shape[1:]))
     assert features.shape == (2, penultimate + 2 * channels) and np.isfinite(features).all()
     np.testing.assert_allclose(probs, np.asarray(model(images, training=False)), atol=1e-5)
+
+
+def test_a_defect_mask_is_ground_truth_like_a_box(tmp_path):
+    pixels = np.zeros((40, 60), np.uint8)
+    pixels[10:14, 20:24] = 255  # a 4 x 4 defect
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    mask = explain.read_mask(tmp_path / "a.png")
+    assert mask.distance(21, 11) == 0 and mask.distance(30, 11) == pytest.approx(7) and mask.share() == pytest.approx(16 / 2400)
+    doubled = mask.scaled_to(120, 80)
+    assert doubled.distance(42, 22) == 0 and doubled.distance(21, 11) > 0 and doubled.share() == pytest.approx(mask.share())
+    result = explain.pointing_accuracy([(21, 12), (50, 30)], [mask, mask], ["Blowhole", "Blowhole"])
+    assert result["hits"] == [True, False] and result["overall"]["strict"] == 0.5
+    assert mask.outline().sum() == 12  # the 4 x 4 square's border pixels
+    drawn = np.asarray(explain.draw_regions(Image.new("RGB", (60, 40)), mask))
+    assert (drawn[10, 20] == 255).all() and (drawn[11, 21] == 0).all() and (drawn[0, 0] == 0).all()
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"bad\.png"):
+        explain.read_mask(tmp_path / "bad.png")
+
+
+def test_masks_are_matched_by_image_name_in_class_folders_and_empty_ones_skipped(tmp_path, caplog):
+    from metal_defect.components.c06_evaluation.heatmaps import regions_for
+
+    masks = tmp_path / "masks"
+    for label, name, filled in [("Crack", "exp1_7", True), ("Blowhole", "exp1_7", True), ("Free", "exp2_1", False), ("Crack", "broken", True)]:
+        (masks / label).mkdir(parents=True, exist_ok=True)
+        pixels = np.zeros((20, 30), np.uint8)
+        if filled:
+            pixels[:, :15 if label == "Crack" else 5] = 255
+        Image.fromarray(pixels).save(masks / label / f"{name}.png")
+    (masks / "Crack" / "broken.png").write_bytes(b"\x89PNG truncated")
+    records = [{"source": "/data/Blowhole/exp1_7.jpg", "label": "Blowhole", "original_size": [60, 40]},
+               {"source": "/data/Free/exp2_1.jpg", "label": "Free", "original_size": [30, 20]},
+               {"source": "/data/Crack/broken.jpg", "label": "Crack", "original_size": [30, 20]},
+               {"source": "/data/Crack/no_mask.jpg", "label": "Crack"}]
+    chosen, regions = regions_for(records, None, str(masks))
+    assert chosen == [0]  # empty mask: no defect; unreadable: reported; none: not counted
+    assert (regions[0].width, regions[0].height) == (60, 40) and regions[0].share() == pytest.approx(5 / 30)  # its own class's mask, scaled
+    assert "broken.png" in caplog.text
+    assert regions_for(records, None, None) == ([], [])

@@ -46,7 +46,8 @@ def test_an_imbalanced_training_set_is_trained_with_balanced_weights(tmp_path):
     data = synthetic.make_dataset(tmp_path / "data", per_class=12)
     for extra in range(12):  # patches gets three times the images of the others
         Image.fromarray(synthetic.texture(2, 3, 32, np.random.default_rng(100 + extra))).save(data / "patches" / f"more_{extra}.png")
-    folder = write_config(tmp_path / "cfg", _deep_merge(tiny_training_params(epochs=1), {"data_ingestion": {"source": str(data)}}), TINY_SCHEMA)
+    params = _deep_merge(tiny_training_params(epochs=1), {"data_ingestion": {"source": str(data)}, "data_loader": {"class_sampling": "shuffle"}})
+    folder = write_config(tmp_path / "cfg", params, TINY_SCHEMA)
     manifest = Runner(load_config(folder)).run("1-3")
     info = read_json(Path(manifest["stages"]["train"]["output"]) / "train_summary.json")["models"]["custom_cnn"]
     weights = {int(k): v for k, v in info["class_weights"].items()}
@@ -190,8 +191,10 @@ def test_bench_datasets_runs_each_seed_apart_and_reports_mean_and_spread(tmp_pat
             (out / "eval").mkdir(parents=True)
             f1 = {42: 0.6, 43: 0.7}[seed]
             (out / "eval" / "quality_gate.json").write_text(json.dumps({
-                "classical": {"accuracy": 0.5, "macro_f1": 0.5}, "majority": {"accuracy": 0.4, "macro_f1": 0.1},
-                "weak_model": seed == 42, "reasons": [], "train_accuracy_last_epoch": 0.9}))
+                "classical": {"accuracy": 0.5, "macro_f1": 0.5, "macro_f1_ci95": [0.4, 0.6]}, "majority": {"accuracy": 0.4, "macro_f1": 0.1},
+                "weak_model": seed == 42, "reasons": [], "train_accuracy": 0.97, "train_accuracy_last_epoch": 0.9}))
+            (out / "eval" / "test").mkdir()
+            (out / "eval" / "test" / "pointing.json").write_text(json.dumps({"overall": {"n": 8, "strict": 0.75, "chance": 0.05}}))
             return {"run_id": f"run-{seed}", "metrics": {"test_n": 10, "test_accuracy": f1 + 0.05, "test_macro_f1": f1},
                     "stages": {"data_preprocessing": {"summary": {"images_prepared": 100}, "duration_s": 1.0},
                                "evaluation": {"output": str(out / "eval"), "summary": {"metrics": {"test_macro_f1": f1}}, "duration_s": 1.0},
@@ -206,5 +209,8 @@ def test_bench_datasets_runs_each_seed_apart_and_reports_mean_and_spread(tmp_pat
     assert summary["mean_test_macro_f1"] == pytest.approx(0.65) and summary["sd_test_macro_f1"] == pytest.approx(0.0707, abs=1e-4)
     assert summary["weak_model_runs"] == 1
     assert "| **neu** | mean of 2 |" in result["table"] and "0.650 ± 0.071" in result["table"]
+    assert "0.500 (0.400–0.600)" in result["table"] and "| 0.970 | 0.750 (0.050, n=8) |" in result["table"]  # the columns
+    tiles = bench.dataset_overrides(config, "magnetic-tile")
+    assert "evaluation.annotations=null" in tiles and any(o.startswith("evaluation.masks=") and o.endswith("magnetic-tile/masks") for o in tiles)
     with pytest.raises(ValueError, match="--seeds"):
         bench.parse_seeds("42,x")

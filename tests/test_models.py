@@ -201,3 +201,15 @@ def test_compile_uses_keywords_so_metrics_are_metrics(tmp_path):
 
 def test_repository_defaults_train_only_the_custom_cnn():
     assert load_config(REPO).train.models == ["custom_cnn"]
+
+
+def test_pool_from_all_blocks_pools_every_block_before_its_pooling(tmp_path):
+    config = _params(tmp_path, model={"custom_cnn": {"filters": [4, 8, 16], "pooling": "avg_max", "dense_units": 0}})
+    last = builder.build_model("custom_cnn", SHAPE, 3, config.model).model
+    every = builder.build_model("custom_cnn", SHAPE, 3, dataclasses.replace(
+        config.model, custom_cnn=dataclasses.replace(config.model.custom_cnn, pool_from="all_blocks"))).model
+    assert {layer.name for layer in last.layers} >= {"gap", "gmp"}
+    assert {f"g{kind}p_block{b}" for kind in "am" for b in (1, 2, 3)} <= {layer.name for layer in every.layers}
+    # the classifier sees 2 x (4 + 8 + 16) pooled features instead of 2 x 16
+    assert every.get_layer("pooled").output.shape[-1] == 56 and last.get_layer("pooled").output.shape[-1] == 32
+    assert every.get_layer("gmp_block1").input.shape[1:3] == SHAPE[:2]  # block 1's full-resolution response

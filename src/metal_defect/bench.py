@@ -191,13 +191,17 @@ def dataset_overrides(config: Config, which: str) -> list[str]:
     if which == "xsdd":
         return [f"data_ingestion.source={neu.parents[1] / 'xsdd' / 'images'}", "schema.classes=auto", "schema.color_mode=rgb",
                 "base.color_mode=rgb", "schema.aliases={}"]
+    if which == "magnetic-tile":  # heatmap pointing against its defect masks; it has no boxes
+        tiles = neu.parents[1] / "magnetic-tile"
+        return [f"data_ingestion.source={tiles / 'images'}", "schema.classes=auto", "schema.aliases={}", f"evaluation.masks={tiles / 'masks'}",
+                "evaluation.annotations=null"]
     if which == "proxy":
         from metal_defect import proxy
 
         folder = Path(config.paths.artifacts) / "datasets" / "neu-proxy"
         proxy.make_proxy(neu.parent / "images", neu.parent / "annotations", folder, seed=0)
         return [f"data_ingestion.source={folder}", "schema.classes=auto", "schema.aliases={}"]
-    raise ValueError(f"unknown benchmark data set {which}")
+    raise ValueError(f"unknown benchmark data set {which}: use neu, xsdd, magnetic-tile or proxy")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -241,8 +245,13 @@ def _dataset_row(manifest: dict[str, Any], seconds: float) -> dict[str, Any]:
     from metal_defect.components.c06_evaluation.evaluate import GATE_FILE
 
     m = manifest["metrics"]
-    gate = json.loads((Path(manifest["stages"]["evaluation"]["output"]) / GATE_FILE).read_text())
-    return {"run_id": manifest["run_id"], "images": manifest["stages"]["data_preprocessing"]["summary"]["images_prepared"],
+    evaluation = Path(manifest["stages"]["evaluation"]["output"])
+    gate = json.loads((evaluation / GATE_FILE).read_text())
+    pointing_file = evaluation / "test" / "pointing.json"
+    pointing = json.loads(pointing_file.read_text())["overall"] if pointing_file.is_file() else None
+    return {"classical_macro_f1_ci95": gate["classical"]["macro_f1_ci95"], "pointing_strict": pointing and pointing["strict"],
+            "pointing_chance": pointing and pointing["chance"], "pointing_n": pointing and pointing["n"],
+            "run_id": manifest["run_id"], "images": manifest["stages"]["data_preprocessing"]["summary"]["images_prepared"],
             "test_n": m.get("test_n"), "test_accuracy": m.get("test_accuracy"), "test_macro_f1": m.get("test_macro_f1"),
             "classical_accuracy": gate["classical"]["accuracy"], "classical_macro_f1": gate["classical"]["macro_f1"],
             "majority_accuracy": gate["majority"]["accuracy"], "majority_macro_f1": gate["majority"]["macro_f1"],
@@ -268,19 +277,24 @@ def summarise_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
 def datasets_table(results: dict[str, Any]) -> str:
     """Markdown: one row per data set and seed, and a mean row for a data set run with several seeds."""
     rows = ["| data set | seed | images | test n | served model: accuracy, macro F1 | served (test macro F1 base / tuned, trials) | "
-            "classical baseline | majority class | weak_model | pipeline |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "classical baseline (95 % CI) | majority class | own training images | heatmap pointing (chance) | weak_model | pipeline |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for which, result in results.items():
         for seed, r in result["seeds"].items():
             tuned = f"{r['tuned_test_macro_f1']:.3f}" if r["tuned_test_macro_f1"] is not None else "-"
+            low, high = r.get("classical_macro_f1_ci95") or (float("nan"), float("nan"))
+            fit = f"{r['train_accuracy']:.3f}" if r.get("train_accuracy") is not None else "-"
+            pointing = f"{r['pointing_strict']:.3f} ({r['pointing_chance']:.3f}, n={r['pointing_n']})" if r.get("pointing_strict") is not None else "-"
             rows.append(f"| {which} | {seed} | {r['images']} | {r['test_n']} | {r['test_accuracy']:.1%}, {r['test_macro_f1']:.3f} | "
                         f"{r['served']} ({r['base_test_macro_f1']:.3f} / {tuned}, {r['trials_completed']}) | "
-                        f"{r['classical_accuracy']:.1%}, {r['classical_macro_f1']:.3f} | {r['majority_accuracy']:.1%}, {r['majority_macro_f1']:.3f} | "
+                        f"{r['classical_accuracy']:.1%}, {r['classical_macro_f1']:.3f} ({low:.3f}–{high:.3f}) | "
+                        f"{r['majority_accuracy']:.1%}, {r['majority_macro_f1']:.3f} | {fit} | {pointing} | "
                         f"{'yes' if r['weak_model'] else 'no'} | {r['pipeline_seconds'] / 60:.1f} min |")
         s = result["summary"]
         if len(s["seeds"]) > 1:
             rows.append(f"| **{which}** | mean of {len(s['seeds'])} | | | {s['mean_test_accuracy']:.1%} ± {s['sd_test_accuracy']:.1%}, "
                         f"**{s['mean_test_macro_f1']:.3f} ± {s['sd_test_macro_f1']:.3f}** | | {s['mean_classical_macro_f1']:.3f} | | "
-                        f"{s['weak_model_runs']} of {len(s['seeds'])} | ≤ {s['max_pipeline_seconds'] / 60:.1f} min |")
+                        f"| | {s['weak_model_runs']} of {len(s['seeds'])} | ≤ {s['max_pipeline_seconds'] / 60:.1f} min |")
     return "\n".join(rows) + "\n"
 
 

@@ -129,11 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", parents=[common], help="measure accuracy, time and overhead; writes JSON under artifacts/bench/",
                            description="Benchmarks (not tests): `bench data` times ingestion + preprocessing and its throughput at 1x and "
                            "10x synthetic size; `bench train` runs the pipeline for several seeds and compares the training loop "
-                           "with a bare model.fit; `bench datasets` runs the default params on NEU, X-SDD and the proxy set beside the baselines.")
+                           "with a bare model.fit; `bench datasets` runs the default params on NEU, X-SDD, magnetic tile and the proxy set beside the baselines.")
     bench.add_argument("what", choices=("data", "train", "datasets", "model", "predict", "ood"))
     bench.add_argument("--model", metavar="RUN_ID|DIR", help="predict, ood: the model to measure (default: the served model)")
     bench.add_argument("--size", type=int, default=160, help="model: input size in px (default 160, the auto cap)")
-    bench.add_argument("--datasets", default="neu,xsdd,proxy", help="datasets: which data sets (default neu,xsdd,proxy)")
+    bench.add_argument("--datasets", default="neu,xsdd,magnetic-tile,proxy", help="datasets: which data sets (default neu,xsdd,magnetic-tile,proxy)")
     bench.add_argument("--tuning", choices=("on", "off"), default="on", help="datasets: with the c07 search (default params: on) or without")
     proxy = sub.add_parser("proxy-data", parents=[common], help="make the offline proxy data set from NEU and its defect boxes",
                            description="Write a data set with the traits of an unseen plant's images (majority 'no defect' class, "

@@ -27,6 +27,7 @@ MB = 1024 * 1024
 # tf.data seeds are (global seed, op seed); with no global seed set TensorFlow uses this one
 # (tensorflow/python/framework/random_seed.py, DEFAULT_GRAPH_SEED): fixing it keeps the streams of a fresh process
 TF_DEFAULT_GLOBAL_SEED = 87654321
+IMBALANCE_FOR_AUTO = 1.5  # `auto` class balancing: on when the largest training class has more than this many times the smallest's images
 
 
 @dataclass
@@ -37,6 +38,8 @@ class SplitData:
     files: list[Path]
     labels: np.ndarray
     cached: bool
+    balanced: bool = False  # drawn class by class (data_loader.class_sampling), not shuffled as it comes
+
 
     @property
     def size(self) -> int:
@@ -90,12 +93,56 @@ def build_datasets(prepared_dir: Path, params: DataLoaderParams, seed: int, spli
     return Datasets(result, list(data["classes"]), shape, params.batch_size)
 
 
+def imbalance_ratio(labels: np.ndarray) -> float:
+    """The largest class's image count over the smallest's (classes present only)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    counts = counts[counts > 0]
+    return float(counts.max() / counts.min()) if len(counts) else 1.0
+
+
+def balanced_sampling(setting: str, labels: np.ndarray) -> bool:
+    """data_loader.class_sampling: balanced / shuffle as given; auto when the training split is imbalanced."""
+    if setting != "auto":
+        return setting == "balanced"
+    return imbalance_ratio(labels) > IMBALANCE_FOR_AUTO
+
+
+def class_draw_shares(labels: np.ndarray, power: float) -> np.ndarray:
+    """Each present class's share of the drawn training images: proportional to count**(1 - power).
+
+    power 1 draws every class equally often, 0 as often as it occurs; 0.5 halfway (in log terms),
+    the same scale as train.class_weight_power."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64)).astype(np.float64)
+    shares = np.where(counts > 0, counts ** (1.0 - power), 0.0)
+    return shares / shares.sum()
+
+
 def make_split(files: list[Path], labels: np.ndarray, shape: tuple[int, int, int], params: DataLoaderParams, seed: int, training: bool) -> SplitData:
-    """One tf.data pipeline: decode, cache if it fits, shuffle + augment when training, batch."""
+    """One tf.data pipeline: decode, cache if it fits, shuffle (or draw class-balanced) + augment when training, batch."""
     import tensorflow as tf
 
     decoded_mb = len(files) * int(np.prod(shape)) / MB
     cache = decoded_mb <= params.cache_max_mb
+    balanced = training and balanced_sampling(params.class_sampling, labels)
+    if balanced:
+        ds = _balanced_stream(files, labels, shape, params, seed, cache)
+    else:
+        ds = _shuffled_stream(files, labels, shape, params, seed, cache, training)
+    if training and augmentation_enabled(params.augmentation):
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda pair, s: (augment(pair[0], s, params.augmentation), pair[1]), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    ds = ds.batch(params.batch_size).prefetch(tf.data.AUTOTUNE)
+    log.debug("dataset: %d images, %.0f MB decoded, %s, %s", len(files), decoded_mb, "cached in memory" if cache else "streamed from disk",
+              "class-balanced draws, augmented" if balanced else "augmented" if training else "not augmented")
+    return SplitData(ds, files, labels, cache, balanced)
+
+
+def _shuffled_stream(files: list[Path], labels: np.ndarray, shape: tuple[int, int, int], params: DataLoaderParams, seed: int, cache: bool,
+                     training: bool) -> Any:
+    import tensorflow as tf
+
     ds = tf.data.Dataset.from_tensor_slices(([str(f) for f in files], labels))
     if training and not cache:  # shuffle the file names (cheap) before decoding
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
@@ -104,15 +151,30 @@ def make_split(files: list[Path], labels: np.ndarray, shape: tuple[int, int, int
         ds = ds.cache()
         if training:
             ds = ds.shuffle(min(params.shuffle_buffer, len(files)), seed=seed, reshuffle_each_iteration=True)
-    if training and augmentation_enabled(params.augmentation):
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda pair, s: (augment(pair[0], s, params.augmentation), pair[1]), num_parallel_calls=tf.data.AUTOTUNE
-        )
-    ds = ds.batch(params.batch_size).prefetch(tf.data.AUTOTUNE)
-    log.debug("dataset: %d images, %.0f MB decoded, %s, %s", len(files), decoded_mb, "cached in memory" if cache else "streamed from disk",
-              "augmented" if training else "not augmented")
-    return SplitData(ds, files, labels, cache)
+    return ds
+
+
+def _balanced_stream(files: list[Path], labels: np.ndarray, shape: tuple[int, int, int], params: DataLoaderParams, seed: int, cache: bool) -> Any:
+    """An epoch of len(files) images drawn class by class with `class_draw_shares`: a rare class's images
+    come back (augmented differently) several times an epoch, a common class's images not all of them
+    every epoch; each class's stream is its own shuffled, repeated pipeline (decoded once when cached)."""
+    import tensorflow as tf
+
+    shares = class_draw_shares(labels, params.class_sampling_power)
+    streams, weights = [], []
+    for label in np.flatnonzero(shares):
+        chosen = [str(f) for f, lab in zip(files, labels) if lab == label]
+        ds = tf.data.Dataset.from_tensor_slices((chosen, np.full(len(chosen), label, dtype=np.int32)))
+        if cache:
+            ds = ds.map(lambda path, lab: (_decode_png(path, shape), lab), num_parallel_calls=tf.data.AUTOTUNE).cache()
+            ds = ds.shuffle(min(params.shuffle_buffer, len(chosen)), seed=seed + int(label), reshuffle_each_iteration=True)
+        else:
+            ds = ds.shuffle(len(chosen), seed=seed + int(label), reshuffle_each_iteration=True)
+            ds = ds.map(lambda path, lab: (_decode_png(path, shape), lab), num_parallel_calls=tf.data.AUTOTUNE)
+        streams.append(ds.repeat())
+        weights.append(float(shares[label]))
+    mixed = tf.data.Dataset.sample_from_datasets(streams, weights=weights, seed=seed, rerandomize_each_iteration=True)
+    return mixed.take(len(files))
 
 
 def _decode_png(path: Any, shape: tuple[int, int, int]) -> Any:

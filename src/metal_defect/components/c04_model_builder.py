@@ -73,6 +73,9 @@ def custom_cnn(image_shape: tuple[int, int, int], n_classes: int, params: Custom
     Global average pooling alone averages a defect that covers a few cells of the last
     feature map away into the background texture; global max pooling keeps the strongest
     local response, so `avg_max` (both, concatenated) serves large textures and small defects.
+    `pool_from: all_blocks` pools every block's output, not only the last: the head then sees
+    fine-scale texture statistics (what a local-binary-pattern histogram measures) and the
+    response to a defect of a few pixels before four poolings have merged it into its context.
     """
     inputs = keras.Input(image_shape, dtype="uint8", name="pixels")
     mean, std = pixel_stats
@@ -80,17 +83,21 @@ def custom_cnn(image_shape: tuple[int, int, int], n_classes: int, params: Custom
     if params.input_scale < 1:  # inside the model: the input contract (the prepared size) stays the same
         height, width = (max(8, round(side * params.input_scale)) for side in image_shape[:2])
         x = layers.Resizing(height, width, interpolation="bilinear", antialias=True, name="input_resize")(x)
+    taps = []
     for block, filters in enumerate(params.filters, 1):
         for conv in range(params.convs_per_block):
             x = layers.Conv2D(filters, params.kernel_size, padding="same", use_bias=False, name=f"block{block}_conv{conv + 1}")(x)
             x = layers.BatchNormalization(momentum=params.bn_momentum, name=f"block{block}_bn{conv + 1}")(x)
             x = layers.ReLU(name=f"block{block}_relu{conv + 1}")(x)
+        taps.append(x)  # before the pooling: a few-pixel defect still holds its own cells here
         x = layers.MaxPooling2D(name=f"block{block}_pool")(x)
     pooled = []
-    if params.pooling in ("avg", "avg_max"):
-        pooled.append(layers.GlobalAveragePooling2D(name="gap")(x))
-    if params.pooling in ("max", "avg_max"):
-        pooled.append(layers.GlobalMaxPooling2D(name="gmp")(x))
+    for block, tap in enumerate(taps if params.pool_from == "all_blocks" else [x], 1):
+        suffix = f"_block{block}" if params.pool_from == "all_blocks" else ""
+        if params.pooling in ("avg", "avg_max"):
+            pooled.append(layers.GlobalAveragePooling2D(name=f"gap{suffix}")(tap))
+        if params.pooling in ("max", "avg_max"):
+            pooled.append(layers.GlobalMaxPooling2D(name=f"gmp{suffix}")(tap))
     x = pooled[0] if len(pooled) == 1 else layers.Concatenate(name="pooled")(pooled)
     x = _head(x, n_classes, params.dropout, params.dense_units)
     return keras.Model(inputs, x, name=CUSTOM)

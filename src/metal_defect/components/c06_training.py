@@ -29,9 +29,9 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from metal_defect.artifacts import read_json, write_json_atomic
 from metal_defect.components import c04_model_builder as builder
-from metal_defect.components.c03_dataset_loader import Datasets
+from metal_defect.components.c03_dataset_loader import IMBALANCE_FOR_AUTO, Datasets, balanced_sampling, imbalance_ratio
 from metal_defect.components.c05_callbacks import BEST_CHECKPOINT, HISTORY_CSV, learning_rate, make_callbacks, read_history
-from metal_defect.config import BaseParams, CallbacksParams, ModelParams, TrainParams
+from metal_defect.config import BaseParams, CallbacksParams, DataLoaderParams, ModelParams, TrainParams
 from metal_defect.serving.keras_objects import SparseSmoothedCrossentropy
 
 log = logging.getLogger(__name__)
@@ -168,19 +168,22 @@ def pixel_statistics(files: list[Path]) -> tuple[float, float]:
     return float(mean), float(np.sqrt(max(total_sq / max(count, 1) - mean**2, 1e-12)))
 
 
-IMBALANCE_FOR_AUTO_WEIGHTS = 1.5  # train.class_weights=auto: balanced weights when largest/smallest class count exceeds this
-
-
-def use_class_weights(setting: bool | str, labels: np.ndarray) -> bool:
-    """train.class_weights: true/false as given; auto when the training split is imbalanced."""
+def use_class_weights(setting: bool | str, labels: np.ndarray, balanced_draws: bool = False) -> bool:
+    """train.class_weights: true/false as given; auto when the training split is imbalanced and its
+    batches are not already drawn class-balanced (data_loader.class_sampling): both would count twice."""
     if setting != "auto":
         return bool(setting)
-    counts = np.bincount(labels)
-    counts = counts[counts > 0]
-    ratio = float(counts.max() / counts.min()) if len(counts) else 1.0
-    use = ratio > IMBALANCE_FOR_AUTO_WEIGHTS
-    log.info("class balance: largest/smallest class %.2fx; %s", ratio, "balanced class weights on" if use else "no class weights needed")
+    ratio = imbalance_ratio(labels)
+    use = ratio > IMBALANCE_FOR_AUTO and not balanced_draws
+    log.info("class balance: largest/smallest class %.2fx; %s", ratio,
+             "balanced class weights on" if use else "batches drawn class-balanced, no class weights" if balanced_draws else "no class weights needed")
     return use
+
+
+def training_class_weights(train: TrainParams, loader: DataLoaderParams, labels: np.ndarray, n_classes: int) -> dict[int, float] | None:
+    """The loss weights the fit uses (None: unweighted), for the train stage and the tuning trials alike."""
+    drawn = balanced_sampling(loader.class_sampling, labels)
+    return class_weights(labels, n_classes, train.class_weight_power) if use_class_weights(train.class_weights, labels, drawn) else None
 
 
 def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> dict[int, float]:
@@ -224,8 +227,8 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
         model_work.mkdir(parents=True, exist_ok=True)
         (model_work / SUMMARY_TEXT).write_text(f"== {name} ({'pretrained ' + built.weights if built.pretrained else 'random init'}, "
                                                f"{built.schedule}) ==\n{builder.summary_text(built.model)}", encoding="utf-8")
-        use = use_class_weights(train.class_weights, data["train"].labels)
-        weights = class_weights(data["train"].labels, len(data.class_names), train.class_weight_power) if use else None
+        weights = (class_weights(data["train"].labels, len(data.class_names), train.class_weight_power)
+                   if use_class_weights(train.class_weights, data["train"].labels, data["train"].balanced) else None)
         steps = data.steps("train")
         if built.schedule == "two_phase":
             t = model_params.transfer

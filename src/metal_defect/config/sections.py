@@ -111,6 +111,8 @@ class DataLoaderParams:
     batch_size: int = _f(ge=1, le=4096)
     shuffle_buffer: int = _f(ge=1)
     cache_max_mb: float = _f(ge=0)
+    class_sampling: Literal["auto", "balanced", "shuffle"] = _f()
+    class_sampling_power: float = _f(ge=0, le=1)
     augmentation: AugmentationParams = _f()
 
 
@@ -125,6 +127,7 @@ class CustomCnnParams:
     dropout: float = _f(ge=0, lt=1)
     dense_units: int = _f(ge=0)
     pooling: Literal["avg", "max", "avg_max"] = _f()
+    pool_from: Literal["last_block", "all_blocks"] = _f()
     input_normalization: Literal["dataset", "per_image", "scale"] = _f()
     input_scale: float = _f(ge=0.25, le=1)  # the network sees this share of the prepared resolution (resized inside the model)
 
@@ -207,6 +210,7 @@ class EvaluationParams:
     ood_neighbours: int | Literal["auto"] = _f(ge=1, le=10000)
     ood_valid_quantile: float = _f(gt=0.5, le=1)
     annotations: str | None = _f(path_like=True)
+    masks: str | None = _f(path_like=True)
 
     def check(self, key: str) -> list[str]:
         if self.temperature_min >= self.temperature_max:

@@ -8,8 +8,9 @@ LayerCAM is the default: on NEU it points at the defect far more often (README).
 computed in the model's input frame, then the padding is cut away and it is resized to the
 original image's pixel frame, so a peak is a pixel of the file the user gave.
 
-Pointing accuracy: a hit when the heatmap's peak lies inside a ground-truth box (Pascal VOC
-annotations), and the pointing game's variant with a 15-pixel tolerance (Zhang et al., 2016).
+Pointing accuracy: a hit when the heatmap's peak lies inside a ground-truth region (a Pascal
+VOC box, or the white pixels of a defect mask), and the pointing game's variant with a
+15-pixel tolerance (Zhang et al., 2016).
 Nothing here runs unless a heatmap is asked for: the predictor's fast path never builds it.
 """
 
@@ -220,6 +221,61 @@ class Boxes:
         return float(mask.mean())
 
 
+MAX_MASK_PIXELS = 40_000_000  # a larger mask file is refused (decoded, it would take this many bytes)
+
+
+@dataclass(frozen=True)
+class Mask:
+    """A defect's pixel mask (True = defect) in its image's pixel frame: the same questions as Boxes."""
+
+    pixels: np.ndarray  # bool [height, width]
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    def scaled_to(self, width: int, height: int) -> Mask:
+        if (width, height) == (self.width, self.height):
+            return self
+        return Mask(np.asarray(Image.fromarray(self.pixels).resize((width, height), Image.NEAREST), dtype=bool))
+
+    def distance(self, x: float, y: float) -> float:
+        """Pixels from (x, y) to the nearest defect pixel (0 on one)."""
+        ys, xs = np.nonzero(self.pixels)
+        if not len(xs):
+            return float("inf")
+        return float(np.sqrt(np.min((xs - x) ** 2 + (ys - y) ** 2)))
+
+    def share(self) -> float:
+        return float(self.pixels.mean())
+
+    def outline(self) -> np.ndarray:
+        """The defect pixels with a non-defect 4-neighbour (for drawing)."""
+        padded = np.pad(self.pixels, 1)
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        return self.pixels & ~inner
+
+
+def read_mask(path: Path) -> Mask:
+    """A defect mask image (white or any non-black pixel = defect; any size, any mode). Raises
+    ValueError naming the file when it cannot be read or is too large; an empty mask is returned
+    as such (an image without a defect)."""
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_MASK_PIXELS:
+                raise ValueError(f"{path}: mask of {image.width} x {image.height} px is larger than {MAX_MASK_PIXELS:,} pixels")
+            return Mask(np.asarray(image.convert("L")) > 127)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{path}: not a readable mask image ({exc})") from exc
+
+
+Region = Boxes | Mask
+
+
 def read_voc(path: Path) -> Boxes:
     """Boxes of a Pascal VOC XML file. Raises ValueError naming the file when it cannot be read."""
     try:
@@ -233,8 +289,9 @@ def read_voc(path: Path) -> Boxes:
     return Boxes(width, height, boxes)
 
 
-def pointing_accuracy(peaks: list[tuple[int, int]], boxes: list[Boxes], labels: list[str], tolerance: float = POINTING_TOLERANCE_PX) -> dict[str, Any]:
-    """Strict hits (peak inside a box) and tolerant hits (within `tolerance` px), per class and overall, beside chance."""
+def pointing_accuracy(peaks: list[tuple[int, int]], boxes: list[Region], labels: list[str], tolerance: float = POINTING_TOLERANCE_PX) -> dict[str, Any]:
+    """Strict hits (peak inside a box or on a mask's defect pixel) and tolerant hits (within `tolerance` px),
+    per class and overall, beside chance."""
     strict = [b.distance(x, y) == 0 for (x, y), b in zip(peaks, boxes)]
     tolerant = [b.distance(x, y) <= tolerance for (x, y), b in zip(peaks, boxes)]
     chance = [b.share() for b in boxes]
@@ -248,10 +305,15 @@ def pointing_accuracy(peaks: list[tuple[int, int]], boxes: list[Boxes], labels: 
     return {"overall": summary(list(range(len(peaks)))), "per_class": per_class, "tolerance_px": tolerance, "hits": strict}
 
 
-def draw_boxes(picture: Image.Image, boxes: Boxes, colour: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+def draw_regions(picture: Image.Image, boxes: Region, colour: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """The ground truth drawn on a picture: box outlines, or a mask's outline."""
     from PIL import ImageDraw
 
     picture = picture.copy()
+    if isinstance(boxes, Mask):
+        array = np.asarray(picture.convert("RGB")).copy()
+        array[boxes.scaled_to(*picture.size).outline()] = colour
+        return Image.fromarray(array)
     draw = ImageDraw.Draw(picture)
     for xmin, ymin, xmax, ymax in boxes.scaled_to(*picture.size).boxes:
         draw.rectangle((xmin, ymin, xmax, ymax), outline=colour, width=max(1, min(picture.size) // 100))

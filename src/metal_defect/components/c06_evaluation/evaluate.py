@@ -142,7 +142,7 @@ def write_bundle(chosen: Chosen, temperature: float, records: dict[str, Any], da
     shutil.copy2(chosen.model_dir / TRAINED_MODEL, bundle / MODEL_FILE)
     write_ood_references(bundle, scorer)
     valid_records = [r for r in records["records"] if r["split"] == "valid"]
-    layer, verdicts["heatmap"] = choose_heatmap_layer(predictor, x_valid, chosen.valid_probs.argmax(axis=1), valid_records, params.annotations)
+    layer, verdicts["heatmap"] = choose_heatmap_layer(predictor, x_valid, chosen.valid_probs.argmax(axis=1), valid_records, params.annotations, params.masks)
     spec = dataclasses.replace(spec, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), heatmap_layer=layer)
     write_spec(bundle, spec)
     write_manifest(bundle)
@@ -164,7 +164,7 @@ def report_test(served: Predictor, prepared: Path, records: dict[str, Any], clas
     report["calibration_uncalibrated"] = calibration_summary(y_test, raw_test, params)
     report["verdicts"] = verdict_counts(answers, y_test, class_names)
     test_records = [r for r in records["records"] if r["split"] == "test"]
-    pointing = pointing_report(served, x_test, test_records, raw_test.argmax(axis=1), class_names, params.annotations, out_dir / "test")
+    pointing = pointing_report(served, x_test, test_records, raw_test.argmax(axis=1), class_names, params.annotations, out_dir / "test", params.masks)
     if pointing:
         report["pointing"] = pointing
     return report, (y_test, raw_test.argmax(axis=1), x_test)

@@ -1,4 +1,5 @@
-"""c06 heatmaps: which layer the served heatmaps use, and how often they point into the Pascal VOC boxes."""
+"""c06 heatmaps: which layer the served heatmaps use, and how often they point into the ground truth
+(Pascal VOC boxes in `evaluation.annotations`, or defect masks in `evaluation.masks`)."""
 
 from __future__ import annotations
 
@@ -18,26 +19,50 @@ from metal_defect.serving.predictor import Predictor
 log = logging.getLogger(__name__)
 
 
-def boxes_for(records: list[dict[str, Any]], annotations: str | None) -> tuple[list[int], list[explain.Boxes]]:
-    """Indices of the records with Pascal VOC boxes in `annotations` (matched by file name), and their
-    boxes scaled to each image's original size."""
-    if not annotations or not Path(annotations).is_dir():
-        return [], []
-    chosen, boxes = [], []
+MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".gif")
+
+
+def mask_index(masks: str | None) -> dict[str, list[Path]]:
+    """Mask files under `masks` (any depth) by file stem."""
+    index: dict[str, list[Path]] = {}
+    if masks and Path(masks).is_dir():
+        for path in sorted(Path(masks).rglob("*")):
+            if path.suffix.lower() in MASK_SUFFIXES and path.is_file():
+                index.setdefault(path.stem, []).append(path)
+    return index
+
+
+def regions_for(records: list[dict[str, Any]], annotations: str | None, masks: str | None = None) -> tuple[list[int], list[explain.Region]]:
+    """Indices of the records with ground truth, matched by file name, and their regions scaled to each
+    image's original size: Pascal VOC boxes in `annotations` first, else a non-empty defect mask in
+    `masks` (where two masks share a name, the one in a folder named after the image's class).
+    An unreadable file is reported and left out; an empty mask (no defect) gives no region."""
+    by_stem = mask_index(masks)
+    chosen: list[int] = []
+    regions: list[explain.Region] = []
     for i, record in enumerate(records):
-        xml = Path(annotations) / f"{Path(record['source']).stem}.xml"
-        if xml.is_file():
-            try:
-                found = explain.read_voc(xml)
-            except ValueError as exc:
-                log.warning("heatmap boxes: %s", exc)
+        stem = Path(record["source"]).stem
+        xml = Path(annotations) / f"{stem}.xml" if annotations else None
+        try:
+            if xml is not None and xml.is_file():
+                found: explain.Region = explain.read_voc(xml)
+            elif stem in by_stem:
+                candidates = by_stem[stem]
+                path = next((p for p in candidates if p.parent.name == record.get("label")), candidates[0])
+                found = explain.read_mask(path)
+                if not found.pixels.any():
+                    continue
+            else:
                 continue
-            chosen.append(i)
-            boxes.append(found.scaled_to(*(record.get("original_size") or (found.width, found.height))))
-    return chosen, boxes
+        except ValueError as exc:
+            log.warning("heatmap ground truth: %s", exc)
+            continue
+        chosen.append(i)
+        regions.append(found.scaled_to(*(record.get("original_size") or (found.width, found.height))))
+    return chosen, regions
 
 
-def _pointing(predictor: Predictor, images: np.ndarray, records: list[dict[str, Any]], chosen: list[int], boxes: list[explain.Boxes],
+def _pointing(predictor: Predictor, images: np.ndarray, records: list[dict[str, Any]], chosen: list[int], boxes: list[explain.Region],
               classes: np.ndarray) -> tuple[dict[str, Any], list[np.ndarray]]:
     sizes = [tuple(records[i].get("original_size") or (b.width, b.height)) for i, b in zip(chosen, boxes)]
     heat = predictor.heatmaps(images[chosen], classes[chosen], sizes)
@@ -45,36 +70,34 @@ def _pointing(predictor: Predictor, images: np.ndarray, records: list[dict[str, 
 
 
 def choose_heatmap_layer(predictor: Predictor, x_valid: np.ndarray, predicted: np.ndarray, valid_records: list[dict[str, Any]],
-                         annotations: str | None) -> tuple[str, dict[str, Any]]:
+                         annotations: str | None, masks: str | None = None) -> tuple[str, dict[str, Any]]:
     """The heatmap layer: among the deepest layer of each feature-map size, the one whose LayerCAM
     points into the validation boxes most often; without boxes, explain.heatmap_layer's default."""
     size = int(predictor.spec.image_size)
     default = explain.heatmap_layer(predictor.model, size)
-    chosen, boxes = boxes_for(valid_records, annotations)
+    chosen, boxes = regions_for(valid_records, annotations, masks)
     if not chosen:
-        return default, {"layer": default, "method": "layercam", "chosen_by": "default rule (no validation boxes): the deepest layer at stride 4"}
+        return default, {"layer": default, "method": "layercam", "chosen_by": "default rule (no validation ground truth): the deepest layer at stride 4"}
     scores: dict[str, float] = {}
     for layer, _side in explain.candidate_layers(predictor.model, size):
         probe = Predictor(predictor.model, dataclasses.replace(predictor.spec, heatmap_layer=layer, heatmap_method="layercam"))
         scores[layer] = _pointing(probe, x_valid, valid_records, chosen, boxes, predicted)[0]["overall"]["strict"]
     best = max(scores, key=lambda name: (round(scores[name], 6), -list(scores).index(name)))  # ties: the deeper layer
     log.info("heatmap layer %s: LayerCAM validation pointing accuracy %s", best, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    return best, {"layer": best, "method": "layercam", "chosen_by": f"validation pointing accuracy on {len(chosen)} boxed images",
+    return best, {"layer": best, "method": "layercam", "chosen_by": f"validation pointing accuracy on {len(chosen)} images with ground truth",
                   "validation_strict": scores}
 
 
 def pointing_report(predictor: Predictor, images: np.ndarray, records: list[dict[str, Any]], predicted: np.ndarray, class_names: list[str],
-                    annotations: str | None, out_dir: Path) -> dict[str, Any] | None:
-    """Pointing accuracy of the served heatmaps on the test images that have Pascal VOC boxes, beside
-    plain Grad-CAM at the last spatial layer, and a grid of overlays (hits and misses of every class);
-    None when no test image has boxes."""
-
-
+                    annotations: str | None, out_dir: Path, masks: str | None = None) -> dict[str, Any] | None:
+    """Pointing accuracy of the served heatmaps on the test images that have ground truth (boxes or masks),
+    beside plain Grad-CAM at the last spatial layer, and a grid of overlays (hits and misses of every
+    class); None when no test image has any."""
     started = time.perf_counter()
-    chosen, boxes = boxes_for(records, annotations)
+    chosen, boxes = regions_for(records, annotations, masks)
     if not chosen:
-        if annotations:
-            log.info("no test image has boxes in %s: no pointing accuracy", annotations)
+        if annotations or masks:
+            log.info("no test image has boxes in %s or a defect mask in %s: no pointing accuracy", annotations, masks)
         return None
     result, heat = _pointing(predictor, images, records, chosen, boxes, predicted)
     baseline_layer = explain.last_spatial_layer(predictor.model)
@@ -83,11 +106,12 @@ def pointing_report(predictor: Predictor, images: np.ndarray, records: list[dict
     hits = result.pop("hits")
     baseline_result.pop("hits")
     result |= {"layer": predictor.gradcam().layer, "method": predictor.gradcam().method, "annotations": str(annotations),
+               "masks": str(masks) if masks else None, "ground_truth": "masks" if any(isinstance(b, explain.Mask) for b in boxes) else "boxes",
                "images_with_boxes": len(chosen), "of_test_images": len(records),
                "gradcam_last_layer": {"layer": baseline_layer, "overall": baseline_result["overall"]},
                "seconds": round(time.perf_counter() - started, 2)}
     overall = result["overall"]
-    log.info("heatmap pointing accuracy on %d boxed test images (%s at %s): %.3f strict, %.3f within %d px (chance %.3f); "
+    log.info("heatmap pointing accuracy on %d test images with ground truth (%s at %s): %.3f strict, %.3f within %d px (chance %.3f); "
              "plain Grad-CAM at %s: %.3f strict", len(chosen), result["method"], result["layer"], overall["strict"], overall["tolerant"],
              result["tolerance_px"], overall["chance"], baseline_layer, baseline_result["overall"]["strict"])
     shown = []
@@ -100,10 +124,10 @@ def pointing_report(predictor: Predictor, images: np.ndarray, records: list[dict
         source = Path(record["source"])
         original = Image.open(source) if source.is_file() else Image.fromarray(images[chosen[j]].squeeze())
         size = tuple(record.get("original_size") or original.size)
-        pictures.append(explain.draw_boxes(explain.overlay(original.resize(size), heat[j]), boxes[j]))
+        pictures.append(explain.draw_regions(explain.overlay(original.resize(size), heat[j]), boxes[j]))
         captions.append(f"{'HIT' if hits[j] else 'MISS'}: {source.name}\npredicted {class_names[predicted[chosen[j]]]}")
-    explain.overlay_grid(pictures, captions, f"{explain.METHOD_NAMES[result['method']]} at {result['layer']} on boxed test images: peak inside a box "
-                         f"{overall['strict']:.1%} (chance {overall['chance']:.1%}); ring = peak, white boxes = ground truth",
+    explain.overlay_grid(pictures, captions, f"{explain.METHOD_NAMES[result['method']]} at {result['layer']} on test images with ground truth: peak on it "
+                         f"{overall['strict']:.1%} (chance {overall['chance']:.1%}); ring = peak, white outlines = ground truth",
                          out_dir / "heatmaps.png", columns=8)
     write_json_atomic(out_dir / "pointing.json", result)
     return result

@@ -106,10 +106,12 @@ def _pointing_text(pointing: dict[str, Any] | None) -> str:
     rows = "\n".join(f"| {c} | {v['n']} | {v['strict']:.3f} | {v['tolerant']:.3f} | {v['chance']:.3f} |" for c, v in pointing["per_class"].items())
     o = pointing["overall"]
     base = pointing["gradcam_last_layer"]
+    truth = "defect masks" if pointing.get("ground_truth") == "masks" else "boxes"
+    where = pointing["masks"] if truth == "defect masks" else pointing["annotations"]
     return f"""## Where it looks: heatmap pointing accuracy
-On {pointing['images_with_boxes']} of {pointing['of_test_images']} test images with ground-truth boxes (`{pointing['annotations']}`),
-{explain.METHOD_NAMES[pointing['method']]} of the predicted class at layer `{pointing['layer']}`: a hit when the heatmap's peak lies inside a box (strict), or within
-{pointing['tolerance_px']} px of one (the pointing game's tolerance). Chance = the mean share of the image inside boxes.
+On {pointing['images_with_boxes']} of {pointing['of_test_images']} test images with ground-truth {truth} (`{where}`),
+{explain.METHOD_NAMES[pointing['method']]} of the predicted class at layer `{pointing['layer']}`: a hit when the heatmap's peak lies on the ground truth (strict), or within
+{pointing['tolerance_px']} px of it (the pointing game's tolerance). Chance = the mean share of the image the ground truth covers.
 Plain Grad-CAM at the last spatial layer (`{base['layer']}`) scores {base['overall']['strict']:.3f} strict, {base['overall']['tolerant']:.3f} within {pointing['tolerance_px']} px.
 
 | class | n | strict | within {pointing['tolerance_px']} px | chance |

@@ -24,12 +24,11 @@ from metal_defect.components import c04_model_builder as builder
 from metal_defect.components.c03_dataset_loader import build_datasets, read_records
 from metal_defect.components.c05_callbacks import HISTORY_CSV, DeadlineStop, best_of, learning_rate, make_callbacks, monitor_mode
 from metal_defect.components.c06_training import (
-    class_weights,
     compile_model,
     make_strategy,
     pixel_statistics,
     scaled_patience,
-    use_class_weights,
+    training_class_weights,
 )
 from metal_defect.components.c07_hyper_tuning.space import SearchJob, apply_hyperparameters, declare_space, format_values, shown_values
 from metal_defect.config import Recipe, TuningParams, to_plain
@@ -105,7 +104,7 @@ def trial_setup(prepared: Path, recipe: Recipe) -> TrialSetup:
     rows = [r for r in records["records"] if r["split"] == "train"]
     labels = np.array([r["label_index"] for r in rows])
     n_classes = len(records["classes"])
-    weights = class_weights(labels, n_classes, recipe.train.class_weight_power) if use_class_weights(recipe.train.class_weights, labels) else None
+    weights = training_class_weights(recipe.train, recipe.data_loader, labels, n_classes)
     return TrialSetup((records["image_size"], records["image_size"], channels), n_classes, len(rows),
                       pixel_statistics([Path(prepared) / r["file"] for r in rows]), weights)
 
