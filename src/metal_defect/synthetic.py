@@ -57,3 +57,25 @@ def make_dataset(root: Path, classes: tuple[str, ...] = CLASSES, per_class: int 
                 name = f"{PREFIXES.get(label, label)}_{number}{ext}" if layout != "class-folders" else f"{label}_{number}{ext}"
                 Image.fromarray(texture(k, len(classes), size, rng)).save(folder / name)
     return root
+
+
+def small_defect_dataset(root: Path, per_class: int = 30, size: int = 128, spot: int = 3, seed: int = 0) -> Path:
+    """Two classes where the difference is a few pixels in a large image: `free` (a striped,
+    unevenly lit, noisy surface) and `spot` (the same with one dark `spot` x `spot` px blob at a
+    random place, a blowhole's share of the image). The surface statistics are the same in
+    both classes, so a global texture histogram cannot tell them apart: only a detector of the
+    local pattern can (the case the magnetic tiles' blowholes and cracks pose)."""
+    rng = np.random.default_rng(seed)
+    y = np.linspace(-1, 1, size)[:, None]
+    x = np.linspace(0, 1, size)[None, :]
+    for cls in ("free", "spot"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            light = rng.uniform(0.3, 0.6) + 0.15 * rng.uniform(-1, 1) * y
+            stripes = 0.06 * np.sin(2 * np.pi * rng.uniform(10, 20) * x + rng.uniform(0, 2 * np.pi))
+            image = light + stripes + rng.normal(0, 0.03, (size, size))
+            if cls == "spot":
+                cy, cx = rng.integers(spot, size - 2 * spot, size=2)
+                image[cy:cy + spot, cx:cx + spot] -= 0.25
+            Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(root / cls / f"{cls}_{index:03d}.png")
+    return root
