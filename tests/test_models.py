@@ -204,7 +204,7 @@ def test_repository_defaults_train_only_the_custom_cnn():
 
 
 def test_pool_from_all_blocks_pools_every_block_before_its_pooling(tmp_path):
-    config = _params(tmp_path, model={"custom_cnn": {"filters": [4, 8, 16], "pooling": "avg_max", "dense_units": 0}})
+    config = _params(tmp_path, model={"custom_cnn": {"filters": [4, 8, 16], "pooling": "avg_max", "dense_units": 0, "pool_from": "last_block"}})
     last = builder.build_model("custom_cnn", SHAPE, 3, config.model).model
     every = builder.build_model("custom_cnn", SHAPE, 3, dataclasses.replace(
         config.model, custom_cnn=dataclasses.replace(config.model.custom_cnn, pool_from="all_blocks"))).model
