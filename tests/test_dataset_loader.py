@@ -206,6 +206,7 @@ def test_auto_sampling_balances_only_imbalanced_data_and_then_the_loss_is_not_we
     assert not c03.balanced_sampling("auto", balanced) and c03.balanced_sampling("auto", imbalanced)
     assert c03.balanced_sampling("balanced", balanced) and not c03.balanced_sampling("shuffle", imbalanced)
     train = load_config(REPO).train
-    both = c06_training.training_class_weights(train, _loader("data_loader.class_sampling=auto"), imbalanced, 3)
-    weights_only = c06_training.training_class_weights(train, _loader("data_loader.class_sampling=shuffle"), imbalanced, 3)
+    drawn = {s: c03.balanced_sampling(_loader(f"data_loader.class_sampling={s}").class_sampling, imbalanced) for s in ("auto", "shuffle")}
+    both = c06_training.training_class_weights(train, imbalanced, 3, drawn["auto"])
+    weights_only = c06_training.training_class_weights(train, imbalanced, 3, drawn["shuffle"])
     assert both is None and weights_only is not None and weights_only[0] < 1 < weights_only[1]

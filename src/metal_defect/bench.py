@@ -243,11 +243,12 @@ def bench_datasets(config: Config, args: Any) -> dict[str, Any]:
 
 def _dataset_row(manifest: dict[str, Any], seconds: float) -> dict[str, Any]:
     from metal_defect.components.c06_evaluation.evaluate import GATE_FILE
+    from metal_defect.components.c06_evaluation.heatmaps import POINTING_FILE
 
     m = manifest["metrics"]
     evaluation = Path(manifest["stages"]["evaluation"]["output"])
     gate = json.loads((evaluation / GATE_FILE).read_text())
-    pointing_file = evaluation / "test" / "pointing.json"
+    pointing_file = evaluation / "test" / POINTING_FILE
     pointing = json.loads(pointing_file.read_text())["overall"] if pointing_file.is_file() else None
     return {"classical_macro_f1_ci95": gate["classical"]["macro_f1_ci95"], "pointing_strict": pointing and pointing["strict"],
             "pointing_chance": pointing and pointing["chance"], "pointing_n": pointing and pointing["n"],

@@ -40,7 +40,6 @@ class SplitData:
     cached: bool
     balanced: bool = False  # drawn class by class (data_loader.class_sampling), not shuffled as it comes
 
-
     @property
     def size(self) -> int:
         return len(self.files)

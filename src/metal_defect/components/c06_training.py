@@ -29,9 +29,9 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from metal_defect.artifacts import read_json, write_json_atomic
 from metal_defect.components import c04_model_builder as builder
-from metal_defect.components.c03_dataset_loader import IMBALANCE_FOR_AUTO, Datasets, balanced_sampling, imbalance_ratio
+from metal_defect.components.c03_dataset_loader import IMBALANCE_FOR_AUTO, Datasets, imbalance_ratio
 from metal_defect.components.c05_callbacks import BEST_CHECKPOINT, HISTORY_CSV, learning_rate, make_callbacks, read_history
-from metal_defect.config import BaseParams, CallbacksParams, DataLoaderParams, ModelParams, TrainParams
+from metal_defect.config import BaseParams, CallbacksParams, ModelParams, TrainParams
 from metal_defect.serving.keras_objects import SparseSmoothedCrossentropy
 
 log = logging.getLogger(__name__)
@@ -180,10 +180,9 @@ def use_class_weights(setting: bool | str, labels: np.ndarray, balanced_draws: b
     return use
 
 
-def training_class_weights(train: TrainParams, loader: DataLoaderParams, labels: np.ndarray, n_classes: int) -> dict[int, float] | None:
+def training_class_weights(train: TrainParams, labels: np.ndarray, n_classes: int, balanced_draws: bool) -> dict[int, float] | None:
     """The loss weights the fit uses (None: unweighted), for the train stage and the tuning trials alike."""
-    drawn = balanced_sampling(loader.class_sampling, labels)
-    return class_weights(labels, n_classes, train.class_weight_power) if use_class_weights(train.class_weights, labels, drawn) else None
+    return class_weights(labels, n_classes, train.class_weight_power) if use_class_weights(train.class_weights, labels, balanced_draws) else None
 
 
 def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> dict[int, float]:
@@ -227,8 +226,7 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
         model_work.mkdir(parents=True, exist_ok=True)
         (model_work / SUMMARY_TEXT).write_text(f"== {name} ({'pretrained ' + built.weights if built.pretrained else 'random init'}, "
                                                f"{built.schedule}) ==\n{builder.summary_text(built.model)}", encoding="utf-8")
-        weights = (class_weights(data["train"].labels, len(data.class_names), train.class_weight_power)
-                   if use_class_weights(train.class_weights, data["train"].labels, data["train"].balanced) else None)
+        weights = training_class_weights(train, data["train"].labels, len(data.class_names), data["train"].balanced)
         steps = data.steps("train")
         if built.schedule == "two_phase":
             t = model_params.transfer

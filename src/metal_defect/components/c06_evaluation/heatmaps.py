@@ -19,6 +19,7 @@ from metal_defect.serving.predictor import Predictor
 log = logging.getLogger(__name__)
 
 
+POINTING_FILE = "pointing.json"  # in the evaluation's test folder: what `bench datasets` reads
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".gif")
 
 
@@ -129,5 +130,5 @@ def pointing_report(predictor: Predictor, images: np.ndarray, records: list[dict
     explain.overlay_grid(pictures, captions, f"{explain.METHOD_NAMES[result['method']]} at {result['layer']} on test images with ground truth: peak on it "
                          f"{overall['strict']:.1%} (chance {overall['chance']:.1%}); ring = peak, white outlines = ground truth",
                          out_dir / "heatmaps.png", columns=8)
-    write_json_atomic(out_dir / "pointing.json", result)
+    write_json_atomic(out_dir / POINTING_FILE, result)
     return result

@@ -21,7 +21,7 @@ import numpy as np
 
 from metal_defect import artifacts as art
 from metal_defect.components import c04_model_builder as builder
-from metal_defect.components.c03_dataset_loader import build_datasets, read_records
+from metal_defect.components.c03_dataset_loader import balanced_sampling, build_datasets, read_records
 from metal_defect.components.c05_callbacks import HISTORY_CSV, DeadlineStop, best_of, learning_rate, make_callbacks, monitor_mode
 from metal_defect.components.c06_training import (
     compile_model,
@@ -104,7 +104,7 @@ def trial_setup(prepared: Path, recipe: Recipe) -> TrialSetup:
     rows = [r for r in records["records"] if r["split"] == "train"]
     labels = np.array([r["label_index"] for r in rows])
     n_classes = len(records["classes"])
-    weights = training_class_weights(recipe.train, recipe.data_loader, labels, n_classes)
+    weights = training_class_weights(recipe.train, labels, n_classes, balanced_sampling(recipe.data_loader.class_sampling, labels))
     return TrialSetup((records["image_size"], records["image_size"], channels), n_classes, len(rows),
                       pixel_statistics([Path(prepared) / r["file"] for r in rows]), weights)
 
