@@ -15,6 +15,9 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
 base_image="docker.io/library/python:3.11-slim"
 image="localhost/metal-defect:check"
+# containers are named per run: a run killed before its cleanup, or another run on the same
+# machine, must not hold the name this one needs ("the container name ... is already in use")
+run_id="$$-$(date +%s)"
 containers=()
 cleanup() {
   for name in "${containers[@]}"; do podman rm -f "$name" > /dev/null 2>&1 || true; done
@@ -92,7 +95,7 @@ build "$image-baked" "$work/baked"
 # ---------------------------------------------------------------- run and check
 free_port() { "$repo/.venv/bin/python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 start() {  # start NAME IMAGE [podman run options]: .ci/image_smoke.sh starts it and checks health, user, answer
-  local name="$1" img="$2" port
+  local name="$1-$run_id" img="$2" port
   shift 2
   port="$(free_port)"
   containers+=("$name")

@@ -10,6 +10,8 @@ engine="$1" image="$2" name="$3"
 shift 3
 fail() { echo "image check FAILED ($name): $*" >&2; "$engine" logs "$name" 2>&1 | tail -30 >&2 || true; exit 1; }
 
+# a container left under this name by a killed run would refuse the new one: replace it
+"$engine" rm -f "$name" > /dev/null 2>&1 || true
 # (podman says twice that it has no systemd to time the health checks: healthy() below runs them)
 "$engine" run -d --name "$name" "$@" "$image" 2> >(grep -v "systemd connection" >&2) > /dev/null
 healthy() {  # podman without systemd runs no health timers: ask it to run the image's check now
