@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ def test_an_imbalanced_training_set_is_trained_with_balanced_weights(tmp_path):
     assert weights[2] < 1 < weights[0] and weights[0] == pytest.approx(weights[1])
 
 
-def test_random_labels_raise_the_weak_model_flag_everywhere(tmp_path, capsys):
+def test_random_labels_raise_the_weak_model_flag_everywhere(tmp_path, capsys, caplog):
     data = synthetic.make_dataset(tmp_path / "data", per_class=24)
     files = sorted(data.glob("*/*.png"))
     rng = np.random.default_rng(3)
@@ -62,8 +63,10 @@ def test_random_labels_raise_the_weak_model_flag_everywhere(tmp_path, capsys):
     for index, path in enumerate(files):  # every image moves to a random class: nothing to learn
         path.rename(data / classes[rng.integers(len(classes))] / f"r{index}.png")
     folder = write_config(tmp_path / "cfg", _deep_merge(tiny_training_params(), {"data_ingestion": {"source": str(data)}}), TINY_SCHEMA)
-    manifest = Runner(load_config(folder)).run()
+    with caplog.at_level(logging.INFO):
+        manifest = Runner(load_config(folder)).run()
     assert manifest["metrics"]["weak_model"] is True
+    assert "WEAK MODEL: the served model custom_cnn is flagged weak_model" in caplog.text  # the banner, for the served model
     out = Path(manifest["stages"]["evaluation"]["output"])
     gate = read_json(out / "quality_gate.json")
     assert gate["weak_model"] and gate["reasons"] and set(gate) >= {"model", "classical", "majority", "train_accuracy", "train_accuracy_last_epoch"}

@@ -5,7 +5,10 @@ kill, chief and workers, memory over many trials) are in test_tuning_processes.p
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ from conftest import REPO, TINY_SCHEMA, _deep_merge, tiny_training_params, write
 from metal_defect import served as served_model
 from metal_defect import synthetic
 from metal_defect.artifacts import ArtifactStore, read_json
-from metal_defect.components.c07_hyper_tuning import distributed, report, space, trials
+from metal_defect.components.c07_hyper_tuning import distributed, finalist, report, space, trials
 from metal_defect.config import Recipe, load_config
 from metal_defect.errors import ConfigError
 from metal_defect.pipeline import Runner
@@ -27,7 +30,8 @@ TRIAL_COLUMNS = ["trial_id", "status", "objective", "score", "best_epoch", "dura
 def tiny_tuning_params(**tuning) -> dict:
     """A search that takes seconds on the synthetic set: few trials, few epochs, a small space."""
     space = {key: None for key in ("learning_rate", "batch_size", "blocks", "width", "convs_per_block", "pooling", "dropout", "dense_units",
-                                   "input_scale", "rotation_degrees", "brightness", "contrast", "noise_std", "resample_blur", "fine_tune_layers")}
+                                   "input_scale", "rotation_degrees", "brightness", "contrast", "noise_std", "resample_blur", "fine_tune_layers",
+                                   "label_smoothing", "weight_decay", "class_weight_power")}
     space |= {"learning_rate": {"min": 0.001, "max": 0.01, "log": True}, "width": [0.5, 1.0]}
     settings = {"enabled": True, "tuner": "random", "max_trials": 3, "epochs_per_trial": 3, "max_minutes": 10, "space": space}
     return _deep_merge(tiny_training_params(epochs=4), {"tuning": _deep_merge(settings, tuning)})
@@ -59,8 +63,10 @@ def test_space_is_read_from_params_and_lands_in_the_recipe(tmp_path):
     assert declared["batch_size"].values == [8, 16] and declared["pooling"].values == ["max", "avg_max"]
     recipe = Recipe(config.base, config.data_loader, config.model, config.callbacks, config.train)
     tuned = space.apply_hyperparameters(recipe, {"learning_rate": 0.005, "batch_size": 16, "blocks": 3, "width": 0.5, "pooling": "max",
-                                                "dropout": 0.25, "brightness": 0.2, "tuner/epochs": 3})
+                                                "dropout": 0.25, "brightness": 0.2, "label_smoothing": 0.0, "weight_decay": 0.001,
+                                                "class_weight_power": 1.0, "tuner/epochs": 3})
     assert tuned.train.learning_rate == 0.005 and tuned.data_loader.batch_size == 16
+    assert (tuned.train.label_smoothing, tuned.train.weight_decay, tuned.train.class_weight_power) == (0.0, 0.001, 1.0)
     assert tuned.model.custom_cnn.filters == [8, 8, 16]  # [8, 16] + one block at 32, times 0.5, at least 8
     assert tuned.model.custom_cnn.pooling == "max" and tuned.model.custom_cnn.dropout == 0.25
     assert tuned.data_loader.augmentation.brightness == 0.2 and tuned.data_loader.augmentation.rotate90 == recipe.data_loader.augmentation.rotate90
@@ -109,6 +115,46 @@ def test_served_only_when_strictly_better_on_validation():
     assert s6_select.choose_served(base, None, "macro_f1") == ("base", "no tuned model (tuning off, or no trial completed)")
 
 
+def test_auto_searches_only_when_the_base_model_leaves_room():
+    config = load_config(REPO)
+    auto, on = config.tuning, dataclasses.replace(config.tuning, enabled=True)
+    good = {"name": "custom_cnn", "valid": {"macro_f1": 0.99}, "weak_model": False}
+    assert auto.enabled == "auto" and finalist.search_needed(auto, good, config.evaluation)[0] is False
+    assert finalist.search_needed(on, good, config.evaluation)[0] is True
+    assert finalist.search_needed(auto, good | {"valid": {"macro_f1": 0.80}}, config.evaluation) == (
+        True, "tuning.enabled is auto and the base model's validation macro F1 0.8000 is below 0.95")
+    wanted, why = finalist.search_needed(auto, good | {"weak_model": True}, config.evaluation)
+    assert wanted and "flagged weak_model" in why
+    assert finalist.search_needed(dataclasses.replace(auto, enabled=False), good | {"weak_model": True}, config.evaluation)[0] is False
+
+
+def test_the_budget_holds_the_finalists_full_training_and_the_search_gets_the_rest():
+    tuning = dataclasses.replace(load_config(REPO).tuning, max_minutes=25, epochs_per_trial=10)
+    plan = finalist.plan_budget(tuning, {"median_epoch_seconds": 15.0, "epochs_run": 40}, started=1000.0)
+    assert plan.finalist_s == 15.0 * 40 + finalist.TRIAL_START_S  # as long as the base model's training took
+    assert plan.end == 1000.0 + 25 * 60 and plan.search_deadline == plan.end - plan.finalist_s
+    assert plan.trial_s == 15.0 * 10 + finalist.TRIAL_START_S and plan.search_fits
+    assert "then its best configuration trained with the full schedule" in plan.text()
+    tight = finalist.plan_budget(dataclasses.replace(tuning, max_minutes=11), {"median_epoch_seconds": 15.0, "epochs_run": 40}, 0.0)
+    assert not tight.search_fits  # 11 min: the finalist's ~10.3 min leave no room for one ~2.8 min trial
+
+
+@pytest.mark.slow
+def test_a_worse_finalist_is_not_served_and_only_the_served_model_gets_the_banner(tmp_path, caplog):
+    # trials at a learning rate of 1e-6 cannot learn: the finalist is flagged weak, the base model is not
+    params = tiny_tuning_params(max_trials=1, epochs_per_trial=2, space={"width": None, "learning_rate": [0.000001]})
+    folder = make_config(tmp_path, _deep_merge(params, {"train": {"epochs": 6}}))
+    with caplog.at_level(logging.INFO):
+        manifest = Runner(load_config(folder)).run()
+    summary = read_json(Path(manifest["stages"]["select"]["output"]) / s6_select.TUNING_SUMMARY)
+    tuned_gate = read_json(Path(manifest["stages"]["tune"]["output"]) / "evaluation" / "quality_gate.json")
+    assert summary["served"] == "base" and summary["valid"]["tuned"]["macro_f1"] < summary["valid"]["base"]["macro_f1"], summary
+    assert tuned_gate["weak_model"] and summary["test"]["tuned"] is not None  # judged on test too, for the summary
+    assert "custom_cnn_tuned flagged weak_model" in caplog.text and "WEAK MODEL: the served model custom_cnn_tuned" not in caplog.text
+    # one banner, for the served base model, and only when it is flagged itself (a 3-class set of 8 test images often is)
+    assert caplog.text.count("WEAK MODEL") == int(manifest["metrics"]["weak_model"])
+
+
 # ----------------------------------------------------------------------------- a local search
 @pytest.mark.slow
 def test_search_tolerates_a_failing_trial_and_writes_csv_plot_summary_and_card(tmp_path):
@@ -147,16 +193,21 @@ def test_search_tolerates_a_failing_trial_and_writes_csv_plot_summary_and_card(t
 
 
 @pytest.mark.slow
-def test_a_tuned_model_strictly_better_on_validation_is_served(tmp_path):
-    # a base model that cannot learn in one epoch at a learning rate of 1e-6, against trials that can
-    params = _deep_merge(tiny_tuning_params(max_trials=2, epochs_per_trial=6, space={"width": None,
+def test_a_search_picks_a_configuration_that_retrained_beats_a_crippled_base_model(tmp_path):
+    # a base model that cannot learn at a learning rate of 1e-6, against trials that can: the best trial's
+    # configuration is trained again with the full schedule (6 epochs, not the trial's 3) and served
+    params = _deep_merge(tiny_tuning_params(max_trials=2, epochs_per_trial=3, space={"width": None,
                                                                                      "learning_rate": {"min": 0.003, "max": 0.01, "log": True}}),
-                         {"train": {"epochs": 1, "learning_rate": 0.000001}})
+                         {"train": {"epochs": 6, "learning_rate": 0.000001}})
     folder = make_config(tmp_path, params)
     manifest = Runner(load_config(folder)).run()
     summary = read_json(Path(manifest["stages"]["select"]["output"]) / s6_select.TUNING_SUMMARY)
     assert summary["valid"]["tuned"]["macro_f1"] > summary["valid"]["base"]["macro_f1"], summary["valid"]
     assert summary["served"] == "tuned" and "better on validation" in summary["reason"]
+    search = read_json(Path(manifest["stages"]["tune"]["output"]) / s5_tune.SEARCH_FILE)
+    trained = read_json(Path(manifest["stages"]["tune"]["output"]) / "train_summary.json")["models"]["custom_cnn_tuned"]
+    assert search["finalist_epochs"] == trained["epochs_run"] == 6 and trained["hyperparameters"]["learning_rate"] >= 0.003
+    assert "retrained" in trained["schedule"] and "full schedule" in search["tuned_model_source"]
     from metal_defect.serving.predictor import Predictor
 
     store = ArtifactStore(folder / "artifacts")
@@ -176,7 +227,7 @@ def test_each_tuner_runs_a_search_with_the_same_outputs(tmp_path, tuner):
     recipe = Recipe(config.base, config.data_loader, config.model, config.callbacks, config.train)
     job = space.SearchJob("custom_cnn", recipe, config.tuning, prepared, space.data_fingerprint(prepared))
     project = tmp_path / "tuning" / job.key
-    tuner_object = distributed.search(job, project)
+    tuner_object = distributed.search(job, project, time.time() + 600)
     rows = report.trial_rows(tuner_object, project, "val_loss")
     assert rows and all(r["status"] == "COMPLETED" and r["score"] > 0 for r in rows)
     assert list(rows[0])[: len(TRIAL_COLUMNS)] == TRIAL_COLUMNS

@@ -127,7 +127,7 @@ STAGES: tuple[Stage, ...] = (
         sections=(*RECIPE_SECTIONS, "tuning", "evaluation", "data_preprocessing", "schema"),
         upstream=("data_ingestion", "data_preprocessing", "train", "evaluation"),
         reports=("trials.png",),
-        description="Keras Tuner search around the best base model (resumable, distributed); the tuned model evaluated like the base models",
+        description="Keras Tuner search around the best base model (resumable, distributed) ranks configurations; the best one trained with the full schedule and evaluated like the base models",
     ),
     Stage(
         "select",

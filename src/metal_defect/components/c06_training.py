@@ -30,7 +30,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from metal_defect.artifacts import read_json, write_json_atomic
 from metal_defect.components import c04_model_builder as builder
 from metal_defect.components.c03_dataset_loader import IMBALANCE_FOR_AUTO, Datasets, imbalance_ratio
-from metal_defect.components.c05_callbacks import BEST_CHECKPOINT, HISTORY_CSV, learning_rate, make_callbacks, read_history
+from metal_defect.components.c05_callbacks import BEST_CHECKPOINT, HISTORY_CSV, DeadlineStop, learning_rate, make_callbacks, read_history
 from metal_defect.config import BaseParams, CallbacksParams, ModelParams, TrainParams
 from metal_defect.serving.keras_objects import SparseSmoothedCrossentropy
 
@@ -48,8 +48,11 @@ SUMMARY_TEXT = "summary.txt"  # in a model's work folder: its Keras summary, gat
 
 
 def train_models(data: Datasets, base: BaseParams, model_params: ModelParams, callback_params: CallbacksParams, train: TrainParams,
-                 work_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Train (or pick up finished) models; copy each into out_dir/models/<name>/."""
+                 work_dir: Path, out_dir: Path, saved_suffix: str = "", deadline: float | None = None) -> dict[str, Any]:
+    """Train (or pick up finished) models; copy each into out_dir/models/<name><saved_suffix>/.
+
+    `deadline` (time.time()): no epoch starts after it (the tuning stage's finalist keeps to its budget).
+    """
     summaries: dict[str, Any] = {}
     texts = []
     for name in train.models:
@@ -60,9 +63,9 @@ def train_models(data: Datasets, base: BaseParams, model_params: ModelParams, ca
             log.info("%s: already trained in an earlier attempt of this stage; not training again", name)
             info = read_json(done)
         else:
-            info = train_one(name, data, base, model_params, callback_params, train, model_work)
+            info = train_one(name, data, base, model_params, callback_params, train, model_work, deadline)
             write_json_atomic(done, info)
-        target = out_dir / MODELS_DIR / name
+        target = out_dir / MODELS_DIR / (name + saved_suffix)
         target.mkdir(parents=True)
         shutil.copy2(model_work / TRAINED_MODEL, target / TRAINED_MODEL)
         for extra in (HISTORY_CSV, HISTORY_FILE):
@@ -71,7 +74,7 @@ def train_models(data: Datasets, base: BaseParams, model_params: ModelParams, ca
         for board in sorted(model_work.glob("*/tensorboard")):
             shutil.copytree(board, target / "tensorboard" / board.parent.name)
         texts.append((model_work / SUMMARY_TEXT).read_text())
-        summaries[name] = info
+        summaries[name + saved_suffix] = info | {"name": name + saved_suffix}
     (out_dir / SUMMARIES_FILE).write_text("\n\n".join(texts), encoding="utf-8")
     write_json_atomic(out_dir / TRAIN_SUMMARY, {"models": summaries, "class_names": data.class_names, "image_shape": list(data.image_shape)})
     return {"models": {n: {k: s[k] for k in ("pretrained", "schedule", "epochs_run", "best_val_loss", "median_epoch_seconds")} for n, s in summaries.items()}}
@@ -206,8 +209,8 @@ def compile_model(model: keras.Model, train: TrainParams, lr: Any) -> None:
 
 
 def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelParams, callback_params: CallbacksParams,
-              train: TrainParams, model_work: Path) -> dict[str, Any]:
-    """Build and fit one model; save its best-epoch weights as model_work/model.keras."""
+              train: TrainParams, model_work: Path, deadline: float | None = None) -> dict[str, Any]:
+    """Build and fit one model; save its best-epoch weights as model_work/model.keras (no epoch starts after `deadline`)."""
     keras.utils.set_random_seed(base.seed)
     if base.deterministic_ops:
         tf.config.experimental.enable_op_determinism()
@@ -251,8 +254,11 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
                 history += _tag(read_history(phase_work / HISTORY_CSV), phase, len(history))
                 continue
             log.info("%s: phase %s, %d epochs at learning rate %g, %d steps/epoch", name, phase, epochs, base_lr, steps)
+            callbacks = make_callbacks(scaled_patience(callback_params, epochs, train.epochs), phase_work)
+            if deadline is not None:
+                callbacks.insert(0, DeadlineStop(deadline))
             fit = built.model.fit(data["train"].dataset, validation_data=data["valid"].dataset, epochs=epochs,
-                                  callbacks=make_callbacks(scaled_patience(callback_params, epochs, train.epochs), phase_work),
+                                  callbacks=callbacks,
                                   class_weight=weights, verbose=train.verbose,
                                   shuffle=False)  # the tf.data pipeline shuffles
             if (phase_work / BEST_CHECKPOINT).is_file():

@@ -244,7 +244,8 @@ Choices = list[float] | RangeParam | None
 # (low, high) each searched value or range end must lie in: the bounds of the key it lands in
 SEARCH_BOUNDS: dict[str, tuple[float, float]] = {"learning_rate": (1e-7, 1.0), "batch_size": (1, 4096), "blocks": (1, 8), "width": (0.125, 8.0), "convs_per_block": (1, 4),
     "dropout": (0.0, 0.95), "dense_units": (0, 8192), "input_scale": (0.25, 1.0), "rotation_degrees": (0.0, 180.0),
-    "brightness": (0.0, 1.0), "contrast": (0.0, 1.0), "noise_std": (0.0, 1.0), "resample_blur": (0.0, 0.95), "fine_tune_layers": (0, 10000)}
+    "brightness": (0.0, 1.0), "contrast": (0.0, 1.0), "noise_std": (0.0, 1.0), "resample_blur": (0.0, 0.95), "fine_tune_layers": (0, 10000),
+    "label_smoothing": (0.0, 0.5), "weight_decay": (0.0, 0.1), "class_weight_power": (0.0, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,9 @@ class SearchSpaceParams:
     noise_std: Choices
     resample_blur: Choices
     fine_tune_layers: list[int] | None  # model.transfer: top backbone layers trained (pretrained backbones)
+    label_smoothing: Choices = None     # train.*: the loss and optimizer regularisers
+    weight_decay: Choices = None
+    class_weight_power: Choices = None  # train.class_weight_power (0: unweighted, 1: fully balanced), when class weights are on
 
     def check(self, key: str) -> list[str]:
         problems = []
@@ -287,9 +291,9 @@ class SearchSpaceParams:
 
 @dataclass(frozen=True)
 class TuningParams:
-    """c07: a Keras Tuner search around the best base model."""
+    """c07: a Keras Tuner search around the best base model, then its best configuration trained with the full schedule."""
 
-    enabled: bool
+    enabled: bool | Literal["auto"]  # auto: only when the base model leaves room (flagged weak, or validation below gate_good_macro_f1)
     model: str = _f(keywords=("best",))   # best (the best base model of evaluation) or a name in train.models
     tuner: Literal["random", "bayesian", "hyperband"] = _f()
     max_trials: int = _f(ge=1, le=10000)

@@ -1,4 +1,5 @@
-"""Stage 5, `tune`: a Keras Tuner search (c07) around the best base model, the tuned model judged like the base models (c06)."""
+"""Stage 5, `tune`: a Keras Tuner search (c07) ranks configurations around the best base model; the best one is trained
+with the full schedule and judged like the base models (c06)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 
 from metal_defect import artifacts as art
 from metal_defect.components.c06_evaluation.evaluate import BEST_FILE, evaluate_models
+from metal_defect.components.c06_training import TRAIN_SUMMARY
 from metal_defect.components.c07_hyper_tuning.distributed import search
-from metal_defect.components.c07_hyper_tuning.report import base_objective, plot_trials, save_tuned_model, trial_rows, write_trials_csv
+from metal_defect.components.c07_hyper_tuning.finalist import BudgetPlan, plan_budget, search_needed, train_finalist
+from metal_defect.components.c07_hyper_tuning.report import base_objective, plot_trials, trial_rows, write_trials_csv
 from metal_defect.components.c07_hyper_tuning.space import SearchJob, data_fingerprint, format_values, shown_values
 from metal_defect.config import (
     BaseParams,
@@ -38,25 +41,37 @@ EVALUATION_DIR = "evaluation"  # the tuned model's evaluation, laid out like the
 def run_stage(io: Any, *, base: BaseParams, data_loader: DataLoaderParams, model: ModelParams, callbacks: CallbacksParams,
               train: TrainParams, tuning: TuningParams, evaluation: EvaluationParams, data_preprocessing: DataPreprocessingParams,
               schema: SchemaConfig) -> dict[str, Any]:
-    """Runner entry: search, then write and evaluate the tuned model (or record that tuning is off)."""
-    if not tuning.enabled:
-        art.write_json_atomic(io.out_dir / SEARCH_FILE, {"enabled": False})
-        log.info("tuning.enabled is false: no search; the base model competes alone")
-        return {"enabled": False}
-    name = art.read_json(io.inputs["evaluation"] / BEST_FILE)["name"] if tuning.model == "best" else tuning.model
+    """Runner entry: rank configurations with a search, train the best one with the full schedule and evaluate it
+    (or record why there was no search)."""
+    started = time.time()
+    best_base = art.read_json(io.inputs["evaluation"] / BEST_FILE)
+    wanted, why = search_needed(tuning, best_base, evaluation)
+    if not wanted:
+        art.write_json_atomic(io.out_dir / SEARCH_FILE, {"enabled": False, "reason": why})
+        log.info("%s; the base model competes alone", why)
+        return {"enabled": False, "reason": why}
+    name = best_base["name"] if tuning.model == "best" else tuning.model
     if name not in train.models and tuning.model != "best":
         log.info("tuning.model %s is not in train.models: it is tuned from scratch and competes with the base models", name)
+    base_training = art.read_json(io.inputs["train"] / TRAIN_SUMMARY)["models"].get(name, {})
+    plan = plan_budget(tuning, base_training, started)
+    log.info("tuning (%s): %s", why, plan.text())
+    if not plan.search_fits:
+        reason = (f"tuning.max_minutes={tuning.max_minutes:g} does not cover one trial (~{plan.trial_s / 60:.1f} min) beside the "
+                  f"finalist's full training (~{plan.finalist_s / 60:.1f} min): no search; raise tuning.max_minutes")
+        log.warning(reason)
+        art.write_json_atomic(io.out_dir / SEARCH_FILE, {"enabled": True, "skipped": reason, "trials_completed": 0, "trials_failed": 0})
+        return {"enabled": True, "trials_completed": 0, "trials_failed": 0, "skipped": reason}
     prepared = io.inputs["data_preprocessing"]
     job = SearchJob(name, Recipe(base, data_loader, model, callbacks, train), tuning, prepared, data_fingerprint(prepared))
     project = Path(io.tuning_dir) / job.key
-    started = time.monotonic()
-    tuner = search(job, project)
-    return write_results(io, tuner, job, project, time.monotonic() - started, evaluation, data_preprocessing, schema)
+    tuner = search(job, project, plan.search_deadline)
+    return write_results(io, tuner, job, project, plan, evaluation, data_preprocessing, schema)
 
 
-def write_results(io: Any, tuner: Any, job: SearchJob, project: Path, seconds: float, evaluation: EvaluationParams,
+def write_results(io: Any, tuner: Any, job: SearchJob, project: Path, plan: BudgetPlan, evaluation: EvaluationParams,
                   limits: DataPreprocessingParams, schema: SchemaConfig) -> dict[str, Any]:
-    """trials.csv and plot, best hyperparameters, the tuned model laid out like a train output, its evaluation."""
+    """trials.csv and plot, best hyperparameters, the best configuration trained with the full schedule, its evaluation."""
     out = io.out_dir
     rows = trial_rows(tuner, project, job.tuning.objective)
     write_trials_csv(rows, out / TRIALS_CSV)
@@ -64,10 +79,13 @@ def write_results(io: Any, tuner: Any, job: SearchJob, project: Path, seconds: f
     failed = [r for r in rows if r["status"] in ("FAILED", "INVALID")]
     if rows:
         plot_trials(rows, job.tuning.objective, out / TRIALS_PLOT, base_objective(io.inputs["train"], job.model_name, job.tuning.objective))
+    search_seconds = time.time() - plan.started
     summary: dict[str, Any] = {"enabled": True, "model": job.model_name, "tuner": job.tuning.tuner, "objective": job.tuning.objective,
-                               "project": str(project), "search_seconds_this_run": round(seconds, 1), "trials_completed": len(completed),
+                               "project": str(project), "search_seconds_this_run": round(search_seconds, 1), "trials_completed": len(completed),
                                "trials_failed": len(failed), "best_hyperparameters": None, "tuned_model": None,
-                               "tuned_model_source": "the best trial's best-epoch checkpoint (not retrained)"}
+                               "budget": {"max_minutes": job.tuning.max_minutes, "planned_finalist_minutes": round(plan.finalist_s / 60, 2),
+                                          "planned_search_minutes": round((plan.search_deadline - plan.started) / 60, 2)},
+                               "tuned_model_source": "the best trial's configuration, trained from scratch with the train stage's full schedule"}
     best_trials = tuner.oracle.get_best_trials(1) if completed else []
     if not best_trials:
         log.warning("tuning: no trial completed (%d failed); the base model competes alone", len(failed))
@@ -77,11 +95,17 @@ def write_results(io: Any, tuner: Any, job: SearchJob, project: Path, seconds: f
     values = shown_values(best.hyperparameters.values)
     art.write_json_atomic(out / BEST_HP_FILE, {"trial_id": best.trial_id, "score": best.score, "objective": job.tuning.objective,
                                                "hyperparameters": values})
-    tuned_name = save_tuned_model(tuner, best, job, project, out)
-    summary |= {"best_hyperparameters": values, "best_trial": best.trial_id, "best_score": best.score, "tuned_model": tuned_name}
+    log.info("tuning: %d trials completed, %d failed in %.1f min; best trial %s (%s %.5f): %s; training it with the full schedule "
+             "(until %s at the latest)", len(completed), len(failed), search_seconds / 60, best.trial_id, job.tuning.objective, best.score,
+             format_values(values), time.strftime("%H:%M:%S", time.localtime(plan.end)))
+    finalist_started = time.time()
+    info = train_finalist(job, values, best.trial_id, io.work_dir / "finalist", out, plan.end)
+    finalist_seconds = time.time() - finalist_started
+    log.info("tuning: the finalist %s trained %d epochs in %.1f min (planned ~%.1f)%s", info["name"], info["epochs_run"], finalist_seconds / 60,
+             plan.finalist_s / 60, "; stopped by the budget" if time.time() >= plan.end else "")
+    summary |= {"best_hyperparameters": values, "best_trial": best.trial_id, "best_score": best.score, "tuned_model": info["name"],
+                "finalist_seconds": round(finalist_seconds, 1), "finalist_epochs": info["epochs_run"]}
     art.write_json_atomic(out / SEARCH_FILE, summary)
-    log.info("tuning: %d trials completed, %d failed; best trial %s (%s %.5f): %s", len(completed), len(failed), best.trial_id,
-             job.tuning.objective, best.score, format_values(values))
     result = evaluate_models(art.read_json(io.inputs["data_ingestion"] / INGESTION_REPORT), job.prepared, out, evaluation, out / EVALUATION_DIR, run_id=io.run_id, limits=limits,
                              extensions=tuple(schema.extensions), kind="tuned")
     metrics = {f"tuned_{k}": v for k, v in result["metrics"].items() if k != "best_model"}

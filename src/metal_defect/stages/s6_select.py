@@ -15,6 +15,7 @@ from typing import Any
 
 from metal_defect import artifacts as art
 from metal_defect.components.c06_evaluation.evaluate import BEST_FILE, metrics_files
+from metal_defect.components.c06_evaluation.gate import announce_weak_model
 from metal_defect.components.c07_hyper_tuning.space import format_values
 from metal_defect.config import EvaluationParams
 from metal_defect.served import SERVED_RECORD
@@ -63,6 +64,8 @@ def select_stage(io: Any, *, evaluation: EvaluationParams) -> dict[str, Any]:
     art.write_json_atomic(io.out_dir / TUNING_SUMMARY, summary)
     art.write_json_atomic(io.out_dir / SERVED_RECORD, record | {"served": served, "reason": reason})
     log.info("served: %s model %s (%s)", served, record["name"], reason)
+    if record.get("weak_model"):
+        announce_weak_model(record["name"], record.get("weak_reasons", []))
     headline = {"best_model": record["name"], "served": served, "valid_accuracy": record["valid"]["accuracy"],
                 "valid_macro_f1": record["valid"]["macro_f1"], "weak_model": record.get("weak_model", False)}
     if record.get("test"):
@@ -74,14 +77,16 @@ def served_section(served: str, reason: str, base: Mapping[str, Any], tuned: Map
                     metric: str) -> str:
     lines = ["", "## Which model is served, and why", "",
              f"- Served: **{served}** model `{(tuned if served == 'tuned' else base)['name']}`. {reason[0].upper()}{reason[1:]}."]
-    if search_info.get("enabled"):
+    if search_info.get("skipped"):
+        lines.append(f"- No search: {search_info['skipped']}.")
+    elif search_info.get("enabled"):
         lines.append(f"- Keras Tuner search ({search_info.get('tuner')}, objective {search_info.get('objective')}): "
                      f"{search_info.get('trials_completed', 0)} trials completed, {search_info.get('trials_failed', 0)} failed; "
                      f"the tuned model is {search_info.get('tuned_model_source')}.")
         if search_info.get("best_hyperparameters"):
             lines.append(f"- Best hyperparameters: {format_values(search_info['best_hyperparameters'])}.")
     else:
-        lines.append("- Tuning was off (tuning.enabled: false).")
+        lines.append(f"- No search: {search_info.get('reason', 'tuning was off')}.")
     for label, rec in (("base", base), ("tuned", tuned)):
         if rec:
             test = rec.get("test") or {}

@@ -71,14 +71,19 @@ def quality_gate(predictor: Predictor, x_train: np.ndarray, y_train: np.ndarray,
     gate = {"weak_model": bool(reasons), "reasons": reasons, "note": note, "split": split, "n": len(y_eval), "model": model, "classical": classical,
             "majority": majority, "train_accuracy": train_accuracy, "train_accuracy_last_epoch": last_epoch,
             "seconds": round(time.perf_counter() - started, 2)}
-    if reasons:
-        log.warning("!" * 78)
-        log.warning("WEAK MODEL: %s is flagged weak_model on the %s split:", predictor.spec.model_name, split)
-        for reason in reasons:
-            log.warning("  - %s", reason)
-        log.warning("Check the data (labels, class balance, image size) before trusting its answers; see the model card.")
-        log.warning("!" * 78)
+    if reasons:  # a candidate: the select stage raises the banner if it is the model that gets served
+        log.info("quality gate: %s flagged weak_model on %s: %s", predictor.spec.model_name, split, "; ".join(reasons))
     else:
         log.info("quality gate passed on %s: macro F1 %.4f against classical %.4f and majority %.4f (%.1f s)", split, model["macro_f1"],
                  classical["macro_f1"], majority["macro_f1"], gate["seconds"])
     return gate
+
+
+def announce_weak_model(name: str, reasons: list[str]) -> None:
+    """The banner a user must not miss: the model they are served is flagged weak_model (said for the served model only)."""
+    log.warning("!" * 78)
+    log.warning("WEAK MODEL: the served model %s is flagged weak_model:", name)
+    for reason in reasons:
+        log.warning("  - %s", reason)
+    log.warning("Check the data (labels, class balance, image size) before trusting its answers; see the model card.")
+    log.warning("!" * 78)

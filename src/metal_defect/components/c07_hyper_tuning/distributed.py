@@ -42,14 +42,14 @@ def distributed_role() -> str:
     return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
 
 
-def search(job: SearchJob, project: Path) -> Any:
-    """Run (or resume) the search in `project`; returns the tuner (on a chief: after every worker finished)."""
+def search(job: SearchJob, project: Path, deadline: float) -> Any:
+    """Run (or resume) the search in `project` until `deadline` (time.time()); returns the tuner (on a chief: after
+    every worker finished)."""
     role = distributed_role()
-    deadline = time.time() + job.tuning.max_minutes * 60
     tuner = build_tuner(job, project, deadline)
     finished = sum(t.status in ("COMPLETED", "FAILED", "INVALID") for t in tuner.oracle.trials.values())
-    log.info("tuning %s (%s, %s): project %s; %d finished trial(s) kept; budget %.0f min; %s", job.model_name, job.tuning.tuner,
-             role, project, finished, job.tuning.max_minutes, space_text(job))
+    log.info("tuning %s (%s, %s): project %s; %d finished trial(s) kept; no trial starts after %s; %s", job.model_name, job.tuning.tuner,
+             role, project, finished, time.strftime("%H:%M:%S", time.localtime(deadline)), space_text(job))
     if role == "chief":
         address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
         active = project.parent / ACTIVE_FILE

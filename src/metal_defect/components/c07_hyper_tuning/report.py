@@ -1,4 +1,4 @@
-"""c07 report: the trials table and plot, and the best trial's model written like a train-stage output."""
+"""c07 report: the trials table and plot."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from metal_defect import artifacts as art
-from metal_defect.components.c03_dataset_loader import read_records
-from metal_defect.components.c04_model_builder import CUSTOM, parameter_counts
-from metal_defect.components.c05_callbacks import HISTORY_CSV, best_of, read_history
-from metal_defect.components.c06_training import HISTORY_FILE, MODELS_DIR, TRAIN_SUMMARY, TRAINED_MODEL
-from metal_defect.components.c07_hyper_tuning.space import SearchJob, shown_values
+from metal_defect.components.c05_callbacks import best_of
+from metal_defect.components.c06_training import HISTORY_FILE, MODELS_DIR
+from metal_defect.components.c07_hyper_tuning.space import shown_values
 from metal_defect.components.c07_hyper_tuning.trials import TRIAL_RECORD
 from metal_defect.plots import tuning_trials
 
@@ -73,29 +71,3 @@ def base_objective(trained: Path, model_name: str, objective: str) -> float | No
     history_file = Path(trained) / MODELS_DIR / model_name / HISTORY_FILE
 
     return best_of([row[objective] for row in (json.loads(history_file.read_text()) if history_file.is_file() else []) if objective in row], objective)
-
-
-TUNED_SUFFIX = "_tuned"
-
-
-def save_tuned_model(tuner: Any, best: Any, job: SearchJob, project: Path, out: Path) -> str:
-    """Write the best trial's best-epoch checkpoint (not retrained) into `out` laid out like a train-stage
-    output (models/<name>_tuned/, train_summary.json), so that c06 evaluates it like a base model. Returns its name."""
-    tuned_name = job.model_name + TUNED_SUFFIX
-    target = out / MODELS_DIR / tuned_name
-    target.mkdir(parents=True)
-    tuned = tuner.load_model(best)
-    tuned.save(target / TRAINED_MODEL)
-    history = [{**row, "phase": "trial", "global_epoch": i + 1} for i, row in enumerate(read_history(project / f"trial_{best.trial_id}" / HISTORY_CSV))]
-    (target / HISTORY_FILE).write_text(json.dumps(history, indent=1))
-    transfer_weights = job.recipe.model.transfer.weights
-    pretrained = job.model_name != CUSTOM and transfer_weights != "none"
-    seconds_per_epoch = [row["epoch_seconds"] for row in history[1:] if "epoch_seconds" in row]
-    info = {"name": tuned_name, "pretrained": pretrained, "weights": transfer_weights if pretrained else "random",
-            "schedule": "one tuning trial", "phases": ["trial"], "epochs_run": len(history),
-            "median_epoch_seconds": round(float(np.median(seconds_per_epoch)), 3) if seconds_per_epoch else None,
-            "strategy": "default (one device)", "replicas": 1, "trial_id": best.trial_id, "hyperparameters": shown_values(best.hyperparameters.values),
-            "parameters": parameter_counts(tuned)}
-    art.write_json_atomic(out / TRAIN_SUMMARY, {"models": {tuned_name: info}, "class_names": read_records(job.prepared)["classes"],
-                                                "image_shape": list(tuned.input_shape[1:])})
-    return tuned_name

@@ -16,6 +16,7 @@ INT_KEYS = ("batch_size", "blocks", "convs_per_block", "dense_units", "fine_tune
 CNN_ONLY = ("blocks", "width", "convs_per_block", "pooling", "input_scale")
 TRANSFER_ONLY = ("fine_tune_layers",)
 AUGMENTATION_KEYS = ("rotation_degrees", "brightness", "contrast", "noise_std", "resample_blur")
+TRAIN_KEYS = ("learning_rate", "label_smoothing", "weight_decay", "class_weight_power")
 MAX_FILTERS = 512
 
 
@@ -51,7 +52,8 @@ def scaled_filters(filters: list[int], blocks: int | None, width: float | None) 
 
 
 def apply_hyperparameters(recipe: Recipe, values: Mapping[str, Any]) -> Recipe:
-    """The recipe with a trial's values written where they belong (train, data_loader, model)."""
+    """The recipe with a trial's values written where they belong (train, data_loader, model): what a trial trains,
+    and what the finalist is trained with."""
     values = {k: v for k, v in values.items() if not k.startswith("tuner/")}
     cnn = recipe.model.custom_cnn
     filters = scaled_filters(cnn.filters, values.get("blocks"), values.get("width"))
@@ -60,7 +62,7 @@ def apply_hyperparameters(recipe: Recipe, values: Mapping[str, Any]) -> Recipe:
     transfer = dataclasses.replace(recipe.model.transfer, **{k: values[k] for k in ("dropout", "dense_units", "fine_tune_layers") if k in values})
     augmentation = dataclasses.replace(recipe.data_loader.augmentation, **{k: float(values[k]) for k in AUGMENTATION_KEYS if k in values})
     loader = dataclasses.replace(recipe.data_loader, batch_size=int(values.get("batch_size", recipe.data_loader.batch_size)), augmentation=augmentation)
-    train = dataclasses.replace(recipe.train, learning_rate=float(values.get("learning_rate", recipe.train.learning_rate)))
+    train = dataclasses.replace(recipe.train, **{k: float(values[k]) for k in TRAIN_KEYS if k in values})
     return dataclasses.replace(recipe, data_loader=loader, model=dataclasses.replace(recipe.model, custom_cnn=cnn, transfer=transfer), train=train)
 
 

@@ -102,11 +102,14 @@ def trial_setup(prepared: Path, recipe: Recipe) -> TrialSetup:
     records = read_records(prepared)
     channels = 1 if records["color_mode"] == "grayscale" else 3
     rows = [r for r in records["records"] if r["split"] == "train"]
-    labels = np.array([r["label_index"] for r in rows])
-    n_classes = len(records["classes"])
-    weights = training_class_weights(recipe.train, labels, n_classes, balanced_sampling(recipe.data_loader.class_sampling, labels))
-    return TrialSetup((records["image_size"], records["image_size"], channels), n_classes, len(rows),
-                      pixel_statistics([Path(prepared) / r["file"] for r in rows]), weights)
+    return TrialSetup((records["image_size"], records["image_size"], channels), len(records["classes"]), len(rows),
+                      pixel_statistics([Path(prepared) / r["file"] for r in rows]), recipe_class_weights(records, recipe))
+
+
+def recipe_class_weights(records: Mapping[str, Any], recipe: Recipe) -> dict[int, float] | None:
+    """The class weights `recipe` trains with on c02's training split (a trial may search their power)."""
+    labels = np.array([r["label_index"] for r in records["records"] if r["split"] == "train"])
+    return training_class_weights(recipe.train, labels, len(records["classes"]), balanced_sampling(recipe.data_loader.class_sampling, labels))
 
 
 def build_trial_model(model_name: str, recipe: Recipe, setup: TrialSetup, epochs: int) -> Any:
@@ -235,7 +238,7 @@ def train_trial(trial_dir: Path) -> dict[str, list[float]]:
     if spec.get("deadline"):
         callbacks.append(DeadlineStop(spec["deadline"]))
     fit = model.fit(data["train"].dataset, validation_data=data["valid"].dataset, epochs=spec["epochs"], initial_epoch=spec["initial_epoch"],
-                    callbacks=callbacks, class_weight=setup.class_weights, verbose=0, shuffle=False)
+                    callbacks=callbacks, class_weight=recipe_class_weights(read_records(prepared), recipe), verbose=0, shuffle=False)
     return {k: [float(v) for v in values] for k, values in fit.history.items()}
 
 

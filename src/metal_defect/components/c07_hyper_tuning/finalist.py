@@ -1,0 +1,96 @@
+"""c07 finalist: how the tuning budget is split between the search and the full training of its best
+configuration, and that training.
+
+A trial is short on purpose: it only ranks configurations. Its checkpoint would compete with a base
+model trained over the whole schedule and almost never win, so the best configuration is trained
+again from scratch with the train stage's own schedule (c06), inside the same budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from metal_defect import artifacts as art
+from metal_defect.components.c03_dataset_loader import build_datasets
+from metal_defect.components.c06_training import TRAIN_SUMMARY, train_models
+from metal_defect.components.c07_hyper_tuning.space import SearchJob, apply_hyperparameters, shown_values
+from metal_defect.config import EvaluationParams, TuningParams
+
+TUNED_SUFFIX = "_tuned"
+TRIAL_START_S = 20.0  # a trial's child process: TensorFlow's import, the data pipeline, the first graph
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetPlan:
+    """tuning.max_minutes split into the search and the finalist's training (times are time.time())."""
+
+    started: float
+    total_s: float
+    finalist_s: float  # expected: as long as the base model's training took
+    trial_s: float  # expected: one trial of tuning.epochs_per_trial epochs at the base model's epoch time
+
+    @property
+    def search_deadline(self) -> float:
+        return self.started + max(self.total_s - self.finalist_s, 0.0)
+
+    @property
+    def end(self) -> float:
+        return self.started + self.total_s
+
+    @property
+    def search_fits(self) -> bool:
+        """Whether the search's share holds at least one trial."""
+        return self.total_s - self.finalist_s >= self.trial_s
+
+    def text(self) -> str:
+        """How the budget will be spent, for the log (said before the search starts)."""
+        def clock(t: float) -> str:
+            return dt.datetime.fromtimestamp(t).strftime("%H:%M:%S")
+
+        search_s = max(self.total_s - self.finalist_s, 0.0)
+        return (f"budget {self.total_s / 60:.1f} min: the search until {clock(self.search_deadline)} ({search_s / 60:.1f} min, "
+                f"~{search_s / self.trial_s:.0f} trial(s) of ~{self.trial_s / 60:.1f} min), then its best configuration trained with "
+                f"the full schedule (~{self.finalist_s / 60:.1f} min, as long as the base model took), stopped at {clock(self.end)} at the latest")
+
+
+def plan_budget(tuning: TuningParams, base_training: Mapping[str, Any], started: float) -> BudgetPlan:
+    """The plan for a search around a base model whose train-stage record is `base_training`."""
+    epoch_s = float(base_training.get("median_epoch_seconds") or 0.0)
+    finalist_s = epoch_s * int(base_training.get("epochs_run") or 0) + TRIAL_START_S
+    return BudgetPlan(started, tuning.max_minutes * 60.0, finalist_s, epoch_s * tuning.epochs_per_trial + TRIAL_START_S)
+
+
+def search_needed(tuning: TuningParams, best: Mapping[str, Any], evaluation: EvaluationParams) -> tuple[bool, str]:
+    """Whether to search (tuning.enabled: true, false or auto), and why: auto searches only when the base model
+    leaves room, flagged weak_model or below evaluation.gate_good_macro_f1 on validation."""
+    if tuning.enabled is True:
+        return True, "tuning.enabled is true"
+    if tuning.enabled is False:
+        return False, "tuning.enabled is false"
+    valid_f1 = best["valid"]["macro_f1"]
+    if best.get("weak_model"):
+        return True, f"tuning.enabled is auto and the base model {best['name']} is flagged weak_model"
+    if valid_f1 < evaluation.gate_good_macro_f1:
+        return True, f"tuning.enabled is auto and the base model's validation macro F1 {valid_f1:.4f} is below {evaluation.gate_good_macro_f1:g}"
+    return False, (f"tuning.enabled is auto and the base model {best['name']} leaves little room (validation macro F1 {valid_f1:.4f}, "
+                   f"not weak): no search; set tuning.enabled=true to search anyway")
+
+
+def train_finalist(job: SearchJob, values: Mapping[str, Any], trial_id: str, work_dir: Path, out: Path, deadline: float) -> dict[str, Any]:
+    """Train `values` (the best trial's) from scratch with the train stage's full schedule, into `out` laid out like a
+    train-stage output (models/<name>_tuned/, train_summary.json), so that c06 evaluates it like a base model.
+    An interrupted run resumes in `work_dir`. Returns its train-stage record."""
+    recipe = apply_hyperparameters(job.recipe, values)
+    data = build_datasets(job.prepared, recipe.data_loader, recipe.base.seed)
+    train = dataclasses.replace(recipe.train, models=[job.model_name])
+    train_models(data, recipe.base, recipe.model, recipe.callbacks, train, work_dir, out, saved_suffix=TUNED_SUFFIX, deadline=deadline)
+    summary = art.read_json(out / TRAIN_SUMMARY)
+    name = job.model_name + TUNED_SUFFIX
+    summary["models"][name] |= {"trial_id": trial_id, "hyperparameters": shown_values(values),
+                                "schedule": f"{summary['models'][name]['schedule']}, the best trial's configuration retrained"}
+    art.write_json_atomic(out / TRAIN_SUMMARY, summary)
+    return summary["models"][name]
