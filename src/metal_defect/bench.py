@@ -221,7 +221,7 @@ def bench_datasets(config: Config, args: Any) -> dict[str, Any]:
 
     root = Path(config.paths.artifacts) / "bench" / f"datasets-{dt.datetime.now():%Y%m%d-%H%M%S}"
     seeds = parse_seeds(args.seeds) if args.seeds else [config.base.seed]
-    tuning = ["tuning.enabled=true" if args.tuning == "on" else "tuning.enabled=false"]
+    tuning = {"on": ["tuning.enabled=true"], "off": ["tuning.enabled=false"]}.get(args.tuning, [])
     results: dict[str, Any] = {}
     for which in [w.strip() for w in args.datasets.split(",") if w.strip()]:
         runs = {}

@@ -108,6 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
                          "heat_peak_x, heat_peak_y (the heatmap's maximum in the image's pixels) to the CSV/JSON rows")
     predict.add_argument("--backend", choices=("compiled", "litert", "eager"), default="compiled",
                          help="compiled TensorFlow graph (default), the bundle's LiteRT model, or eager Keras")
+    predict.add_argument("--no-review", action="store_true", help="do not put flagged answers in the review queue "
+                         "(also: METAL_DEFECT_NO_REVIEW=1)")
+
+    review = sub.add_parser("review", help="the review queue: flagged and disputed images, and their labels",
+                            description="Images whose answers were flagged (uncertain, out_of_distribution) or marked wrong are kept in "
+                            "the review store (paths.review, default artifacts/review). List them, label them, export the labelled "
+                            "ones as class folders, or count them.")
+    actions = review.add_subparsers(dest="action", required=True, metavar="ACTION")
+    review_list = actions.add_parser("list", parents=[common], help="one line per queued image: sha256, original name, verdict, confidence, status")
+    review_list.add_argument("--status", choices=("all", "unreviewed", "reviewed"), default="all")
+    review_label = actions.add_parser("label", parents=[common], help="record the true class of a queued image")
+    review_label.add_argument("sha256", metavar="SHA256_PREFIX", help="at least 6 characters of the image's sha256 (see `review list`)")
+    review_label.add_argument("label", metavar="CLASS", help=f"a class of the model, or {'not_valid'} (not a valid image: kept out of training)")
+    review_label.add_argument("--by", metavar="NAME", help="the reviewer's name (default: anonymous)")
+    review_export = actions.add_parser("export", parents=[common], help="write the labelled images as class folders, ready to train on")
+    review_export.add_argument("destination", metavar="DIR", type=Path)
+    actions.add_parser("stats", parents=[common], help="counts by status, class, reason and reviewer")
 
     export = sub.add_parser("export", parents=[common], help="write a self-contained model bundle (Keras + LiteRT)",
                             description="Copy the served model (or --model) into DIR with model.keras, model.tflite, serving.json, "
@@ -134,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", metavar="RUN_ID|DIR", help="predict, ood: the model to measure (default: the served model)")
     bench.add_argument("--size", type=int, default=160, help="model: input size in px (default 160, the auto cap)")
     bench.add_argument("--datasets", default="neu,xsdd,magnetic-tile,proxy", help="datasets: which data sets (default neu,xsdd,magnetic-tile,proxy)")
-    bench.add_argument("--tuning", choices=("on", "off"), default="on", help="datasets: with the c07 search (default params: on) or without")
+    bench.add_argument("--tuning", choices=("on", "off", "auto"), default="auto",
+                       help="datasets: the c07 search on every data set, off, or auto (the default params: only where the base model leaves room)")
     proxy = sub.add_parser("proxy-data", parents=[common], help="make the offline proxy data set from NEU and its defect boxes",
                            description="Write a data set with the traits of an unseen plant's images (majority 'no defect' class, "
                            "small defects, non-square 222-632 px grayscale images, imbalanced counts) from the NEU images and "
@@ -281,9 +299,13 @@ def _dispatch(args: argparse.Namespace, config: Any) -> int:
         print(commands.evaluate(config, args.folder, args.model, args.out))
         return 0
     if args.command == "predict":
-        text, code = commands.predict(config, args.paths, args.model, args.csv, args.json, args.threshold, args.backend, args.heatmaps)
+        text, code = commands.predict(config, args.paths, args.model, args.csv, args.json, args.threshold, args.backend, args.heatmaps,
+                                      review=not args.no_review)
         print(text)
         return code
+    if args.command == "review":
+        print(commands.review(config, args))
+        return 0
     if args.command == "export":
         print(commands.export(config, args.destination, args.model))
         return 0

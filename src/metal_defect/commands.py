@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import logging
 from pathlib import Path
+from typing import Any
 
 from metal_defect import artifacts as art
 from metal_defect import served as served_model
 from metal_defect.config import Config
 from metal_defect.errors import ArtifactError, ConfigError, DataError
+from metal_defect.review import NOT_VALID, ReviewStore, review_disabled
 from metal_defect.serving.images import walked_file_problem
 
 log = logging.getLogger(__name__)
@@ -164,8 +167,9 @@ def check_outputs(outputs: dict[str, Path | None], inputs: list[str], log_file: 
 
 
 def predict(config: Config, arguments: list[str], model: str | None, csv_path: Path | None, json_path: Path | None,
-            threshold: float | None, backend: str = "compiled", heatmaps: Path | None = None) -> tuple[str, int]:
-    """`main.py predict`: answer every image; returns the screen table and the exit code (3 if a named file failed)."""
+            threshold: float | None, backend: str = "compiled", heatmaps: Path | None = None, review: bool = True) -> tuple[str, int]:
+    """`main.py predict`: answer every image; returns the screen table and the exit code (3 if a named file failed).
+    Flagged answers keep their images in the review queue unless `review` is false or METAL_DEFECT_NO_REVIEW=1."""
     import csv
     import json
 
@@ -202,6 +206,7 @@ def predict(config: Config, arguments: list[str], model: str | None, csv_path: P
             raise ArtifactError(f"predict --{write} {target}: cannot write it ({exc.strerror or exc}); the answers are in "
                                 f"{store.root / PREDICTIONS_LOG}") from exc
     append_log(store.root / PREDICTIONS_LOG, answers, source="cli")
+    queued = queue_flagged(config, answers, source="cli") if review and not review_disabled() else []
     table = _answer_table(answers)
     flagged = sum(a.flagged for a in answers)
     failed = sum(a.error is not None for a in answers)
@@ -209,6 +214,10 @@ def predict(config: Config, arguments: list[str], model: str | None, csv_path: P
     lines = [f"model {spec.model_name} (run {spec.run_id or '-'}, {predictor.bundle}); uncertain below "
              f"{predictor.threshold if threshold is None else threshold:.3f}" + (" -- WEAK MODEL: " + "; ".join(spec.weak_reasons) if spec.weak_model else ""),
              table, f"{len(answers)} files: {len(answers) - flagged - failed} answered with a class, {flagged} flagged, {failed} unreadable"]
+    if queued:
+        lines.append(f"{sum(ok for ok, _ in queued)} of {flagged} flagged images queued for review in {config.paths.review_root} "
+                     "(`python main.py review list`)")
+        lines += [message for ok, message in queued if not ok]
     if skipped:
         other = [entry for entry in skipped if not entry["reason"].startswith("not an image extension")]
         if len(other) < len(skipped):
@@ -219,6 +228,63 @@ def predict(config: Config, arguments: list[str], model: str | None, csv_path: P
             lines.append(f"... and {len(other) - 20} more files left out (the log lists them all)")
             log.info("left out: %s", "; ".join(f"{e['path']}: {e['reason']}" for e in other[20:]))
     return "\n".join(lines), (3 if failed else 0)
+
+
+def review_store(config: Config) -> ReviewStore:
+    """The review store paths.review names, with the configured cap."""
+    return ReviewStore(config.paths.review_root, config.review.max_items, config.review.max_mb)
+
+
+def queue_flagged(config: Config, answers: list, source: str) -> list[tuple[bool, str]]:
+    """Put every flagged answer's image in the review queue: its bytes as read again, kept only when they are still
+    the bytes that were answered (same sha256); (queued, message) per flagged answer."""
+    import hashlib
+
+    store = review_store(config)
+    results = []
+    for answer in answers:
+        if not answer.flagged or answer.error:
+            continue
+        try:
+            data = Path(answer.path).read_bytes()
+        except OSError as exc:
+            results.append((False, f"{answer.path}: not queued for review: cannot read it again ({exc.strerror or exc})"))
+            continue
+        if answer.sha256 and hashlib.sha256(data).hexdigest() != answer.sha256:
+            results.append((False, f"{answer.path}: not queued for review: the file changed after it was answered"))
+            continue
+        results.append(store.add(data, answer.path, dataclasses.asdict(answer), why=answer.verdict, source=source))
+    return results
+
+
+def review(config: Config, args: Any) -> str:
+    """`main.py review list | label | export | stats`."""
+    import json
+
+    store = review_store(config)
+    if args.action == "list":
+        items = sorted(store.items(), key=lambda item: item.time, reverse=True)
+        if args.status != "all":
+            items = [i for i in items if (i.decision is None) == (args.status == "unreviewed")]
+        if not items:
+            return f"the review queue in {store.root} is empty" + ("" if args.status == "all" else f" ({args.status})")
+        rows = [("sha256", "file", "verdict", "confidence", "model label", "status", "by")]
+        rows += [(i.sha256[:12], i.name, i.why if i.why == "disputed" else (i.verdict or "-"),
+                  f"{i.confidence:.3f}" if i.confidence is not None else "-", i.label or "-", i.status,
+                  (i.decision or {}).get("reviewer", "")) for i in items]
+        widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
+        return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+    if args.action == "label":
+        item = store.find(args.sha256)
+        classes = list(item.probabilities) + (list(config.schema.classes) if isinstance(config.schema.classes, list) else [])
+        decision = store.label(args.sha256, args.label, list(dict.fromkeys(classes)), args.by)
+        return f"{decision['name']} ({decision['sha256'][:12]}): {decision['class']}, by {decision['reviewer']} (the model said {decision['model_label']})"
+    if args.action == "export":
+        counts = store.export(args.destination)
+        total = sum(counts.values())
+        return (f"{total} labelled images exported to {args.destination}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                if total else f"no labelled images to export (not-valid ones are left out: {NOT_VALID})")
+    return json.dumps(store.stats(), indent=2)
 
 
 def _answer_table(answers: list) -> str:

@@ -140,7 +140,7 @@ STAGES: tuple[Stage, ...] = (
 )
 
 # Subcommands of the CLI; no stage may be named like one.
-SUBCOMMANDS = ("run", "runs", "promote", "evaluate", "predict", "export", "bench", "proxy-data", "app", "screenshot", "tune-worker")
+SUBCOMMANDS = ("run", "runs", "promote", "evaluate", "predict", "review", "export", "bench", "proxy-data", "app", "screenshot", "tune-worker")
 
 
 def check_registry(stages: Sequence[Stage]) -> None:

@@ -34,6 +34,7 @@ from metal_defect.config.sections import (
     PlateauParams,
     RangeParam,
     Recipe,
+    ReviewConfig,
     SchemaConfig,
     SearchSpaceParams,
     SplitParams,
@@ -47,7 +48,7 @@ from metal_defect.config.sections import (
 __all__ = [
     "PARAMS_FILE", "RECIPE_SECTIONS", "SCHEMA_FILE", "SECTION_FILES", "AugmentationParams", "BaseParams", "CallbacksParams", "Config",
     "CustomCnnParams", "DataIngestionParams", "DataLoaderParams", "DataPreprocessingParams", "EarlyStoppingParams", "EvaluationParams",
-    "LoggingConfig", "ModelParams", "PathsConfig", "PlateauParams", "RangeParam", "Recipe", "SchemaConfig", "SearchSpaceParams",
+    "LoggingConfig", "ModelParams", "PathsConfig", "PlateauParams", "RangeParam", "Recipe", "ReviewConfig", "SchemaConfig", "SearchSpaceParams",
     "SplitParams", "TrainParams", "TransferParams", "TuningParams", "all_keys", "default_config_dir", "dump_yaml", "fingerprint_of",
     "load_config", "load_yaml_text", "parse_section", "to_plain",
 ]

@@ -37,15 +37,28 @@ class PathsConfig:
     logs: Path
     download_cache: Path
     tuning: Path | None  # Keras Tuner projects (null: <artifacts>/tuning); a folder every tuning machine can reach
+    review: Path | None = None  # the review store (null: <artifacts>/review); a container mounts a volume here
 
     @property
     def tuning_root(self) -> Path:
         return self.tuning or self.artifacts / "tuning"
 
+    @property
+    def review_root(self) -> Path:
+        return self.review or self.artifacts / "review"
+
 
 @dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+@dataclass(frozen=True)
+class ReviewConfig:
+    """The review queue's cap: past it the oldest resolved items go first, and new ones are refused when none is resolved."""
+
+    max_items: int = _f(ge=1, le=10_000_000)
+    max_mb: float = _f(gt=0)
 
 
 # ----------------------------------------------------------------------------- params.yaml
@@ -370,6 +383,7 @@ class Config:
 
     paths: PathsConfig
     logging: LoggingConfig
+    review: ReviewConfig
     base: BaseParams
     data_ingestion: DataIngestionParams
     data_preprocessing: DataPreprocessingParams
@@ -397,6 +411,7 @@ class Config:
 SECTION_FILES: dict[str, str] = {
     "paths": "config.yaml",
     "logging": "config.yaml",
+    "review": "config.yaml",
     "base": PARAMS_FILE,
     "data_ingestion": PARAMS_FILE,
     "data_preprocessing": PARAMS_FILE,
