@@ -10,6 +10,7 @@ answer. No image conversion or model code lives here.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -23,11 +24,13 @@ import streamlit as st
 
 from metal_defect import served as served_model
 from metal_defect.errors import MetalDefectError
+from metal_defect.review import NOT_VALID, ReviewStore, review_disabled
 from metal_defect.serving import bundle as bundles
 from metal_defect.serving.predictor import OUT_OF_DISTRIBUTION, PREDICTIONS_LOG, UNCERTAIN, Answer, Predictor, append_log, columns
 
 UPLOAD_TYPES = ["bmp", "jpg", "jpeg", "png", "tif", "tiff"]
 LOG_ENV = "METAL_DEFECT_PREDICTIONS_LOG"  # where the app appends answers when there is no artifacts folder
+REVIEW_DIR_ENV = "METAL_DEFECT_REVIEW_DIR"  # the review store when there is no configuration
 # A web user may load a bundle from a folder they type only when the operator allows it: otherwise
 # the app serves the artifacts folder's runs and $METAL_DEFECT_BUNDLE, nothing else on the disk.
 TYPED_BUNDLES_ENV = "METAL_DEFECT_ALLOW_BUNDLE_PATHS"
@@ -71,6 +74,24 @@ def artifact_store() -> Any:
         return ArtifactStore(load_config().paths.artifacts)
     except MetalDefectError:
         return None
+
+
+def app_config() -> Any:
+    """The configuration the app runs with, or None (a container serving only a bundle)."""
+    from metal_defect.config import load_config
+
+    try:
+        return load_config()
+    except MetalDefectError:
+        return None
+
+
+def review_store() -> ReviewStore:
+    """The review queue (paths.review with its cap; without a configuration, $METAL_DEFECT_REVIEW_DIR or ./review)."""
+    config = app_config()
+    if config is None:
+        return ReviewStore(Path(os.environ.get(REVIEW_DIR_ENV, "review")))
+    return ReviewStore(config.paths.review_root, config.review.max_items, config.review.max_mb)
 
 
 def model_choices(store: Any) -> dict[str, Path]:
@@ -163,7 +184,12 @@ def answer_upload(predictor: Predictor, upload: Any, store: Any) -> Answer:
     if key not in st.session_state:
         with work_slot():
             answer = predictor.answer_file(data, upload.name)
-        append_log(log_path(store), [answer], source="app")
+        config = app_config()
+        append_log(log_path(store), [answer], source="app", **({"rotate_mb": config.review.log_rotate_mb} if config else {}))
+        if answer.flagged and not review_disabled():
+            queued, message = review_store().add(data, upload.name, dataclasses.asdict(answer), why=answer.verdict, source="app")
+            if not queued and "already" not in message:
+                log.warning("review queue: %s", message)
         st.session_state[key] = answer
     return st.session_state[key]
 
@@ -215,6 +241,18 @@ def show_answer(predictor: Predictor, upload: Any, answer: Answer, show_heatmaps
     if answer.ood_score is not None:
         st.caption(f"OOD score {answer.ood_score:.2f} (above {predictor.spec.ood.threshold:g}: unlike the training images) · "
                    f"{answer.ms:.0f} ms")
+    dispute(predictor, upload, answer)
+
+
+def dispute(predictor: Predictor, upload: Any, answer: Answer) -> None:
+    """"This answer is wrong": the image goes to the review queue with the class the user gives."""
+    with st.popover("This answer is wrong"):
+        others = [c for c in predictor.class_names if c != answer.label]
+        true_class = st.selectbox("What is it?", others, key=f"dispute-class-{answer.sha256}")
+        if st.button("Put it in the review queue", key=f"dispute-{answer.sha256}"):
+            queued, message = review_store().add(upload.getvalue(), upload.name, dataclasses.asdict(answer), why="disputed",
+                                                 source="app", user_class=true_class)
+            (st.success if queued else st.warning)(as_text(message))
 
 
 def results_table(predictor: Predictor, answers: list[Answer]) -> None:
@@ -277,13 +315,125 @@ def main() -> None:
             show_answer(predictor, upload, answer, show_heatmaps)
 
 
-def run_page() -> None:
-    """The page, with any unexpected failure as one line for the visitor and the detail in the server's log."""
+def review_page() -> None:
+    """The queue, one image at a time: the engineer picks the true class, 'not a valid image', or skips."""
+    st.set_page_config(page_title="metal-defect: review", page_icon=":material/rate_review:", layout="wide")
+    st.title("Review")
+    reviewer = st.sidebar.text_input("Reviewer", key="reviewer", help="stored with every decision ('anonymous' when empty)")
+    st.session_state["reviewer_name"] = reviewer
+    store = review_store()
+    items = store.items()
+    pending = [i for i in items if i.decision is None]
+    st.caption(f"{len(pending)} of {len(items)} queued images not reviewed yet · store {store.root}")
+    verdicts = sorted({i.why for i in pending})
+    runs = sorted({i.model_run or "-" for i in pending})
+    left, middle, right = st.columns(3)
+    chosen_verdicts = left.multiselect("Verdict", verdicts, default=verdicts)
+    chosen_run = middle.selectbox("Model run", ["all", *runs])
+    order = right.radio("Order", ["newest first", "least confident first"], horizontal=True)
+    skipped = st.session_state.setdefault("review_skipped", set())
+    shown = [i for i in pending if i.why in chosen_verdicts and chosen_run in ("all", i.model_run or "-") and i.sha256 not in skipped]
+    shown.sort(key=(lambda i: i.time) if order == "newest first" else (lambda i: -(i.confidence if i.confidence is not None else 1.0)),
+               reverse=True)
+    with st.container(key="review-item"):  # one place in the page, so the history below never shows twice while it reruns
+        if shown:
+            review_item(store, shown[0], reviewer, len(shown))
+        else:
+            st.success("Nothing left to review with these filters." + (" (Skipped ones come back on a new session.)" if skipped else ""))
+    history_section()
+
+
+def review_item(store: ReviewStore, item: Any, reviewer: str, remaining: int) -> None:
+    """One queued image with the model's answer, and a button per decision; the next item follows at once."""
+    st.subheader(f"{as_text(item.name)} ({remaining} to go)")
+    answer = (f"the model said **{item.label}** at {item.confidence:.1%}" if item.confidence is not None else "no answer") + f", verdict *{item.why}*"
+    if item.user_class:
+        answer += f"; a user says it is **{item.user_class}**"
+    st.markdown(answer + f" · run `{item.model_run or '-'}` · {item.time}")
+    left, right = st.columns(2)
+    path = store.image_path(item)
+    data = path.read_bytes() if path.is_file() else b""
+    predictor = review_predictor()
+    if data and predictor is not None:
+        with work_slot():
+            left.image(png_bytes(predictor.display_image(data, DISPLAY_SIDE)), caption=item.name, width="stretch")
+            if item.label in predictor.class_names:
+                answered = predictor.answer_file(data, item.name)
+                right.image(png_bytes(predictor.explain(data, answered, max_side=DISPLAY_SIDE)[1]),
+                            caption=f"where it looked for '{answered.label}' (heatmap)", width="stretch")
+    elif not data:
+        left.warning("The image file is missing from the review store.")
+    if item.probabilities:
+        right.bar_chart({"probability": dict(item.probabilities)}, horizontal=True, height=40 + 28 * len(item.probabilities))
+    classes = list(item.probabilities) or ([item.label] if item.label else [])
+    buttons = st.columns(len(classes) + 2)
+    for column, label in zip(buttons, classes):
+        if column.button(label, key=f"label-{label}", type="primary" if label == item.label else "secondary"):
+            decide(store, item, label, classes, reviewer)
+    if buttons[-2].button("Not a valid image", key="label-not-valid"):
+        decide(store, item, NOT_VALID, classes, reviewer)
+    if buttons[-1].button("Skip", key="skip"):
+        st.session_state["review_skipped"].add(item.sha256)
+        st.rerun()
+
+
+def decide(store: ReviewStore, item: Any, label: str, classes: list[str], reviewer: str) -> None:
     try:
-        main()
+        store.label(item.sha256, label, classes, reviewer)
+    except MetalDefectError as exc:
+        st.error(as_text(str(exc)))
+        return
+    st.toast(f"{item.name}: {label}")
+    st.rerun()
+
+
+def review_predictor() -> Predictor | None:
+    """The first model the answer page would use, for the images and heatmaps of the Review page (None: none)."""
+    choices = model_choices(artifact_store())
+    for bundle in choices.values():
+        try:
+            return load_predictor(str(bundle))
+        except MetalDefectError:
+            continue
+    return None
+
+
+def history_section() -> None:
+    """Answers per day by verdict, and the flagged share, from the predictions log (the last HISTORY_DAYS days)."""
+    from metal_defect.history import HISTORY_DAYS, daily_verdicts
+
+    st.header("History")
+    frame = daily_verdicts(log_path(artifact_store()), HISTORY_DAYS)
+    if frame.empty:
+        st.caption("No answers logged yet.")
+        return
+    counts = frame.drop(columns=["flagged_share"])
+    st.caption(f"answers per day by verdict, last {HISTORY_DAYS} days; flagged share (uncertain + out of distribution) below")
+    st.bar_chart(counts, height=220)
+    st.line_chart(frame[["flagged_share"]], height=160)
+
+
+def answer_page() -> None:
+    """The answer page, with any unexpected failure as one line for the visitor and the detail in the server's log."""
+    guarded(main)
+
+
+def guarded_review_page() -> None:
+    guarded(review_page)
+
+
+def guarded(page: Any) -> None:
+    try:
+        page()
     except Exception:
         log.exception("the page failed")
         st.error("Something went wrong on the server while answering; the operator's log has the detail.")
+
+
+def run_page() -> None:
+    """Two pages: the answers (default) and the review queue (its navigation entry is named "Review")."""
+    st.navigation([st.Page(answer_page, title="Check images", icon=":material/search:", default=True),
+                   st.Page(guarded_review_page, title="Review", icon=":material/rate_review:", url_path="review")]).run()
 
 
 run_page()

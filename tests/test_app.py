@@ -272,3 +272,61 @@ def test_two_sessions_uploading_36_megapixel_pngs_keep_the_server_under_300_mb_m
         assert "Traceback" not in text
     assert peak[0] - baseline < 300, f"server memory {baseline:.0f} MB -> peak {peak[0]:.0f} MB"
     print(f"server memory {baseline:.0f} MB -> peak {peak[0]:.0f} MB over two sessions of three 36 MP uploads")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it with apt-get)")
+def test_flagged_uploads_are_labelled_on_the_review_page_with_the_reviewers_name(tiny, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from metal_defect.cli import main
+    from metal_defect.review import LABELS_LOG, ReviewStore
+    from metal_defect.screenshot import CHROMIUM_ARGS, free_port, start_app
+
+    home = write_config(tmp_path / "home", config={"paths": {"artifacts": str(tiny["folder"] / "artifacts"), "review": str(tmp_path / "review")}})
+    rng = np.random.default_rng(0)
+    odd = {"noise.png": Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)), "dark.png": Image.new("L", (48, 48), 3),
+           "colour.png": Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), "RGB")}
+    for name, image in odd.items():
+        image.save(tmp_path / name)
+    env = dict(os.environ, METAL_DEFECT_HOME=str(home), PYTHONUNBUFFERED="1")
+    env.pop(bundles.BUNDLE_ENV, None)
+    env.pop("METAL_DEFECT_NO_REVIEW", None)
+    port = free_port()
+    server = start_app(env, port)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1200})
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            page.get_by_text("Images of steel surfaces").first.wait_for(timeout=90_000)
+            page.locator("input[type=file]").set_input_files([str(tmp_path / n) for n in odd])
+            page.wait_for_function("document.body.innerText.includes('3 images:')", timeout=90_000)
+            page.wait_for_function("!document.body.innerText.includes('Running...')", timeout=90_000)
+            queued = ReviewStore(tmp_path / "review").items()
+            assert len(queued) >= 2, page.inner_text("body")[:2000]  # the model flags most of these
+            page.get_by_role("link", name="Review").click()
+            reviewer = page.get_by_role("textbox", name="Reviewer")
+            reviewer.wait_for(timeout=60_000)
+            reviewer.fill("Ana")
+            reviewer.press("Enter")
+            for remaining in range(len(queued), 0, -1):  # each decision brings the next image at once
+                page.get_by_text(f"({remaining} to go)").first.wait_for(timeout=60_000)
+                page.wait_for_function("!document.body.innerText.includes('Running...')", timeout=60_000)
+                page.get_by_role("button", name="inclusion", exact=True).click()
+            page.get_by_text("Nothing left to review").wait_for(timeout=60_000)
+            page.get_by_text("History").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(REPO / "artifacts" / "screenshots" / "review-page.png"))
+            assert "Traceback" not in page.inner_text("body")
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    decisions = [json.loads(line) for line in (tmp_path / "review" / LABELS_LOG).read_text().splitlines()]
+    assert sorted(d["name"] for d in decisions) == sorted(i.name for i in queued)
+    assert all(d["reviewer"] == "Ana" and d["class"] == "inclusion" for d in decisions)
+    listing = tmp_path / "listing.txt"
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["review", "list", "--config", str(home)]) == 0
+    listing.write_text(out.getvalue())
+    assert all("labelled inclusion" in line and "Ana" in line for line in out.getvalue().splitlines()[1:]), out.getvalue()

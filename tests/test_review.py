@@ -196,3 +196,31 @@ def test_review_cli_lists_labels_exports_and_counts(tmp_path, capsys):
     assert main(["review", "stats", "--config", str(folder)]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["items"] == 1 and stats["unreviewed"] == 0 and stats["labelled"] == {"inclusion": 1}
+
+
+# ----------------------------------------------------------------------------- history and the rotated log
+def test_the_history_counts_answers_per_day_by_verdict_within_its_window_across_rotated_logs(tmp_path):
+    import datetime as dt
+
+    from metal_defect.history import daily_verdicts
+    from metal_defect.serving.predictor import append_log, rotate_log
+
+    log = tmp_path / "predictions.jsonl"
+    today = dt.date(2026, 12, 3)
+
+    def line(day: str, verdict: str | None) -> str:
+        return json.dumps({"time": f"{day}T10:00:00+00:00", "source": "cli", "file": "a.png", "verdict": verdict}) + "\n"
+
+    log.write_text(line("2026-08-01", "crazing") + line("2026-12-01", "crazing") + line("2026-12-01", "uncertain"))
+    assert rotate_log(log, rotate_mb=1e-6) and (tmp_path / "predictions.jsonl.1").is_file() and not log.exists()
+    log.write_text(line("2026-12-03", "out_of_distribution") + line("2026-12-03", "patches") + line("2026-12-03", None) + "not json\n")
+    frame = daily_verdicts(log, days=90, today=today)
+    assert [d.date().isoformat() for d in frame.index] == ["2026-12-01", "2026-12-03"]  # 2026-08-01 is outside the window
+    assert frame.loc["2026-12-01", "answered"] == 1 and frame.loc["2026-12-01", "uncertain"] == 1
+    assert frame.loc["2026-12-03", "out_of_distribution"] == 1 and frame.loc["2026-12-03", "unreadable"] == 1
+    assert frame.loc["2026-12-01", "flagged_share"] == 0.5 and abs(frame.loc["2026-12-03", "flagged_share"] - 1 / 3) < 1e-9
+    # append_log rotates past its size: .1 moves to .2, the new answers start a fresh file
+    from metal_defect.serving.predictor import Answer
+
+    append_log(log, [Answer(path="b.png", label="crazing", verdict="crazing")], source="cli", rotate_mb=1e-6)
+    assert (tmp_path / "predictions.jsonl.2").is_file() and len(log.read_text().splitlines()) == 1

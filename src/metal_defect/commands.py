@@ -205,7 +205,7 @@ def predict(config: Config, arguments: list[str], model: str | None, csv_path: P
         except OSError as exc:
             raise ArtifactError(f"predict --{write} {target}: cannot write it ({exc.strerror or exc}); the answers are in "
                                 f"{store.root / PREDICTIONS_LOG}") from exc
-    append_log(store.root / PREDICTIONS_LOG, answers, source="cli")
+    append_log(store.root / PREDICTIONS_LOG, answers, source="cli", rotate_mb=config.review.log_rotate_mb)
     queued = queue_flagged(config, answers, source="cli") if review and not review_disabled() else []
     table = _answer_table(answers)
     flagged = sum(a.flagged for a in answers)

@@ -59,6 +59,7 @@ class ReviewConfig:
 
     max_items: int = _f(ge=1, le=10_000_000)
     max_mb: float = _f(gt=0)
+    log_rotate_mb: float = _f(gt=0)  # the predictions log (every answer; the history chart reads it) is rotated past this size
 
 
 # ----------------------------------------------------------------------------- params.yaml

@@ -391,9 +391,30 @@ def _problem(exc: Exception) -> str:
     return str(exc) if isinstance(exc, ImageProblem) else f"unreadable: {getattr(exc, 'strerror', None) or exc}"
 
 
-def append_log(path: Path, answers: Iterable[Answer], source: str) -> int:
-    """Append answers to the predictions log (JSON lines): the audit trail and the review queue."""
+LOG_ROTATE_MB = 64.0  # the predictions log is rotated past this size (predictions.jsonl.1, .2, ...)
+LOG_ROTATIONS_KEPT = 20
+
+
+def rotate_log(path: Path, rotate_mb: float = LOG_ROTATE_MB, kept: int = LOG_ROTATIONS_KEPT) -> bool:
+    """Past `rotate_mb`, move the log to `<name>.1` (`.1` to `.2`, ..., the oldest beyond `kept` dropped); whether it rotated."""
+    try:
+        if path.stat().st_size < rotate_mb * 1e6:
+            return False
+    except FileNotFoundError:
+        return False
+    path.with_name(f"{path.name}.{kept}").unlink(missing_ok=True)
+    for index in range(kept - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{index}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
+    os.replace(path, path.with_name(f"{path.name}.1"))
+    return True
+
+
+def append_log(path: Path, answers: Iterable[Answer], source: str, rotate_mb: float = LOG_ROTATE_MB) -> int:
+    """Append answers to the predictions log (JSON lines): the audit trail and the history; rotated past `rotate_mb`."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    rotate_log(path, rotate_mb)
     now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     lines = [json.dumps({"time": now, "source": source, "file": Path(a.path).name, "path": a.path, "sha256": a.sha256,
                          "label": a.label, "confidence": a.confidence, "verdict": a.verdict, "reason": a.reason or None,
