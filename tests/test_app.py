@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -330,3 +331,23 @@ def test_flagged_uploads_are_labelled_on_the_review_page_with_the_reviewers_name
         assert main(["review", "list", "--config", str(home)]) == 0
     listing.write_text(out.getvalue())
     assert all("labelled inclusion" in line and "Ana" in line for line in out.getvalue().splitlines()[1:]), out.getvalue()
+
+
+def test_this_answer_is_wrong_puts_the_image_in_the_review_queue_with_the_users_class(monkeypatch, tiny, tmp_path):
+    from metal_defect.review import ReviewStore
+
+    home = write_config(tmp_path / "home", config={"paths": {"artifacts": str(tiny["folder"] / "artifacts"), "review": str(tmp_path / "review")}})
+    at = _app(monkeypatch, home)
+    good = sorted((tiny["data"] / "patches").glob("*.png"))[0]
+    at.file_uploader[0].set_value([(good.name, _png(good), "image/png")]).run()
+    assert not at.exception, at.exception
+    label = next(s.value for s in at.success if "confidence" in s.value).split("**")[1]
+    other = next(c for c in ("crazing", "inclusion", "patches") if c != label)
+    sha = hashlib.sha256(_png(good)).hexdigest()
+    at.selectbox(key=f"dispute-class-{sha}").set_value(other).run()
+    at.button(key=f"dispute-{sha}").click().run()
+    assert not at.exception, at.exception
+    (item,) = ReviewStore(tmp_path / "review").items()
+    assert (item.name, item.why, item.user_class, item.label) == (good.name, "disputed", other, label)
+    assert any("queued for review" in s.value for s in at.success)
+
