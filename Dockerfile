@@ -35,7 +35,8 @@ COPY st_app_predict.py ./
 COPY .streamlit ./.streamlit
 # An exported bundle, when one was put here before the build (see model_bundle/README.md).
 COPY model_bundle ./model_bundle
-RUN mkdir -p artifacts logs && chown app:app artifacts logs
+# artifacts/review exists in the image so that a named volume mounted there starts owned by the app user
+RUN mkdir -p artifacts/review logs && chown -R app:app artifacts logs
 
 USER 10001
 EXPOSE 8501
