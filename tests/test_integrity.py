@@ -301,7 +301,7 @@ def test_unreadable_training_state_is_discarded_and_training_goes_on(tiny_config
                 raise KeyboardInterrupt("simulated kill after epoch 2")
 
     real = c05_callbacks.make_callbacks
-    monkeypatch.setattr(c06_training, "make_callbacks", lambda params, work: [*real(params, work), StopAfterSecondEpoch()])
+    monkeypatch.setattr(c06_training, "make_callbacks", lambda params, work, **kwargs: [*real(params, work, **kwargs), StopAfterSecondEpoch()])
     work, out = folder / "work", folder / "out"
     args = (data, config.base, config.model, config.callbacks, config.train, work)
     with pytest.raises(KeyboardInterrupt):

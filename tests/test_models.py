@@ -163,13 +163,13 @@ def test_interrupted_fit_resumes_at_the_next_epoch(tiny_data, tmp_path, monkeypa
     train = dataclasses.replace(config.train, epochs=5)
     original = c05_callbacks.make_callbacks
 
-    def interrupted(params, work_dir):
-        return [*original(params, work_dir), _StopAfter(1)]
+    def interrupted(params, work_dir, **kwargs):
+        return [*original(params, work_dir, **kwargs), _StopAfter(1)]
 
     monkeypatch.setattr(c06_training, "make_callbacks", interrupted)
     with pytest.raises(KeyboardInterrupt):
         c06_training.train_one("custom_cnn", data, config.base, config.model, config.callbacks, train, tmp_path / "work")
-    monkeypatch.setattr(c06_training, "make_callbacks", lambda params, work_dir: [*original(params, work_dir), _FirstEpoch()])
+    monkeypatch.setattr(c06_training, "make_callbacks", lambda params, work_dir, **kwargs: [*original(params, work_dir, **kwargs), _FirstEpoch()])
     info = c06_training.train_one("custom_cnn", data, config.base, config.model, config.callbacks, train, tmp_path / "work")
     assert _FirstEpoch.first == 2  # epochs 0 and 1 finished before the interrupt; not repeated
     rows = c05_callbacks.read_history(tmp_path / "work" / "end_to_end" / c05_callbacks.HISTORY_CSV)
@@ -183,6 +183,33 @@ def test_mirrored_strategy_path_trains_on_cpu(tiny_data, tmp_path):
     info = c06_training.train_one("custom_cnn", data, config.base, config.model, config.callbacks, train, tmp_path / "work")
     assert info["strategy"] == "MirroredStrategy" and info["replicas"] >= 1 and info["epochs_run"] == 2
     assert (tmp_path / "work" / "model.keras").is_file()
+
+
+def test_validation_macro_f1_is_the_macro_f1_of_the_epochs_answers_on_validation():
+    import tensorflow as tf
+    from sklearn.metrics import f1_score
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Identity()])  # answers the class its one-hot input names
+    inputs = np.eye(3, dtype=np.float32)[[0, 0, 1, 1, 2, 2]]
+    labels = np.array([0, 0, 1, 1, 2, 0], dtype=np.int32)  # the last answer (2) is wrong
+    callback = c05_callbacks.ValidationMacroF1(tf.data.Dataset.from_tensor_slices((inputs, labels)).batch(4))
+    callback.set_model(model)
+    logs: dict = {}
+    callback.on_epoch_end(0, logs)
+    expected = f1_score(labels, inputs.argmax(axis=1), average="macro")
+    assert logs["val_macro_f1"] == pytest.approx(expected) and expected < 1  # not accuracy (5/6), not 1
+    assert logs["val_macro_f1"] != pytest.approx(5 / 6) and c05_callbacks.monitor_mode("val_macro_f1") == "max"
+
+
+def test_training_can_keep_the_best_epoch_by_validation_macro_f1(tiny_data, tmp_path):
+    config, data = tiny_data
+    callbacks = dataclasses.replace(config.callbacks, checkpoint_monitor="val_macro_f1")
+    train = dataclasses.replace(config.train, epochs=3)
+    c06_training.train_one("custom_cnn", data, config.base, config.model, callbacks, train, tmp_path / "work")
+    rows = c05_callbacks.read_history(tmp_path / "work" / "end_to_end" / c05_callbacks.HISTORY_CSV)
+    assert len(rows) == 3 and all(0 <= r["val_macro_f1"] <= 1 for r in rows)
+    with pytest.raises(ValueError, match="val_macro_f1"):  # no validation split to compute it on
+        c05_callbacks.make_callbacks(callbacks, tmp_path / "other")
 
 
 def test_class_weights_are_balanced():

@@ -224,3 +224,26 @@ def test_the_history_counts_answers_per_day_by_verdict_within_its_window_across_
 
     append_log(log, [Answer(path="b.png", label="crazing", verdict="crazing")], source="cli", rotate_mb=1e-6)
     assert (tmp_path / "predictions.jsonl.2").is_file() and len(log.read_text().splitlines()) == 1
+
+
+def test_the_history_counts_only_whole_lines_and_reads_a_grown_log_from_where_it_stopped(tmp_path):
+    from metal_defect import history
+
+    log = tmp_path / "predictions.jsonl"
+
+    def line(verdict: str) -> str:
+        return json.dumps({"time": "2026-12-03T10:00:00+00:00", "source": "app", "file": "a.png", "verdict": verdict}) + "\n"
+
+    log.write_text(line("crazing") + line("uncertain"))
+    assert history.file_counts(log) == {("2026-12-03", "crazing"): 1, ("2026-12-03", "uncertain"): 1}
+    half = line("uncertain")[:30]
+    with open(log, "a") as handle:
+        handle.write(line("out_of_distribution") + half)  # the last line is still being written
+    counts = history.file_counts(log)
+    assert counts[("2026-12-03", "out_of_distribution")] == 1 and counts[("2026-12-03", "uncertain")] == 1
+    assert history._COUNTED[str(log)][1] == log.stat().st_size - len(half)  # read up to the last whole line, not again
+    with open(log, "a") as handle:
+        handle.write(line("uncertain")[30:])
+    assert history.file_counts(log)[("2026-12-03", "uncertain")] == 2
+    log.write_text(line("patches"))  # replaced by a shorter file (rotated and started again): counted afresh
+    assert history.file_counts(log) == {("2026-12-03", "patches"): 1}

@@ -33,7 +33,8 @@ def tiny_tuning_params(**tuning) -> dict:
                                    "input_scale", "rotation_degrees", "brightness", "contrast", "noise_std", "resample_blur", "fine_tune_layers",
                                    "label_smoothing", "weight_decay", "class_weight_power")}
     space |= {"learning_rate": {"min": 0.001, "max": 0.01, "log": True}, "width": [0.5, 1.0]}
-    settings = {"enabled": True, "tuner": "random", "max_trials": 3, "epochs_per_trial": 3, "max_minutes": 10, "space": space}
+    settings = {"enabled": True, "tuner": "random", "max_trials": 3, "epochs_per_trial": 3, "max_minutes": 10, "space": space,
+                "objective": "val_loss"}
     return _deep_merge(tiny_training_params(epochs=4), {"tuning": _deep_merge(settings, tuning)})
 
 
@@ -195,8 +196,9 @@ def test_search_tolerates_a_failing_trial_and_writes_csv_plot_summary_and_card(t
 @pytest.mark.slow
 def test_a_search_picks_a_configuration_that_retrained_beats_a_crippled_base_model(tmp_path):
     # a base model that cannot learn at a learning rate of 1e-6, against trials that can: the best trial's
-    # configuration is trained again with the full schedule (6 epochs, not the trial's 3) and served
-    params = _deep_merge(tiny_tuning_params(max_trials=2, epochs_per_trial=3, space={"width": None,
+    # configuration is trained again with the full schedule (6 epochs, not the trial's 3) and served; trials are
+    # ranked by the default objective, validation macro F1 (higher is better)
+    params = _deep_merge(tiny_tuning_params(max_trials=2, epochs_per_trial=3, objective="val_macro_f1", space={"width": None,
                                                                                      "learning_rate": {"min": 0.003, "max": 0.01, "log": True}}),
                          {"train": {"epochs": 6, "learning_rate": 0.000001}})
     folder = make_config(tmp_path, params)
@@ -204,6 +206,9 @@ def test_a_search_picks_a_configuration_that_retrained_beats_a_crippled_base_mod
     summary = read_json(Path(manifest["stages"]["select"]["output"]) / s6_select.TUNING_SUMMARY)
     assert summary["valid"]["tuned"]["macro_f1"] > summary["valid"]["base"]["macro_f1"], summary["valid"]
     assert summary["served"] == "tuned" and "better on validation" in summary["reason"]
+    scores = [float(r["score"]) for r in read_trials(manifest) if r["status"] == "COMPLETED"]
+    best = read_json(Path(manifest["stages"]["tune"]["output"]) / s5_tune.BEST_HP_FILE)
+    assert scores and all(0 <= v <= 1 for v in scores) and best["score"] == max(scores)
     search = read_json(Path(manifest["stages"]["tune"]["output"]) / s5_tune.SEARCH_FILE)
     trained = read_json(Path(manifest["stages"]["tune"]["output"]) / "train_summary.json")["models"]["custom_cnn_tuned"]
     assert search["finalist_epochs"] == trained["epochs_run"] == 6 and trained["hyperparameters"]["learning_rate"] >= 0.003

@@ -17,6 +17,11 @@
 * `bench predict`: the served model, file bytes to verdict one image at a time (no heatmap)
   over 200 files of the data source after 10 warm-up calls: p50/p95 per path (eager Keras,
   compiled graph, LiteRT), batch throughput, peak RSS, LiteRT-vs-graph probability gap.
+* `bench ablate`: the configured recipe with each regulariser switched off in turn (and a few
+  alternatives), each trained for `--epochs` epochs: fit of the training images and validation
+  scores, a table and the learning curves (see `ablation`).
+* `bench history`: the Review page's History section in Chromium over a predictions log of
+  `--lines` answers (default 1,000,000, 120 days): seconds from opening the page to both charts drawn.
 * `bench ood`: the served model's verdicts on sets built offline (outlier_sets): NEU test
   and re-encoded copies (must not be flagged), far outliers (blank, noise, photos, inverted
   NEU), near outliers (X-SDD in grayscale at NEU's size); AUROC against max-softmax.
@@ -49,7 +54,8 @@ def run(config: Config, args: Any) -> str:
     out.mkdir(parents=True, exist_ok=True)
     stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}"
     result = {"data": bench_data, "train": bench_train, "datasets": bench_datasets, "model": bench_model,
-              "predict": bench_predict, "ood": bench_ood}[args.what](config, args)
+              "predict": bench_predict, "ood": bench_ood, "ablate": bench_ablate,
+              "history": bench_history}[args.what](config, args)
     result["machine"] = machine()
     result["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     path = out / f"{args.what}-{stamp}.json"
@@ -133,7 +139,7 @@ def bench_train(config: Config, args: Any) -> dict[str, Any]:
         if prepared_dir is None:
             cfg = load_config(config.config_dir, [f"paths.artifacts={root}"])
             prepared_dir = Path(Runner(cfg, command="bench").run("1-2")["stages"]["data_preprocessing"]["output"])
-        results["loop_overhead"] = loop_overhead(config, prepared_dir, args.epochs, args.repeats)
+        results["loop_overhead"] = loop_overhead(config, prepared_dir, args.epochs or 5, args.repeats)
     results["headline"] = {k: results[k] for k in ("mean_test_accuracy", "mean_test_macro_f1", "max_pipeline_seconds") if k in results}
     if "seeds" in results:
         results["headline"]["per_seed_test_accuracy"] = {s: v["test_accuracy"] for s, v in results["seeds"].items()}
@@ -297,6 +303,72 @@ def datasets_table(results: dict[str, Any]) -> str:
                         f"**{s['mean_test_macro_f1']:.3f} ± {s['sd_test_macro_f1']:.3f}** | | {s['mean_classical_macro_f1']:.3f} | | "
                         f"| | {s['weak_model_runs']} of {len(s['seeds'])} | ≤ {s['max_pipeline_seconds'] / 60:.1f} min |")
     return "\n".join(rows) + "\n"
+
+
+# ----------------------------------------------------------------------------- ablate
+def bench_ablate(config: Config, args: Any) -> dict[str, Any]:
+    """Stages 1-2 of the configured run (cached), then every ablation variant on the prepared images."""
+    from metal_defect import ablation
+    from metal_defect.config import Recipe
+    from metal_defect.pipeline import Runner
+
+    manifest = Runner(config, command="bench").run("data_preprocessing")
+    prepared = Path(manifest["stages"]["data_preprocessing"]["output"])
+    root = Path(config.paths.artifacts) / "bench" / f"ablate-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    variants = [v.strip() for v in (args.variants or ",".join(ablation.VARIANTS)).split(",") if v.strip()]
+    epochs = args.epochs or 20
+    rows = ablation.ablate(prepared, Recipe.of(config), variants, epochs, root / "work")
+    table = ablation.ablation_table(rows)
+    (root / "table.md").write_text(table, encoding="utf-8")
+    ablation.plot_curves(rows, root / "learning_curves.png", f"{prepared.parent.name}: {epochs} epochs per variant")
+    shutil.rmtree(root / "work", ignore_errors=True)
+    return {"prepared": str(prepared), "variants": rows, "table": table, "plot": str(root / "learning_curves.png"),
+            "headline": {k: {"fit": v["fit"], "valid_macro_f1": v["valid_macro_f1"]} for k, v in rows.items()}}
+
+
+# ----------------------------------------------------------------------------- history
+def bench_history(config: Config, args: Any) -> dict[str, Any]:
+    """Open the Review page on a large synthetic predictions log and time it until its two History charts are drawn."""
+    import random
+
+    import yaml
+
+    from metal_defect.screenshot import free_port, start_app, time_page
+
+    lines = args.lines or 1_000_000
+    root = Path(tempfile.mkdtemp(prefix="bench-history-"))
+    artifacts = root / "artifacts"
+    artifacts.mkdir()
+    rng = random.Random(0)
+    today = dt.datetime.now(dt.timezone.utc)
+    verdicts = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches", "uncertain", "out_of_distribution"]
+    with open(artifacts / "predictions.jsonl", "w", encoding="utf-8") as handle:  # the fields and order append_log writes
+        for i in range(lines):
+            when = today - dt.timedelta(days=120 * (lines - i) / lines)
+            handle.write(json.dumps({"time": when.isoformat(timespec="seconds"), "source": "app", "file": f"img-{i}.png",
+                                     "path": f"img-{i}.png", "sha256": f"{i:064x}", "label": "crazing",
+                                     "verdict": rng.choice(verdicts), "confidence": 0.9}) + "\n")
+    size_mb = (artifacts / "predictions.jsonl").stat().st_size / 1e6
+    home = root / "home"
+    shutil.copytree(Path(config.config_dir), home, ignore=shutil.ignore_patterns("artifacts", "logs", ".git", ".venv", "*.egg-info", "src",
+                                                                               "tests", "docs", "research"))
+    settings = yaml.safe_load((home / "config" / "config.yaml").read_text())
+    settings["paths"] |= {"artifacts": str(artifacts), "review": str(root / "review"), "logs": str(root / "logs")}
+    (home / "config" / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    env = dict(os.environ, METAL_DEFECT_HOME=str(home), PYTHONUNBUFFERED="1")
+    port = free_port()
+    server = start_app(env, port)
+    try:
+        shot = Path(config.paths.artifacts) / "bench" / "history-page.png"
+        seconds = time_page(f"http://127.0.0.1:{port}/review", "[data-testid='stVegaLiteChart'] canvas, [data-testid='stVegaLiteChart'] svg",
+                            2, shot)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+    log.info("history page over %d lines (%.0f MB): %s s per visit", lines, size_mb, seconds)
+    return {"lines": lines, "log_mb": round(size_mb, 1), "seconds_per_visit": seconds, "screenshot": str(shot),
+            "headline": {"lines": lines, "first_visit_s": seconds[0], "median_s": statistics.median(seconds)}}
 
 
 # ----------------------------------------------------------------------------- model

@@ -147,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Benchmarks (not tests): `bench data` times ingestion + preprocessing and its throughput at 1x and "
                            "10x synthetic size; `bench train` runs the pipeline for several seeds and compares the training loop "
                            "with a bare model.fit; `bench datasets` runs the default params on NEU, X-SDD, magnetic tile and the proxy set beside the baselines.")
-    bench.add_argument("what", choices=("data", "train", "datasets", "model", "predict", "ood"))
+    bench.add_argument("what", choices=("data", "train", "datasets", "model", "predict", "ood", "ablate", "history"))
+    bench.add_argument("--lines", type=int, help="history: answers in the synthetic predictions log (default 1,000,000)")
+    bench.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides, as for run (e.g. "
+                       "data_ingestion.source=DIR schema.classes=auto for `bench ablate` on another data set)")
+    bench.add_argument("--variants", help="ablate: comma-separated recipe variants (default: all of them; see metal_defect.ablation.VARIANTS)")
     bench.add_argument("--model", metavar="RUN_ID|DIR", help="predict, ood: the model to measure (default: the served model)")
     bench.add_argument("--size", type=int, default=160, help="model: input size in px (default 160, the auto cap)")
     bench.add_argument("--datasets", default="neu,xsdd,magnetic-tile,proxy", help="datasets: which data sets (default neu,xsdd,magnetic-tile,proxy)")
@@ -164,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", help="train: seeds for the full pipeline runs (default 42,43,44); datasets: one run per data set "
                        "and seed, with the mean and spread (default: base.seed only)")
     bench.add_argument("--repeats", type=int, default=3, help="train: alternating repeats of the loop-overhead comparison (default 3)")
-    bench.add_argument("--epochs", type=int, default=5, help="train: epochs per overhead measurement (default 5)")
+    bench.add_argument("--epochs", type=int, help="train: epochs per overhead measurement (default 5); ablate: epochs per variant (default 20)")
     bench.add_argument("--skip", default="", help="train: parts to skip, comma-separated: seeds, overhead")
     return parser
 

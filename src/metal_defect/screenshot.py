@@ -87,3 +87,27 @@ def browse(url: str, uploads: Sequence[Path], screenshot: Path, wait_for: str | 
         text = page.inner_text("body")
         browser.close()
     return {"text": text, "seconds": round(seconds, 2), "screenshot": str(screenshot)}
+
+
+def time_page(url: str, selector: str, count: int, screenshot: Path, visits: int = 3, width: int = 1400, height: int = 1250) -> list[float]:
+    """Seconds from opening `url` (a new browser page each visit: a new app session) until `count`
+    elements match `selector` and the app has stopped running; a screenshot of the last visit."""
+    from playwright.sync_api import sync_playwright
+
+    seconds = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        for _ in range(visits):
+            page = browser.new_page(viewport={"width": width, "height": height})
+            started = time.perf_counter()
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_function(f"document.querySelectorAll({json.dumps(selector)}).length >= {count}", timeout=120_000)
+            page.wait_for_function("!document.body.innerText.includes('Running...')", timeout=120_000)
+            seconds.append(round(time.perf_counter() - started, 2))
+            if len(seconds) == visits:
+                time.sleep(2.0)  # let the charts finish drawing
+                screenshot.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(screenshot), full_page=True)
+            page.close()
+        browser.close()
+    return seconds

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_CSV = "history.csv"
 BEST_CHECKPOINT = "best.keras"
+VAL_MACRO_F1 = "val_macro_f1"  # a monitor no Keras metric gives: ValidationMacroF1 adds it to the epoch logs
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -33,6 +34,29 @@ class EpochTimer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is not None:
             logs["epoch_seconds"] = time.perf_counter() - self._start
+
+
+class ValidationMacroF1(keras.callbacks.Callback):
+    """Adds the macro F1 on the validation split to the epoch logs (column `val_macro_f1`).
+
+    On imbalanced data val_loss and val_accuracy favour the majority class: a model that answers
+    the largest class for everything scores well on both. Macro F1 weighs every class equally,
+    as evaluation's select_metric does. One extra pass over the validation images per epoch."""
+
+    def __init__(self, dataset: Any):
+        super().__init__()
+        self.dataset = dataset  # batches of (images, int labels)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        import numpy as np
+        from sklearn.metrics import f1_score
+
+        truth, predicted = [], []
+        for images, labels in self.dataset:
+            truth.append(np.asarray(labels))
+            predicted.append(np.argmax(keras.ops.convert_to_numpy(self.model(images, training=False)), axis=1))
+        if logs is not None and truth:
+            logs[VAL_MACRO_F1] = float(f1_score(np.concatenate(truth), np.concatenate(predicted), average="macro", zero_division=0))
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -55,8 +79,8 @@ def learning_rate(params: CallbacksParams, base_lr: float, steps_per_epoch: int,
 
 
 def monitor_mode(monitor: str) -> str:
-    """'max' for an accuracy, 'min' for a loss: the direction in which `monitor` improves."""
-    return "max" if "acc" in monitor else "min"
+    """'max' for an accuracy or an F1 score, 'min' for a loss: the direction in which `monitor` improves."""
+    return "max" if "acc" in monitor or "f1" in monitor else "min"
 
 
 def best_of(values: list[float], monitor: str) -> float | None:
@@ -100,13 +124,20 @@ class DeadlineStop(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def make_callbacks(params: CallbacksParams, work_dir: Path, checkpoint: bool = True) -> list[keras.callbacks.Callback]:
+def make_callbacks(params: CallbacksParams, work_dir: Path, checkpoint: bool = True, validation: Any = None,
+                   monitors: tuple[str, ...] = ()) -> list[keras.callbacks.Callback]:
     """The callbacks for one fit, all writing their state into `work_dir`.
 
     `checkpoint=False` leaves the best-epoch checkpoint to the caller (a Keras Tuner trial saves its own).
+    `validation` (the validation split's dataset) is needed when a monitor, the params' or one of
+    `monitors` (the caller's own), is val_macro_f1: that callback then comes first, so every later one sees it.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     callbacks: list[keras.callbacks.Callback] = [EpochTimer(), LearningRateLogger()]
+    if VAL_MACRO_F1 in {params.checkpoint_monitor, params.early_stopping.monitor, *monitors}:
+        if validation is None:
+            raise ValueError(f"{VAL_MACRO_F1} is monitored but no validation dataset was given to compute it on")
+        callbacks.insert(0, ValidationMacroF1(validation))
     monitor = params.checkpoint_monitor
     mode = monitor_mode(monitor)
     if checkpoint:

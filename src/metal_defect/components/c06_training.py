@@ -254,7 +254,7 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
                 history += _tag(read_history(phase_work / HISTORY_CSV), phase, len(history))
                 continue
             log.info("%s: phase %s, %d epochs at learning rate %g, %d steps/epoch", name, phase, epochs, base_lr, steps)
-            callbacks = make_callbacks(scaled_patience(callback_params, epochs, train.epochs), phase_work)
+            callbacks = make_callbacks(scaled_patience(callback_params, epochs, train.epochs), phase_work, validation=data["valid"].dataset)
             if deadline is not None:
                 callbacks.insert(0, DeadlineStop(deadline))
             fit = built.model.fit(data["train"].dataset, validation_data=data["valid"].dataset, epochs=epochs,

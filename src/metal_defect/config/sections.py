@@ -168,7 +168,7 @@ class ModelParams:
 @dataclass(frozen=True)
 class EarlyStoppingParams:
     enabled: bool
-    monitor: Literal["val_loss", "val_accuracy"]
+    monitor: Literal["val_loss", "val_accuracy", "val_macro_f1"]
     patience: int = _f(ge=1)
 
 
@@ -181,7 +181,7 @@ class PlateauParams:
 
 @dataclass(frozen=True)
 class CallbacksParams:
-    checkpoint_monitor: Literal["val_loss", "val_accuracy"]
+    checkpoint_monitor: Literal["val_loss", "val_accuracy", "val_macro_f1"]
     early_stopping: EarlyStoppingParams
     lr_schedule: Literal["cosine", "plateau", "constant"]
     warmup_epochs: int = _f(ge=0)
@@ -312,7 +312,7 @@ class TuningParams:
     tuner: Literal["random", "bayesian", "hyperband"] = _f()
     max_trials: int = _f(ge=1, le=10000)
     epochs_per_trial: int = _f(ge=1)
-    objective: Literal["val_loss", "val_accuracy"] = _f()
+    objective: Literal["val_loss", "val_accuracy", "val_macro_f1"] = _f()
     seed: int = _f(ge=0, le=2**31 - 1)
     max_minutes: float = _f(gt=0)
     max_consecutive_failed_trials: int = _f(ge=1)

@@ -231,9 +231,9 @@ def train_trial(trial_dir: Path) -> dict[str, list[float]]:
     params = dataclasses.replace(scaled_patience(recipe.callbacks, spec["schedule_epochs"], recipe.train.epochs), tensorboard=False,
                                  backup_and_restore=False)
     (trial_dir / HISTORY_CSV).unlink(missing_ok=True)  # a re-run trial starts its log again
-    callbacks = make_callbacks(params, trial_dir, checkpoint=False)
     objective = spec["objective"]
-    callbacks.insert(0, keras.callbacks.ModelCheckpoint(spec["checkpoint"], monitor=objective, mode=monitor_mode(objective),
+    callbacks = make_callbacks(params, trial_dir, checkpoint=False, validation=data["valid"].dataset, monitors=(objective,))
+    callbacks.append(keras.callbacks.ModelCheckpoint(spec["checkpoint"], monitor=objective, mode=monitor_mode(objective),
                                                         save_best_only=True, save_weights_only=True))
     if spec.get("deadline"):
         callbacks.append(DeadlineStop(spec["deadline"]))

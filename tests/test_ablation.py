@@ -1,0 +1,59 @@
+"""`bench ablate`: each variant changes what it names, and the command trains and scores every one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_training_params, write_config
+
+from metal_defect import ablation, bench
+from metal_defect.config import Recipe, load_config
+
+
+def test_each_variant_switches_off_what_it_names_and_nothing_else():
+    recipe = Recipe.of(load_config(None))
+    aug = recipe.data_loader.augmentation
+    assert aug.flip_horizontal and aug.rotate90 and aug.resample_blur > 0 and recipe.train.label_smoothing > 0  # the defaults have them
+    changed = {name: change(recipe) for name, (_, change) in ablation.VARIANTS.items()}
+    assert changed["default"] == recipe
+    assert not changed["no_flips_rot90"].data_loader.augmentation.rotate90
+    assert changed["no_flips_rot90"].train == recipe.train
+    assert changed["no_resample_blur"].data_loader.augmentation.resample_blur == 0
+    assert changed["no_label_smoothing"].train.label_smoothing == 0
+    assert changed["no_dropout"].model.custom_cnn.dropout == 0
+    assert changed["no_weight_decay"].train.weight_decay == 0
+    assert changed["no_class_weights"].train.class_weights is False
+    assert changed["constant_lr"].callbacks.lr_schedule == "constant"
+    balanced = changed["balanced_draws"]
+    assert balanced.data_loader.class_sampling == "balanced" and balanced.train.class_weights is False
+    off = changed["all_off"]
+    assert (off.train.label_smoothing, off.train.weight_decay, off.train.class_weights, off.model.custom_cnn.dropout) == (0, 0, False, 0)
+    assert not any([off.data_loader.augmentation.flip_horizontal, off.data_loader.augmentation.rotate90,
+                    off.data_loader.augmentation.resample_blur])
+    fixed = ablation.fixed_epochs(recipe, 7)
+    assert (fixed.train.epochs, fixed.train.min_steps, fixed.callbacks.early_stopping.enabled) == (7, 0, False)
+
+
+def test_bench_ablate_trains_every_variant_for_the_same_epochs_and_draws_the_curves(tmp_path):
+    from metal_defect import synthetic
+
+    data = synthetic.make_dataset(tmp_path / "data", per_class=10)
+    params = tiny_training_params() | {"data_ingestion": {"source": str(data)}}
+    folder = write_config(tmp_path / "cfg", params, {"classes": "auto", "aliases": {}})
+    config = load_config(folder)
+    args = argparse.Namespace(what="ablate", variants="default,all_off", epochs=2)
+    result = bench.bench_ablate(config, args)
+    rows = result["variants"]
+    assert list(rows) == ["default", "all_off"]
+    for row in rows.values():
+        assert len(row["curve"]) == 2 and 0 <= row["fit"] <= 1 and 0 <= row["valid_macro_f1"] <= 1 and row["restored_epoch"] in (1, 2)
+    assert "| all_off |" in result["table"] and Path(result["plot"]).stat().st_size > 10_000
+    json.dumps(result)  # what `bench` writes
+
+
+def test_an_unknown_variant_is_refused_with_the_names_there_are(tmp_path):
+    with pytest.raises(ValueError, match=r"no_such.*no_dropout"):
+        ablation.ablate(tmp_path, Recipe.of(load_config(None)), ["no_such"], 1, tmp_path / "w")
