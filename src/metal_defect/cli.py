@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     review_export.add_argument("destination", metavar="DIR", type=Path)
     actions.add_parser("stats", parents=[common], help="counts by status, class, reason and reviewer")
 
+    compare = sub.add_parser("compare", parents=[common], help="two runs' models on the same images, side by side",
+                             description="Evaluate the models two (or more) runs chose on the same images: by default the last run's "
+                             "test split and its reviewed slice (reviewed images kept out of training), or --on DIR. Prints and writes "
+                             "the table: accuracy, macro F1, per-class recall, flagged share.")
+    compare.add_argument("runs", nargs="+", metavar="RUN_ID", help="two or more run ids (see `python main.py runs`); the last one's images")
+    compare.add_argument("--on", metavar="DIR", type=Path, help="a labelled folder (class folders) to compare on instead")
+    compare.add_argument("--out", metavar="DIR", type=Path, help="where to write the results (default: artifacts/compare/<time>-<runs>)")
+
     export = sub.add_parser("export", parents=[common], help="write a self-contained model bundle (Keras + LiteRT)",
                             description="Copy the served model (or --model) into DIR with model.keras, model.tflite, serving.json, "
                             "the OOD reference, metrics, model card and a sha256 manifest checked on load.")
@@ -278,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, config: Any) -> int:
     from metal_defect import commands, runtime
 
-    if args.command in ("promote", "evaluate", "bench", "predict", "export"):
+    if args.command in ("promote", "evaluate", "bench", "predict", "export", "compare"):
         runtime.import_tensorflow()  # before anything imports it, so that its start-up lines go to the log
 
     if args.command == "run":
@@ -312,6 +320,15 @@ def _dispatch(args: argparse.Namespace, config: Any) -> int:
         return 0
     if args.command == "export":
         print(commands.export(config, args.destination, args.model))
+        return 0
+    if args.command == "compare":
+        from metal_defect.compare import compare_runs
+        from metal_defect.errors import ConfigError
+
+        if len(args.runs) < 2:
+            raise ConfigError("compare: give two run ids (RUN_A RUN_B); `python main.py runs` lists them")
+        result = compare_runs(config, args.runs, args.on, args.out)
+        print(result["table"] + f"results in {result['out']}")
         return 0
     if args.command == "app":
         from metal_defect import launch_app

@@ -24,7 +24,8 @@ def list_runs(config: Config, limit: int = 20) -> str:
     store = art.ArtifactStore(config.paths.artifacts)
     store.mark_dead_runs_failed()
     served = (served_model.read_pointer(store) or {}).get("run_id")
-    rows = [("", "run", "status", "started", "duration", "ran/reused", "model", "val F1", "test acc", "test F1")]
+    rows = [("", "run", "status", "started", "duration", "ran/reused", "model", "val F1", "test acc", "test F1", "reviewed acc",
+             "served before: test / reviewed acc")]
     for run_id in store.run_ids()[-limit:]:
         try:
             m = store.manifest(run_id)
@@ -38,6 +39,7 @@ def list_runs(config: Config, limit: int = 20) -> str:
             f"{sum(not s['reused'] for s in stages)}/{sum(s['reused'] for s in stages)}",
             metrics.get("best_model", "-") + (" (WEAK)" if metrics.get("weak_model") else ""),
             _fmt(metrics.get("valid_macro_f1")), _fmt(metrics.get("test_accuracy")), _fmt(metrics.get("test_macro_f1")),
+            _fmt(metrics.get("reviewed_accuracy")), _served_before(m.get("served") or {}),
         ))
     if len(rows) == 1:
         return f"no runs yet under {store.runs_dir}; start one with `python main.py`"
@@ -45,6 +47,15 @@ def list_runs(config: Config, limit: int = 20) -> str:
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
     note = "\n(WEAK) = flagged weak_model by the quality gate; its model card says why" if any("(WEAK)" in str(r[6]) for r in rows) else ""
     return "\n".join(lines) + ("\n* = served model" if served else "\nno model is served yet") + note
+
+
+def _served_before(served: dict[str, Any]) -> str:
+    """The model this run replaced, on this run's test split and reviewed slice ("-" when it replaced none)."""
+    previous = served.get("previous") or {}
+    if not previous:
+        return "-"
+    figures = [_fmt(previous[split]["before"]["accuracy"]) if split in previous else "-" for split in ("test", "reviewed")]
+    return f"{figures[0]} / {figures[1]} (run {previous['run_id']})"
 
 
 def _fmt(value: float | None) -> str:

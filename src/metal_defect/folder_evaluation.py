@@ -25,7 +25,7 @@ def evaluate_folder(folder: Path, predictor: Predictor, config: Any, out_dir: Pa
     class_names = predictor.class_names
     schema = dataclasses.replace(config.schema, classes=class_names, min_images_per_class=1,
                                  aliases={k: v for k, v in config.schema.aliases.items() if k in class_names})
-    source = dataclasses.replace(config.data_ingestion, source=str(folder), sha256=None)
+    source = dataclasses.replace(config.data_ingestion, source=str(folder), sha256=None, reviewed=False)  # the folder alone
     out_dir.mkdir(parents=True, exist_ok=True)
     items, skipped, meta = ingest(source, schema, out_dir / "_ingest", config.paths.download_cache, require_all_classes=False)
     paths = [i.path if Path(i.path).is_absolute() else str(out_dir / "_ingest" / i.path) for i in items]

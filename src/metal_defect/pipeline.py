@@ -134,13 +134,13 @@ STAGES: tuple[Stage, ...] = (
         "metal_defect.stages.s6_select:select_stage",
         sections=("evaluation",),
         upstream=("evaluation", "tune"),
-        publish="metal_defect.served:publish",
+        publish="metal_defect.stages.s6_select:publish_served",
         description="serve the tuned model only when strictly better on validation than the base model; say which and why",
     ),
 )
 
 # Subcommands of the CLI; no stage may be named like one.
-SUBCOMMANDS = ("run", "runs", "promote", "evaluate", "predict", "review", "export", "bench", "proxy-data", "app", "screenshot", "tune-worker")
+SUBCOMMANDS = ("run", "runs", "promote", "evaluate", "predict", "review", "export", "compare", "bench", "proxy-data", "app", "screenshot", "tune-worker")
 
 
 def check_registry(stages: Sequence[Stage]) -> None:

@@ -8,6 +8,10 @@ Layout of `paths.review` (default `<artifacts>/review`), every file append-only 
 - `labels.jsonl`: one line per decision (reviewer, time, class or `not_valid`, sha256, original
   name, the model's answer); a later decision on the same image supersedes an earlier one.
 
+The labelled images are training data (`reviewed_examples`): stage 1 adds them to the source as
+a second source with its own fingerprint, and each image's sha256 alone puts it in training
+(80 %) or in the `reviewed` evaluation slice (20 %), never in the source's own test split.
+
 Every append and every cap decision holds an exclusive lock on `.lock` (fcntl), so two app
 sessions or a CLI and the app never lose a line. A corrupt line is reported with its file and
 line number and skipped; nothing is ever rewritten in place, so no earlier decision is lost.
@@ -38,6 +42,25 @@ LOCK_FILE = ".lock"
 NOT_VALID = "not_valid"  # the decision "not a valid image": kept out of training
 NO_REVIEW_ENV = "METAL_DEFECT_NO_REVIEW"
 ANONYMOUS = "anonymous"
+REVIEWED_SPLIT = "reviewed"  # the prepared split of reviewed images kept out of training, to measure what they taught
+REVIEWED_EVAL_EVERY = 5  # one reviewed image in five (by its sha256) is in that slice
+
+
+def reviewed_split(sha256: str) -> str:
+    """`train` or `reviewed` (about one in REVIEWED_EVAL_EVERY) by the image's sha256 alone, so an image never
+    changes side as others are labelled."""
+    return REVIEWED_SPLIT if int(sha256[:8], 16) % REVIEWED_EVAL_EVERY == 0 else "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReviewedExample:
+    """A labelled image of the store as training data."""
+
+    path: Path
+    label: str
+    split: str  # train or REVIEWED_SPLIT
+    sha256: str
+    name: str  # the original file name
 
 
 def review_disabled() -> bool:
@@ -231,6 +254,23 @@ class ReviewStore:
         with self._locked():
             self._append(LABELS_LOG, decision)
         return decision
+
+    def reviewed_examples(self) -> tuple[list[ReviewedExample], int]:
+        """Every labelled image whose bytes are in the store (latest decision; `not_valid` left out), and how many
+        were `not_valid`. Read without the lock: the logs are append-only and a half-written line is skipped."""
+        examples, not_valid = [], 0
+        for item in sorted(self.items(), key=lambda i: i.sha256):
+            if item.decision is None:
+                continue
+            if item.decision["class"] == NOT_VALID:
+                not_valid += 1
+                continue
+            path = self.image_path(item)
+            if not path.is_file():
+                log.warning("review store: the image of %s (%s) is missing from %s; left out of training", item.name, item.sha256[:12], path.parent)
+                continue
+            examples.append(ReviewedExample(path, item.decision["class"], reviewed_split(item.sha256), item.sha256, item.name))
+        return examples, not_valid
 
     def export(self, destination: Path) -> dict[str, int]:
         """Reviewed images (not the not-valid ones) as class folders under `destination`, named by their original names."""

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from metal_defect.artifacts import ensure_dir, hash_strings, sha256_file, write_json_atomic
 from metal_defect.config import DataIngestionParams, SchemaConfig
 from metal_defect.errors import DataError
+from metal_defect.review import REVIEWED_SPLIT, ReviewedExample, ReviewStore
 from metal_defect.serving.images import walked_file_problem
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class Item:
 
     path: str  # absolute, or relative to the stage output when extracted from an archive
     label: str  # schema class name
-    split: str | None  # train/valid/test for a pre-split source, else None
+    split: str | None  # train/valid/test for a pre-split source, else None (a reviewed image: train or reviewed)
+    origin: str = "source"  # or "reviewed": a labelled image of the review store
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,23 @@ class CorruptArchive(DataError):
 
 # ----------------------------------------------------------------------------- fingerprint
 def source_fingerprint(data_ingestion: DataIngestionParams, schema: SchemaConfig) -> str:
-    """Content fingerprint of the source: every file's relative path and bytes, or the archive."""
+    """Content fingerprint of the source (every file's relative path and bytes, or the archive) and, when there are
+    any, of the reviewed images (each one's sha256 and latest class): a new decision retrains, an unchanged queue does not."""
+    fingerprint = _source_only_fingerprint(data_ingestion)
+    examples = reviewed_examples(data_ingestion)
+    if not examples:
+        return fingerprint
+    return hash_strings(fingerprint, "reviewed", *(f"{e.sha256}:{e.label}" for e in examples))
+
+
+def reviewed_examples(params: DataIngestionParams) -> list[ReviewedExample]:
+    """The review store's labelled images (none when data_ingestion.reviewed is off or there is no store)."""
+    if not params.reviewed or params.review_store is None or not Path(params.review_store).is_dir():
+        return []
+    return ReviewStore(Path(params.review_store)).reviewed_examples()[0]
+
+
+def _source_only_fingerprint(data_ingestion: DataIngestionParams) -> str:
     source = data_ingestion.source
     if _is_url(source):
         return hash_strings("url", source, data_ingestion.sha256 or "")
@@ -120,7 +138,31 @@ def ingest(params: DataIngestionParams, schema: SchemaConfig, out_dir: Path, cac
         items = [Item(str(Path(i.path).relative_to(display_root)), i.label, i.split) for i in items]
     classes = list(schema.classes) if schema.classes != "auto" else sorted({i.label for i in items})
     meta = {"source": source, "source_kind": kind, "root": str(root), "layout": layout, "classes": classes}
-    return items, skipped, meta
+    reviewed = reviewed_items(params, classes, ClassResolver(schema))
+    if reviewed:
+        meta["reviewed"] = {"store": str(params.review_store), "images": len(reviewed),
+                            "train": sum(i.split == "train" for i in reviewed), REVIEWED_SPLIT: sum(i.split == REVIEWED_SPLIT for i in reviewed)}
+        log.info("review store %s: %d labelled image(s) join the source (%d to train, %d to the reviewed evaluation slice)",
+                 params.review_store, len(reviewed), meta["reviewed"]["train"], meta["reviewed"][REVIEWED_SPLIT])
+    return items + reviewed, skipped, meta
+
+
+def reviewed_items(params: DataIngestionParams, classes: list[str], resolver: ClassResolver) -> list[Item]:
+    """The reviewed images as items of the data set's classes; a class the data set does not have is refused."""
+    items, unknown = [], {}
+    for example in reviewed_examples(params):
+        label = example.label if example.label in classes else resolver.resolve(example.label)
+        if label not in classes:
+            unknown.setdefault(example.label, []).append(example)
+            continue
+        items.append(Item(str(example.path), label, example.split, origin="reviewed"))
+    if unknown:
+        described = "; ".join(f"'{label}' ({len(found)} image(s), e.g. {found[0].name}, sha256 {found[0].sha256[:12]})"
+                              for label, found in sorted(unknown.items()))
+        raise DataError(f"review store {params.review_store}: reviewed images are labelled with a class the data set does not have: "
+                        f"{described}; its classes are {', '.join(classes)}. Add the class to schema.yaml's classes (with images "
+                        "of it in the source), or label those images again with `python main.py review label SHA256 CLASS`")
+    return items
 
 
 def reason_kind(reason: str) -> str:

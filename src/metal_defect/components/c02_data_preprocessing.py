@@ -31,6 +31,7 @@ from metal_defect import plots
 from metal_defect.artifacts import write_json_atomic
 from metal_defect.config import BaseParams, DataPreprocessingParams, SchemaConfig, SplitParams
 from metal_defect.errors import DataError
+from metal_defect.review import REVIEWED_SPLIT
 from metal_defect.serving.images import (
     DEFAULT_MAX_PIXELS,
     ImageProblem,
@@ -43,7 +44,7 @@ from metal_defect.serving.images import (
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
+SPLITS = ("train", "valid", "test")  # and REVIEWED_SPLIT when the review store's labelled images joined
 IMAGES_DIR = "images"
 RECORDS_FILE = "records.json"
 CLASS_LABELS_FILE = "class_labels.json"  # for people and scripts reading the folder (README); the code reads records.json
@@ -116,24 +117,29 @@ def prepare(items: list[dict[str, Any]], classes: list[str], base: BaseParams, p
     """Decode, check, de-duplicate, split and store `items` ({path, label, split}) in out_dir."""
     started = time.perf_counter()
     items = sorted(items, key=lambda i: (classes.index(i["label"]), i["path"]))
-    if base.image_size == "auto":
-        base = dataclasses.replace(base, image_size=auto_image_size([i["path"] for i in items], base.max_image_size))
+    if base.image_size == "auto":  # from the source alone: labelling a few images must not change the model's input size
+        base = dataclasses.replace(base, image_size=auto_image_size([i["path"] for i in items if not _reviewed(i)], base.max_image_size))
     decoded = _decode_all(items, base, params, schema, out_dir / "_pending")
     elapsed_decode = time.perf_counter() - started
 
     skipped = [{"path": items[d.index]["path"], "reason": d.reason} for d in decoded if not d.ok]
     usable = [d for d in decoded if d.ok]
-    kept, duplicates = _deduplicate(usable, items)
+    # the source is de-duplicated and split exactly as it would be alone, so its test split stays the same
+    # whatever is reviewed; the reviewed images keep the side their sha256 gave them (review.reviewed_split)
+    kept, duplicates = _deduplicate([d for d in usable if not _reviewed(items[d.index])], items)
+    kept_reviewed, reviewed_duplicates = _reviewed_unique([d for d in usable if _reviewed(items[d.index])], kept, items)
+    duplicates += reviewed_duplicates
     counts = Counter(items[d.index]["label"] for d in kept)
     short = {c: counts.get(c, 0) for c in classes if counts.get(c, 0) < schema.min_images_per_class}
     if short:
         raise DataError(f"too few usable images: {short} (schema.min_images_per_class = {schema.min_images_per_class}); "
                         f"{len(skipped)} files were unusable, see the log")
-    splits = assign_splits([items[d.index] for d in kept], params.split, base.seed)
-    records = _place_images(kept, splits, items, classes, out_dir)
+    splits = assign_splits([items[d.index] for d in kept], params.split, base.seed) + [items[d.index]["split"] for d in kept_reviewed]
+    records = _place_images(kept + kept_reviewed, splits, items, classes, out_dir)
     shutil.rmtree(out_dir / "_pending")
 
-    split_counts = {s: {c: sum(1 for r in records if r["split"] == s and r["label"] == c) for c in classes} for s in SPLITS}
+    all_splits = (*SPLITS, REVIEWED_SPLIT) if kept_reviewed else SPLITS
+    split_counts = {s: {c: sum(1 for r in records if r["split"] == s and r["label"] == c) for c in classes} for s in all_splits}
     colour = [items[d.index]["path"] for d in usable if d.colourful] if schema.color_mode == "grayscale" else []
     write_json_atomic(out_dir / RECORDS_FILE, {"classes": classes, "image_size": base.image_size, "color_mode": base.color_mode,
                                                "resize": base.resize, "records": records})
@@ -149,7 +155,8 @@ def prepare(items: list[dict[str, Any]], classes: list[str], base: BaseParams, p
         "image_size": base.image_size,
         "color_mode": base.color_mode,
         "split_fractions": asdict(params.split),
-        "presplit": any(i.get("split") for i in items),
+        "presplit": any(i.get("split") for i in items if not _reviewed(i)),
+        "reviewed_images": len(kept_reviewed),
         "counts": split_counts,
         "skipped": skipped,
         "duplicates": duplicates,
@@ -192,8 +199,29 @@ def _place_images(kept: list[_Decoded], splits: list[str], items: list[dict[str,
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         os.replace(d.pending, out_dir / rel)
         records.append({"file": rel, "label": item["label"], "label_index": classes.index(item["label"]), "split": split,
-                        "source": item["path"], "sha256": d.content_hash, "original_size": list(d.original_size)})
+                        "source": item["path"], "sha256": d.content_hash, "original_size": list(d.original_size),
+                        **({"origin": "reviewed"} if _reviewed(item) else {})})
     return records
+
+
+def _reviewed(item: dict[str, Any]) -> bool:
+    return item.get("origin") == "reviewed"
+
+
+def _reviewed_unique(reviewed: list[_Decoded], kept: list[_Decoded], items: list[dict[str, Any]]) -> tuple[list[_Decoded], list[dict[str, Any]]]:
+    """Reviewed images that are not the same picture as a kept source image or an earlier reviewed one (the source's copy
+    and label stay: a review never moves a source image out of its split)."""
+    seen = {d.content_hash: items[d.index]["path"] for d in kept}
+    unique, report = [], []
+    for d in reviewed:
+        if d.content_hash in seen:
+            report.append({"kept": seen[d.content_hash], "dropped": [items[d.index]["path"]],
+                           "reason": "a reviewed image is the same picture as one already in the data: kept that one"})
+            Path(d.pending).unlink(missing_ok=True)
+            continue
+        seen[d.content_hash] = items[d.index]["path"]
+        unique.append(d)
+    return unique, report
 
 
 def write_eda(eda: Path, records: list[dict[str, Any]], classes: list[str], split_counts: dict[str, dict[str, int]], kept: list[_Decoded],

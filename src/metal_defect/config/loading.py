@@ -78,6 +78,8 @@ def load_config(config_dir: Path | str | None = None, overrides: list[str] | Non
         if len(problems) == 1:
             raise ConfigError(f"invalid configuration: {problems[0]}")
         raise ConfigError(f"invalid configuration ({len(problems)} problems):\n  " + "\n  ".join(problems))
+    # stage 1 reads the review store as a second source; where it is belongs to config.yaml's paths
+    sections["data_ingestion"] = dataclasses.replace(sections["data_ingestion"], review_store=sections["paths"].review_root)
     return Config(**sections, config_dir=config_dir)
 
 

@@ -83,6 +83,8 @@ class DataIngestionParams:
     max_extracted_mb: float = _f(gt=0)
     max_compression_ratio: float = _f(ge=1)
     max_download_mb: float = _f(gt=0)
+    reviewed: bool = _f()  # the review store's labelled images join the source (a second source, its own fingerprint)
+    review_store: Path | None = field(default=None, metadata={"internal": True})  # paths.review_root, set when loading
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def run_stage(io: Any, *, data_ingestion: DataIngestionParams, schema: SchemaCon
 def write_outputs(items: list[Item], skipped: list[Skipped], meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """index.json (what stage 2 reads) and ingestion_report.json (what a person reads)."""
     counts: dict[str, dict[str, int]] = defaultdict(dict)
-    for (split, label), n in sorted(Counter((i.split or "all", i.label) for i in items).items()):
+    for (split, label), n in sorted(Counter((i.split or "all" if i.origin == "source" else f"reviewed ({i.split})", i.label) for i in items).items()):
         counts[split][label] = n
     reasons = Counter(reason_kind(s.reason) for s in skipped)
     report = {

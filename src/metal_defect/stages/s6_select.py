@@ -3,7 +3,7 @@
 Ties keep the base model. It copies the chosen bundle, says in its model card which model is
 served and why, writes tuning_summary.json and served_model.json (the record the served
 pointer reads, named by `metal_defect.served`); the runner then calls the stage's publish step,
-`metal_defect.served:publish`, which points the served model at it.
+`publish_served`, which points the served model at it and sets it beside the model it replaces.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from metal_defect import artifacts as art
+from metal_defect import served as served_model
 from metal_defect.components.c06_evaluation.evaluate import BEST_FILE, metrics_files
 from metal_defect.components.c06_evaluation.gate import announce_weak_model
 from metal_defect.components.c07_hyper_tuning.space import format_values
@@ -93,3 +94,29 @@ def served_section(served: str, reason: str, base: Mapping[str, Any], tuned: Map
             lines.append(f"- {label}: validation {metric} {rec['valid'][metric]:.4f}"
                          + (f", test accuracy {test['accuracy']:.4f}, test macro F1 {test['macro_f1']:.4f}" if test else ""))
     return "\n".join(lines) + "\n"
+
+
+def publish_served(store: art.ArtifactStore, run_id: str, chosen: Any) -> dict[str, Any]:
+    """Serve run `run_id`'s chosen model (the select stage's publish step), then set it beside the model it replaced on
+    this run's test split and reviewed slice, and say plainly when it is worse on the test split (`promote` rolls back)."""
+    from metal_defect.compare import against_served_before
+
+    before = (served_model.read_pointer(store) or {}).get("run_id")
+    pointer = served_model.publish(store, run_id, chosen)
+    if not before or before == run_id:
+        return pointer
+    try:
+        previous = against_served_before(store, before, run_id)
+    except Exception as exc:  # the comparison is information; the new model is served whatever it says
+        log.warning("could not set the new model beside the one it replaced (run %s): %s", before, exc)
+        return pointer
+    for split, pair in ((k, v) for k, v in previous.items() if k != "run_id"):
+        old, new = pair["before"], pair["now"]
+        line = (f"{split}: the new model {new['accuracy']:.2%} ({new['n'] - new['errors']}/{new['n']}), macro F1 {new['macro_f1']:.3f}; "
+                f"the model served before (run {before}) {old['accuracy']:.2%} ({old['n'] - old['errors']}/{old['n']}), macro F1 {old['macro_f1']:.3f}")
+        if split == "test" and new["accuracy"] < old["accuracy"]:
+            log.warning("THE NEW MODEL IS WORSE on the original test split than the one it replaced: %s; `python main.py promote %s` "
+                        "serves that one again", line, before)
+        else:
+            log.info("%s", line)
+    return pointer | {"previous": previous}

@@ -22,6 +22,7 @@ from metal_defect.components.c06_evaluation.scores import calibrate, calibration
 from metal_defect.components.c06_evaluation.verdicts import fit_verdicts, verdict_counts
 from metal_defect.components.c06_training import HISTORY_FILE, MODELS_DIR, TRAIN_SUMMARY, TRAINED_MODEL
 from metal_defect.config import DataPreprocessingParams, EvaluationParams
+from metal_defect.review import REVIEWED_EVAL_EVERY, REVIEWED_SPLIT
 from metal_defect.serving.bundle import (
     BUNDLE_DIR,
     MODEL_CARD,
@@ -96,11 +97,34 @@ def evaluate_models(ingestion: dict[str, Any], prepared: Path, trained: Path, pa
                    "test": headline(test_report) if test_report else None, "calibration": calibration,
                    "weak_model": gate["weak_model"], "weak_reasons": gate["reasons"], "verdicts": verdicts,
                    "pointing": test_report.get("pointing") if test_report else None}
+    reviewed = report_reviewed(served, prepared, class_names, best, params, out_dir)
+    best_record["reviewed"] = headline(reviewed) if reviewed else None
     write_json_atomic(out_dir / best_file, best_record)
     card = model_card(best, results[best], test_report, calibration, spec, ingestion, read_json(prepared / PREPROCESSING_REPORT),
                       train_summary["models"][best], gate, verdicts)
+    if reviewed:
+        card += (f"\n## On the reviewed slice\n\nReviewed images kept out of training (one in {REVIEWED_EVAL_EVERY}, by sha256): "
+                 f"{metrics.caption(reviewed['n'], reviewed['errors'])}, macro F1 {reviewed['macro_f1']:.4f}, flagged "
+                 f"{100 * reviewed['verdicts']['flagged_share']:.1f} %. `python main.py compare RUN_A RUN_B` sets it beside another run's model.\n")
     finish_bundle(out_dir, card, best_record, gate, spec)
-    return {"metrics": headline_metrics(best, results[best]["valid"], gate, spec, test_report), "temperature": temperature}
+    summary = headline_metrics(best, results[best]["valid"], gate, spec, test_report)
+    if reviewed:
+        summary |= {"reviewed_accuracy": reviewed["accuracy"], "reviewed_macro_f1": reviewed["macro_f1"], "reviewed_n": reviewed["n"]}
+    return {"metrics": summary, "temperature": temperature}
+
+
+def report_reviewed(served: Predictor, prepared: Path, class_names: list[str], best: str, params: EvaluationParams,
+                    out_dir: Path) -> dict[str, Any] | None:
+    """The chosen model on the reviewed evaluation slice (reviewed images kept out of training); None without one."""
+    x_rev, y_rev, names = load_split(prepared, REVIEWED_SPLIT)
+    if not len(y_rev):
+        return None
+    raw, features = served.forward(x_rev, params.batch_size)
+    probs = served.calibrate(raw)
+    report = report_split(y_rev, probs, class_names, x_rev, names, out_dir / REVIEWED_SPLIT, f"{best}, reviewed slice", params)
+    report["verdicts"] = verdict_counts(served.answers_from(probs, features, x_rev, names), y_rev, class_names)
+    log.info("reviewed slice (%s): %s, macro F1 %.4f", best, metrics.caption(report["n"], report["errors"]), report["macro_f1"])
+    return report
 
 
 def score_on_validation(train_summary: dict[str, Any], records: dict[str, Any], trained: Path, valid: tuple[np.ndarray, np.ndarray, list[str]],
@@ -175,7 +199,7 @@ def finish_bundle(out_dir: Path, card: str, best_record: dict[str, Any], gate: d
     bundle = out_dir / BUNDLE_DIR
     (out_dir / MODEL_CARD).write_text(card, encoding="utf-8")
     (bundle / MODEL_CARD).write_text(card, encoding="utf-8")
-    write_json_atomic(bundle / BUNDLE_METRICS, {k: best_record[k] for k in ("name", "valid", "test", "calibration", "verdicts", "pointing")} | {"quality_gate": gate})
+    write_json_atomic(bundle / BUNDLE_METRICS, {k: best_record.get(k) for k in ("name", "valid", "test", "calibration", "verdicts", "pointing", "reviewed")} | {"quality_gate": gate})
     write_spec(bundle, dataclasses.replace(spec, weak_model=gate["weak_model"], weak_reasons=tuple(gate["reasons"])))
     write_manifest(bundle)
 

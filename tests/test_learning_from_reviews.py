@@ -1,0 +1,99 @@
+"""Issue 26: reviewed images train the next model, are measured on their own slice, and two runs compare on the same images."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import TINY_SCHEMA, _deep_merge, tiny_training_params, write_config
+
+from metal_defect import synthetic
+from metal_defect.artifacts import read_json
+from metal_defect.config import load_config
+from metal_defect.errors import DataError
+from metal_defect.pipeline import Runner
+from metal_defect.review import LABELS_LOG, NOT_VALID, REVIEWED_SPLIT, ReviewStore, reviewed_split
+
+
+def _config(tmp_path: Path, per_class: int = 12) -> Path:
+    data = synthetic.make_dataset(tmp_path / "data", per_class=per_class)
+    params = _deep_merge(tiny_training_params(epochs=3), {"data_ingestion": {"source": str(data)}})
+    return write_config(tmp_path / "cfg", params, TINY_SCHEMA, {"paths": {"review": str(tmp_path / "review")}})
+
+
+def _queue_and_label(store: ReviewStore, tmp_path: Path, per_class: int, labels: dict[int, str] | None = None) -> list[str]:
+    """New synthetic images (another seed) queued as flagged answers and labelled with their true class."""
+    fresh = synthetic.make_dataset(tmp_path / "fresh", per_class=per_class, seed=7)
+    shas = []
+    for number, path in enumerate(sorted(fresh.rglob("*.png"))):
+        data = path.read_bytes()
+        store.add(data, path.name, {"label": "crazing", "verdict": "uncertain", "confidence": 0.4, "model_run": "r"}, "uncertain", "cli")
+        sha = hashlib.sha256(data).hexdigest()
+        store.label(sha, (labels or {}).get(number, path.parent.name), list(synthetic.CLASSES), reviewer="Ana")
+        shas.append(sha)
+    return shas
+
+
+def _test_files(manifest: dict) -> list[str]:
+    records = read_json(Path(manifest["stages"]["data_preprocessing"]["output"]) / "records.json")["records"]
+    return sorted(r["source"] for r in records if r["split"] == "test")
+
+
+def test_reviewed_images_join_training_by_their_sha256_and_leave_the_source_split_alone(tmp_path):
+    folder = _config(tmp_path)
+    before = Runner(load_config(folder)).run("1-2")
+    store = ReviewStore(tmp_path / "review")
+    shas = _queue_and_label(store, tmp_path, per_class=5, labels={0: NOT_VALID})
+    after = Runner(load_config(folder)).run("1-2")
+    assert not after["stages"]["data_ingestion"]["reused"]  # a new decision changes the data fingerprint
+    assert _test_files(after) == _test_files(before)  # the source's test split is the same
+    records = read_json(Path(after["stages"]["data_preprocessing"]["output"]) / "records.json")["records"]
+    reviewed = {Path(r["source"]).stem: r for r in records if r.get("origin") == "reviewed"}
+    assert set(reviewed) == set(shas[1:])  # the not-valid one is left out
+    assert all(r["split"] == reviewed_split(sha) for sha, r in reviewed.items())
+    assert {r["split"] for r in reviewed.values()} == {"train", REVIEWED_SPLIT}  # 14 images: both sides (by sha256)
+    again = Runner(load_config(folder)).run("1-2")
+    assert again["stages"]["data_ingestion"]["reused"] and again["stages"]["data_preprocessing"]["reused"]  # unchanged queue: reused
+    plain = Runner(load_config(folder, ["data_ingestion.reviewed=false"])).run("1-2")
+    # the same prepared data as before anything was reviewed (reused: the same content)
+    assert plain["stages"]["data_preprocessing"]["output"] == before["stages"]["data_preprocessing"]["output"]
+
+
+def test_a_reviewed_class_the_data_set_does_not_have_is_refused_with_its_name(tmp_path):
+    folder = _config(tmp_path)
+    store = ReviewStore(tmp_path / "review")
+    (sha,) = _queue_and_label(store, tmp_path, per_class=1)[:1]
+    with open(tmp_path / "review" / LABELS_LOG, "a") as handle:  # a decision made for a model with another class
+        handle.write(json.dumps({"sha256": sha, "class": "rust", "reviewer": "Bo", "name": "x.png"}) + "\n")
+    with pytest.raises(DataError, match=r"'rust'.*schema\.yaml"):
+        Runner(load_config(folder)).run("1")
+
+
+@pytest.mark.slow
+def test_the_next_run_reports_the_reviewed_slice_beside_the_model_it_replaced_and_compare_sets_runs_side_by_side(tmp_path, caplog):
+    from metal_defect.cli import main
+
+    folder = _config(tmp_path)
+    first = Runner(load_config(folder)).run()
+    _queue_and_label(ReviewStore(tmp_path / "review"), tmp_path, per_class=6)
+    with caplog.at_level(logging.INFO):
+        second = Runner(load_config(folder)).run()
+    assert second["metrics"]["reviewed_n"] >= 1 and 0 <= second["metrics"]["reviewed_accuracy"] <= 1
+    previous = second["served"]["previous"]
+    assert previous["run_id"] == first["run_id"] and {"test", REVIEWED_SPLIT} <= set(previous)
+    assert previous["test"]["before"]["n"] == previous["test"]["now"]["n"] == first["metrics"]["test_n"]
+    assert any("the model served before (run " + first["run_id"] in r.getMessage() for r in caplog.records)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["compare", first["run_id"], second["run_id"], "--config", str(folder)]) == 0
+    table = out.getvalue()
+    for run_id in (first["run_id"], second["run_id"]):
+        assert f"| test | {run_id} |" in table and f"| {REVIEWED_SPLIT} | {run_id} |" in table
+    assert "recall crazing" in table and "flagged" in table
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["runs", "--config", str(folder)]) == 0
+    assert f"(run {first['run_id']})" in out.getvalue() and "reviewed acc" in out.getvalue()
