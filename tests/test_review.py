@@ -247,3 +247,23 @@ def test_the_history_counts_only_whole_lines_and_reads_a_grown_log_from_where_it
     assert history.file_counts(log)[("2026-12-03", "uncertain")] == 2
     log.write_text(line("patches"))  # replaced by a shorter file (rotated and started again): counted afresh
     assert history.file_counts(log) == {("2026-12-03", "patches"): 1}
+
+
+def test_review_add_queues_images_as_disputed_with_their_true_class_and_labels_them(tiny, tmp_path, capsys):
+    files = sorted(Path(tiny["data"]).rglob("*.png"))[:2]
+    review = tmp_path / "review"
+    home = write_config_for(tiny, review)
+    assert main(["review", "add", *map(str, files), "--label", "inclusion", "--by", "Bo", "--config", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{f.name}: labelled inclusion (the model said" in out for f in files)
+    items = ReviewStore(review).items()
+    assert sorted(i.name for i in items) == sorted(f.name for f in files)
+    assert all(i.why == "disputed" and i.user_class == "inclusion" and i.decision["class"] == "inclusion" and i.decision["reviewer"] == "Bo"
+               for i in items)
+    assert main(["review", "add", str(files[0]), "--label", "rust", "--config", str(home)]) != 0  # not a class of the model
+
+
+def write_config_for(tiny: dict, review: Path) -> Path:
+    from conftest import write_config
+
+    return write_config(review.parent / "home", config={"paths": {"artifacts": str(tiny["folder"] / "artifacts"), "review": str(review)}})

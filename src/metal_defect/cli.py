@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     review_label.add_argument("sha256", metavar="SHA256_PREFIX", help="at least 6 characters of the image's sha256 (see `review list`)")
     review_label.add_argument("label", metavar="CLASS", help=f"a class of the model, or {'not_valid'} (not a valid image: kept out of training)")
     review_label.add_argument("--by", metavar="NAME", help="the reviewer's name (default: anonymous)")
+    review_add = actions.add_parser("add", parents=[common], help="the command line's 'this answer is wrong': queue images with their "
+                                    "true class and label them (answered by the served model first)")
+    review_add.add_argument("paths", nargs="+", metavar="FILE", type=Path)
+    review_add.add_argument("--label", required=True, metavar="CLASS", help="the images' true class")
+    review_add.add_argument("--by", metavar="NAME", help="the reviewer's name (default: anonymous)")
     review_export = actions.add_parser("export", parents=[common], help="write the labelled images as class folders, ready to train on")
     review_export.add_argument("destination", metavar="DIR", type=Path)
     actions.add_parser("stats", parents=[common], help="counts by status, class, reason and reviewer")

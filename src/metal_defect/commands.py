@@ -290,12 +290,44 @@ def review(config: Config, args: Any) -> str:
         classes = list(item.probabilities) + (list(config.schema.classes) if isinstance(config.schema.classes, list) else [])
         decision = store.label(args.sha256, args.label, list(dict.fromkeys(classes)), args.by)
         return f"{decision['name']} ({decision['sha256'][:12]}): {decision['class']}, by {decision['reviewer']} (the model said {decision['model_label']})"
+    if args.action == "add":
+        return "\n".join(review_add(config, store, args.paths, args.label, args.by))
     if args.action == "export":
         counts = store.export(args.destination)
         total = sum(counts.values())
         return (f"{total} labelled images exported to {args.destination}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
                 if total else f"no labelled images to export (not-valid ones are left out: {NOT_VALID})")
     return json.dumps(store.stats(), indent=2)
+
+
+def review_add(config: Config, store: Any, paths: list[Path], label: str, reviewer: str | None) -> list[str]:
+    """`review add FILE... --label CLASS`: the command line's "this answer is wrong": each image is answered by the served
+    model, queued as disputed with the user's class, and labelled with it in the same step."""
+    import hashlib
+
+    from metal_defect.serving.predictor import Predictor
+
+    predictor = Predictor.from_bundle(served_model.resolve_bundle(art.ArtifactStore(config.paths.artifacts), None))
+    if label not in predictor.class_names:
+        raise ConfigError(f"review add: unknown class '{label}'; the served model's classes are {', '.join(predictor.class_names)}")
+    lines = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            lines.append(f"{path}: not added: cannot read it ({exc.strerror or exc})")
+            continue
+        answer = predictor.answer_paths([str(path)])[0]
+        if answer.error:
+            lines.append(f"{path}: not added: {answer.error}")
+            continue
+        queued, message = store.add(data, str(path), dataclasses.asdict(answer), why="disputed", source="cli", user_class=label)
+        if queued:
+            store.label(hashlib.sha256(data).hexdigest(), label, predictor.class_names, reviewer)
+            lines.append(f"{Path(path).name}: labelled {label} (the model said {answer.verdict})")
+        else:
+            lines.append(message)
+    return lines
 
 
 def _answer_table(answers: list) -> str:
