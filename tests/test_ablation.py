@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_training_params, write_config
 
-from metal_defect import ablation, bench
+from metal_defect import ablation
 from metal_defect.config import Recipe, load_config
 
 
@@ -45,7 +45,7 @@ def test_bench_ablate_trains_every_variant_for_the_same_epochs_and_draws_the_cur
     folder = write_config(tmp_path / "cfg", params, {"classes": "auto", "aliases": {}})
     config = load_config(folder)
     args = argparse.Namespace(what="ablate", variants="default,all_off", epochs=2)
-    result = bench.bench_ablate(config, args)
+    result = ablation.bench_ablate(config, args)
     rows = result["variants"]
     assert list(rows) == ["default", "all_off"]
     for row in rows.values():

@@ -97,3 +97,15 @@ def test_the_next_run_reports_the_reviewed_slice_beside_the_model_it_replaced_an
     with contextlib.redirect_stdout(io.StringIO()) as out:
         assert main(["runs", "--config", str(folder)]) == 0
     assert f"(run {first['run_id']})" in out.getvalue() and "reviewed acc" in out.getvalue()
+
+
+def test_the_lighting_gradient_darkens_one_side_and_brightens_the_other():
+    import numpy as np
+    from PIL import Image
+
+    from metal_defect.review_loop import lighting_gradient
+
+    flat = Image.new("L", (40, 40), 100)
+    lit = np.asarray(lighting_gradient(flat, np.random.default_rng(0)), dtype=float)
+    assert lit.min() == pytest.approx(45, abs=2) and lit.max() == pytest.approx(155, abs=2)  # 45 % to 155 % of the grey level
+    assert abs(lit.mean() - 100) < 3 and lit.shape == (40, 40)

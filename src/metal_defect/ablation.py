@@ -10,6 +10,7 @@ accuracy of every variant is drawn as one learning-curve plot beside the JSON an
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import shutil
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from metal_defect.artifacts import write_json_atomic
 from metal_defect.config import Recipe
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,10 @@ def fixed_epochs(recipe: Recipe, epochs: int) -> Recipe:
     return _replace(_train(recipe, epochs=epochs, min_steps=0, verbose=0), callbacks=callbacks)
 
 
-def ablate(prepared: Path, recipe: Recipe, variants: list[str], epochs: int, work: Path) -> dict[str, Any]:
-    """Train each variant for `epochs` epochs on a c02 output folder; fit, validation and the learning curves."""
+def ablate(prepared: Path, recipe: Recipe, variants: list[str], epochs: int, work: Path, progress: Path | None = None) -> dict[str, Any]:
+    """Train each variant for `epochs` epochs on a c02 output folder; fit, validation and the learning curves.
+
+    `progress`: a JSON file rewritten after every variant, so that an interrupted run keeps the rows it finished."""
     import keras
     from sklearn.metrics import f1_score
 
@@ -112,6 +116,8 @@ def ablate(prepared: Path, recipe: Recipe, variants: list[str], epochs: int, wor
         log.info("ablate %s (%s): fit %.3f, train macro F1 %.3f, valid accuracy %.3f, valid macro F1 %.3f, %.0f s", name, what,
                  rows[name]["fit"], rows[name]["train_macro_f1"], rows[name]["valid_accuracy"], rows[name]["valid_macro_f1"], seconds)
         keras.backend.clear_session()
+        if progress is not None:
+            write_json_atomic(progress, rows)
     return rows
 
 
@@ -150,3 +156,21 @@ def plot_curves(rows: dict[str, Any], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def bench_ablate(config: Any, args: Any) -> dict[str, Any]:
+    """Stages 1-2 of the configured run (cached), then every ablation variant on the prepared images."""
+    from metal_defect.pipeline import Runner
+
+    manifest = Runner(config, command="bench").run("data_preprocessing")
+    prepared = Path(manifest["stages"]["data_preprocessing"]["output"])
+    root = Path(config.paths.artifacts) / "bench" / f"ablate-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    variants = [v.strip() for v in (args.variants or ",".join(VARIANTS)).split(",") if v.strip()]
+    epochs = args.epochs or 20
+    rows = ablate(prepared, Recipe.of(config), variants, epochs, root / "work", progress=root / "rows-so-far.json")
+    table = ablation_table(rows)
+    (root / "table.md").write_text(table, encoding="utf-8")
+    plot_curves(rows, root / "learning_curves.png", f"{Path(config.data_ingestion.source).name}: {epochs} epochs per variant")
+    shutil.rmtree(root / "work", ignore_errors=True)
+    return {"prepared": str(prepared), "variants": rows, "table": table, "plot": str(root / "learning_curves.png"),
+            "headline": {k: {"fit": v["fit"], "valid_macro_f1": v["valid_macro_f1"]} for k, v in rows.items()}}

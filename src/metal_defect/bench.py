@@ -22,6 +22,7 @@
   scores, a table and the learning curves (see `ablation`).
 * `bench history`: the Review page's History section in Chromium over a predictions log of
   `--lines` answers (default 1,000,000, 120 days): seconds from opening the page to both charts drawn.
+* `bench reviews`: the review loop on the configured data (see `review_loop`).
 * `bench ood`: the served model's verdicts on sets built offline (outlier_sets): NEU test
   and re-encoded copies (must not be flagged), far outliers (blank, noise, photos, inverted
   NEU), near outliers (X-SDD in grayscale at NEU's size); AUROC against max-softmax.
@@ -53,9 +54,11 @@ def run(config: Config, args: Any) -> str:
     out = Path(config.paths.artifacts) / "bench"
     out.mkdir(parents=True, exist_ok=True)
     stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}"
-    result = {"data": bench_data, "train": bench_train, "datasets": bench_datasets, "model": bench_model,
-              "predict": bench_predict, "ood": bench_ood, "ablate": bench_ablate,
-              "history": bench_history}[args.what](config, args)
+    from metal_defect.ablation import bench_ablate
+    from metal_defect.review_loop import bench_reviews
+
+    result = {"data": bench_data, "train": bench_train, "datasets": bench_datasets, "model": bench_model, "predict": bench_predict,
+              "ood": bench_ood, "ablate": bench_ablate, "history": bench_history, "reviews": bench_reviews}[args.what](config, args)
     result["machine"] = machine()
     result["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     path = out / f"{args.what}-{stamp}.json"
@@ -305,27 +308,6 @@ def datasets_table(results: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-# ----------------------------------------------------------------------------- ablate
-def bench_ablate(config: Config, args: Any) -> dict[str, Any]:
-    """Stages 1-2 of the configured run (cached), then every ablation variant on the prepared images."""
-    from metal_defect import ablation
-    from metal_defect.config import Recipe
-    from metal_defect.pipeline import Runner
-
-    manifest = Runner(config, command="bench").run("data_preprocessing")
-    prepared = Path(manifest["stages"]["data_preprocessing"]["output"])
-    root = Path(config.paths.artifacts) / "bench" / f"ablate-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    variants = [v.strip() for v in (args.variants or ",".join(ablation.VARIANTS)).split(",") if v.strip()]
-    epochs = args.epochs or 20
-    rows = ablation.ablate(prepared, Recipe.of(config), variants, epochs, root / "work")
-    table = ablation.ablation_table(rows)
-    (root / "table.md").write_text(table, encoding="utf-8")
-    ablation.plot_curves(rows, root / "learning_curves.png", f"{prepared.parent.name}: {epochs} epochs per variant")
-    shutil.rmtree(root / "work", ignore_errors=True)
-    return {"prepared": str(prepared), "variants": rows, "table": table, "plot": str(root / "learning_curves.png"),
-            "headline": {k: {"fit": v["fit"], "valid_macro_f1": v["valid_macro_f1"]} for k, v in rows.items()}}
-
-
 # ----------------------------------------------------------------------------- history
 def bench_history(config: Config, args: Any) -> dict[str, Any]:
     """Open the Review page on a large synthetic predictions log and time it until its two History charts are drawn."""
@@ -341,7 +323,7 @@ def bench_history(config: Config, args: Any) -> dict[str, Any]:
     artifacts.mkdir()
     rng = random.Random(0)
     today = dt.datetime.now(dt.timezone.utc)
-    verdicts = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches", "uncertain", "out_of_distribution"]
+    verdicts = ["crazing", "inclusion", "patches", "scratches", "uncertain", "out_of_distribution"]
     with open(artifacts / "predictions.jsonl", "w", encoding="utf-8") as handle:  # the fields and order append_log writes
         for i in range(lines):
             when = today - dt.timedelta(days=120 * (lines - i) / lines)
@@ -355,9 +337,8 @@ def bench_history(config: Config, args: Any) -> dict[str, Any]:
     settings = yaml.safe_load((home / "config" / "config.yaml").read_text())
     settings["paths"] |= {"artifacts": str(artifacts), "review": str(root / "review"), "logs": str(root / "logs")}
     (home / "config" / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
-    env = dict(os.environ, METAL_DEFECT_HOME=str(home), PYTHONUNBUFFERED="1")
     port = free_port()
-    server = start_app(env, port)
+    server = start_app(dict(os.environ, METAL_DEFECT_HOME=str(home), PYTHONUNBUFFERED="1"), port)
     try:
         shot = Path(config.paths.artifacts) / "bench" / "history-page.png"
         seconds = time_page(f"http://127.0.0.1:{port}/review", "[data-testid='stVegaLiteChart'] canvas, [data-testid='stVegaLiteChart'] svg",

@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Benchmarks (not tests): `bench data` times ingestion + preprocessing and its throughput at 1x and "
                            "10x synthetic size; `bench train` runs the pipeline for several seeds and compares the training loop "
                            "with a bare model.fit; `bench datasets` runs the default params on NEU, X-SDD, magnetic tile and the proxy set beside the baselines.")
-    bench.add_argument("what", choices=("data", "train", "datasets", "model", "predict", "ood", "ablate", "history"))
+    bench.add_argument("what", choices=("data", "train", "datasets", "model", "predict", "ood", "ablate", "history", "reviews"))
+    bench.add_argument("--images", type=int, help="reviews: changed test images, half labelled, half held out (default 60)")
     bench.add_argument("--lines", type=int, help="history: answers in the synthetic predictions log (default 1,000,000)")
     bench.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides, as for run (e.g. "
                        "data_ingestion.source=DIR schema.classes=auto for `bench ablate` on another data set)")
