@@ -277,7 +277,7 @@ def test_two_sessions_uploading_36_megapixel_pngs_keep_the_server_under_300_mb_m
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it with apt-get)")
-def test_flagged_uploads_are_labelled_on_the_review_page_with_the_reviewers_name(tiny, tmp_path):
+def test_flagged_uploads_labelled_on_the_review_page_keep_the_reviewer_and_the_next_run_learns_them(tiny, tmp_path):
     from playwright.sync_api import sync_playwright
 
     from metal_defect.cli import main
@@ -286,7 +286,7 @@ def test_flagged_uploads_are_labelled_on_the_review_page_with_the_reviewers_name
 
     home = write_config(tmp_path / "home", config={"paths": {"artifacts": str(tiny["folder"] / "artifacts"), "review": str(tmp_path / "review")}})
     rng = np.random.default_rng(0)
-    odd = {"noise.png": Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)), "dark.png": Image.new("L", (48, 48), 3),
+    odd = {"noise.png": Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)), "grain.png": Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)),
            "colour.png": Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), "RGB")}
     for name, image in odd.items():
         image.save(tmp_path / name)
@@ -331,6 +331,25 @@ def test_flagged_uploads_are_labelled_on_the_review_page_with_the_reviewers_name
         assert main(["review", "list", "--config", str(home)]) == 0
     listing.write_text(out.getvalue())
     assert all("labelled inclusion" in line and "Ana" in line for line in out.getvalue().splitlines()[1:]), out.getvalue()
+
+    # the next run trains on them: the model it serves answers the labelled images that went to training with their class
+    from metal_defect import served as served_model
+    from metal_defect.artifacts import ArtifactStore
+    from metal_defect.config import load_config
+    from metal_defect.pipeline import Runner
+    from metal_defect.review import REVIEWED_SPLIT, reviewed_split
+    from metal_defect.serving.predictor import Predictor
+
+    config = load_config(tiny["folder"], [f"paths.artifacts={tmp_path / 'next'}", f"paths.review={tmp_path / 'review'}", "train.epochs=24"])
+    manifest = Runner(config).run()
+    assert manifest["status"] == "succeeded"
+    predictor = Predictor.from_bundle(served_model.resolve_bundle(ArtifactStore(tmp_path / "next"), None))
+    trained_on = [i for i in queued if reviewed_split(i.sha256) == "train"]
+    assert trained_on, "every labelled image fell in the reviewed slice"
+    answers = predictor.answer_paths([str(ReviewStore(tmp_path / "review").image_path(i)) for i in trained_on])
+    assert [a.label for a in answers] == ["inclusion"] * len(trained_on), [(a.label, a.verdict) for a in answers]
+    held = [i for i in queued if reviewed_split(i.sha256) == REVIEWED_SPLIT]
+    assert manifest["metrics"].get("reviewed_n", 0) == len(held)
 
 
 def test_this_answer_is_wrong_puts_the_image_in_the_review_queue_with_the_users_class(monkeypatch, tiny, tmp_path):
