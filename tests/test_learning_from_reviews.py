@@ -109,3 +109,15 @@ def test_the_lighting_gradient_darkens_one_side_and_brightens_the_other():
     lit = np.asarray(lighting_gradient(flat, np.random.default_rng(0)), dtype=float)
     assert lit.min() == pytest.approx(45, abs=2) and lit.max() == pytest.approx(155, abs=2)  # 45 % to 155 % of the grey level
     assert abs(lit.mean() - 100) < 3 and lit.shape == (40, 40)
+
+
+def test_a_small_slices_macro_f1_counts_only_the_classes_it_holds_or_was_answered():
+    import numpy as np
+
+    from metal_defect.metrics import classification_metrics, present_macro_f1
+
+    probs = np.eye(6)[[2, 5, 5]]  # three images of two classes, all answered right, out of six classes
+    result = classification_metrics(np.array([2, 5, 5]), probs, [f"c{i}" for i in range(6)])
+    assert result["macro_f1"] == pytest.approx(2 / 6) and present_macro_f1(result) == 1.0
+    wrong = classification_metrics(np.array([2, 5, 5]), np.eye(6)[[0, 5, 5]], [f"c{i}" for i in range(6)])
+    assert present_macro_f1(wrong) == pytest.approx((0 + 0 + 1) / 3)  # c0 answered (wrongly) counts; c2 missed counts

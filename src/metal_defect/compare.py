@@ -16,6 +16,7 @@ from typing import Any
 from metal_defect import artifacts as art
 from metal_defect import served as served_model
 from metal_defect.errors import ArtifactError, DataError
+from metal_defect.metrics import present_macro_f1
 from metal_defect.review import REVIEWED_SPLIT
 
 COMPARE_FILE = "compare.json"
@@ -64,9 +65,13 @@ def score_on_split(bundle: Path, prepared: Path, split: str, batch_size: int = 6
     probs = predictor.calibrate(raw)
     result = classification_metrics(labels, probs, predictor.class_names)
     verdicts = verdict_counts(predictor.answers_from(probs, features, images, names), labels, predictor.class_names)
-    return {"n": result["n"], "errors": result["errors"], "accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
-            "recall": {c: v["recall"] for c, v in result["per_class"].items()}, "flagged_share": verdicts["flagged_share"],
-            "model": predictor.spec.model_name}
+    return {"n": result["n"], "errors": result["errors"], "accuracy": result["accuracy"], "macro_f1": present_macro_f1(result),
+            "recall": present_recall(result), "flagged_share": verdicts["flagged_share"], "model": predictor.spec.model_name}
+
+
+def present_recall(result: dict[str, Any]) -> dict[str, float | None]:
+    """Each class's recall, None for a class the set has no image of (a small slice often lacks some)."""
+    return {c: v["recall"] if v["support"] else None for c, v in result["per_class"].items()}
 
 
 def against_served_before(store: art.ArtifactStore, before_run: str, run_id: str) -> dict[str, Any]:
@@ -98,7 +103,7 @@ def compare_runs(config: Any, runs: list[str], on: Path | None = None, out: Path
                 predictor = Predictor.from_bundle(bundle)
                 report = evaluate_folder(folder, predictor, config, out / set_name / run_id)
                 row = {"model": predictor.spec.model_name, "n": report["n"], "errors": report["errors"], "accuracy": report["accuracy"],
-                       "macro_f1": report["macro_f1"], "recall": {c: v["recall"] for c, v in report["per_class"].items()},
+                       "macro_f1": present_macro_f1(report), "recall": present_recall(report),
                        "flagged_share": report["verdicts"]["flagged_share"]}
             rows.append({"set": set_name, "run": run_id, **row, "folder": str(folder)})
     table = comparison_table(rows)
@@ -114,6 +119,6 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["set"], r["run"], r["model"], str(r["n"]), f"{r['accuracy']:.1%} ({r['n'] - r['errors']}/{r['n']})", f"{r['macro_f1']:.3f}",
-                 *[f"{r['recall'].get(c, 0.0):.2f}" for c in classes], f"{r['flagged_share']:.1%}"]
+                 *[f"{r['recall'][c]:.2f}" if r["recall"].get(c) is not None else "-" for c in classes], f"{r['flagged_share']:.1%}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -133,3 +133,13 @@ def fit_temperature(y_true: np.ndarray, probs: np.ndarray, lower: float, upper: 
     result = minimize_scalar(lambda log_t: negative_log_likelihood(y_true, apply_temperature(probs, math.exp(log_t))),
                              bounds=(math.log(lower), math.log(upper)), method="bounded", options={"xatol": 1e-4})
     return float(math.exp(result.x))
+
+
+def present_macro_f1(result: dict[str, Any]) -> float:
+    """Macro F1 over the classes the set holds or the model answered (as sklearn does without `labels`): a class
+    absent from both would count as 0 and pull a small slice's score down for nothing."""
+    matrix = np.asarray(result["confusion_matrix"], dtype=float)
+    true, answered, hits = matrix.sum(axis=1), matrix.sum(axis=0), np.diag(matrix)
+    present = (true + answered) > 0
+    f1 = np.divide(2 * hits, true + answered, out=np.zeros_like(hits), where=(true + answered) > 0)
+    return float(f1[present].mean()) if present.any() else 0.0

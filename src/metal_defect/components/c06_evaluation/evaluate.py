@@ -123,6 +123,7 @@ def report_reviewed(served: Predictor, prepared: Path, class_names: list[str], b
     probs = served.calibrate(raw)
     report = report_split(y_rev, probs, class_names, x_rev, names, out_dir / REVIEWED_SPLIT, f"{best}, reviewed slice", params)
     report["verdicts"] = verdict_counts(served.answers_from(probs, features, x_rev, names), y_rev, class_names)
+    report["macro_f1"] = metrics.present_macro_f1(report)  # a small slice lacks classes: they would count as 0
     log.info("reviewed slice (%s): %s, macro F1 %.4f", best, metrics.caption(report["n"], report["errors"]), report["macro_f1"])
     return report
 
