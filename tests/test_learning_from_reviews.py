@@ -57,6 +57,15 @@ def test_reviewed_images_join_training_by_their_sha256_and_leave_the_source_spli
     assert set(reviewed) == set(shas[1:])  # the not-valid one is left out
     assert all(r["split"] == reviewed_split(sha) for sha, r in reviewed.items())
     assert {r["split"] for r in reviewed.values()} == {"train", REVIEWED_SPLIT}  # 14 images: both sides (by sha256)
+    from metal_defect.components.c03_dataset_loader import build_datasets
+
+    config = load_config(folder)
+    train = build_datasets(Path(after["stages"]["data_preprocessing"]["output"]), config.data_loader, 42)["train"]
+    reviewed_train = [r for r in reviewed.values() if r["split"] == "train"]
+    source_train = sum(1 for r in records if r["split"] == "train" and r.get("origin") != "reviewed")
+    drawn = sum(1 for f in train.files if Path(f).stem in shas)
+    assert drawn >= config.data_loader.reviewed_share * train.size and drawn % len(reviewed_train) == 0  # repeated, whole
+    assert train.size - drawn == source_train
     again = Runner(load_config(folder)).run("1-2")
     assert again["stages"]["data_ingestion"]["reused"] and again["stages"]["data_preprocessing"]["reused"]  # unchanged queue: reused
     plain = Runner(load_config(folder, ["data_ingestion.reviewed=false"])).run("1-2")
@@ -121,3 +130,13 @@ def test_a_small_slices_macro_f1_counts_only_the_classes_it_holds_or_was_answere
     assert result["macro_f1"] == pytest.approx(2 / 6) and present_macro_f1(result) == 1.0
     wrong = classification_metrics(np.array([2, 5, 5]), np.eye(6)[[0, 5, 5]], [f"c{i}" for i in range(6)])
     assert present_macro_f1(wrong) == pytest.approx((0 + 0 + 1) / 3)  # c0 answered (wrongly) counts; c2 missed counts
+
+
+def test_reviewed_images_are_repeated_to_their_share_of_an_epoch_and_drawn_once_at_zero():
+    from metal_defect.components.c03_dataset_loader import with_reviewed_share
+
+    rows = [{"file": f"s{i}"} for i in range(90)] + [{"file": f"r{i}", "origin": "reviewed"} for i in range(3)]
+    repeated = with_reviewed_share(rows, 0.1)
+    reviewed = [r for r in repeated if r.get("origin") == "reviewed"]
+    assert len(reviewed) == 12 and len(reviewed) / len(repeated) >= 0.1 and len(repeated) - len(reviewed) == 90  # each 4 times
+    assert with_reviewed_share(rows, 0.0) == rows and with_reviewed_share(rows[:90], 0.1) == rows[:90]

@@ -129,6 +129,7 @@ class DataLoaderParams:
     cache_max_mb: float = _f(ge=0)
     class_sampling: Literal["auto", "balanced", "shuffle"] = _f()
     class_sampling_power: float = _f(ge=0, le=1)
+    reviewed_share: float = _f(ge=0, lt=1)  # reviewed images repeated until they make up this share of a training epoch
     augmentation: AugmentationParams = _f()
 
 
