@@ -21,6 +21,9 @@ def test_each_variant_switches_off_what_it_names_and_nothing_else():
     assert changed["default"] == recipe
     assert not changed["no_flips_rot90"].data_loader.augmentation.rotate90
     assert changed["no_flips_rot90"].train == recipe.train
+    flips_off, turns_off = changed["no_flips"].data_loader.augmentation, changed["no_rot90"].data_loader.augmentation
+    assert (flips_off.flip_horizontal, flips_off.flip_vertical, flips_off.rotate90) == (False, False, True)
+    assert (turns_off.flip_horizontal, turns_off.flip_vertical, turns_off.rotate90) == (True, True, False)
     assert changed["no_resample_blur"].data_loader.augmentation.resample_blur == 0
     assert changed["no_label_smoothing"].train.label_smoothing == 0
     assert changed["no_dropout"].model.custom_cnn.dropout == 0
@@ -57,3 +60,8 @@ def test_bench_ablate_trains_every_variant_for_the_same_epochs_and_draws_the_cur
 def test_an_unknown_variant_is_refused_with_the_names_there_are(tmp_path):
     with pytest.raises(ValueError, match=r"no_such.*no_dropout"):
         ablation.ablate(tmp_path, Recipe.of(load_config(None)), ["no_such"], 1, tmp_path / "w")
+
+
+def test_a_generic_source_folder_is_named_by_its_parent_in_the_plot_title():
+    assert ablation.data_set_name("../shared/datasets/magnetic-tile/images") == "magnetic-tile"
+    assert ablation.data_set_name("../shared/datasets/xsdd/") == "xsdd"

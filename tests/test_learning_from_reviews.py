@@ -93,6 +93,9 @@ def test_the_next_run_reports_the_reviewed_slice_beside_the_model_it_replaced_an
     with caplog.at_level(logging.INFO):
         second = Runner(load_config(folder)).run()
     assert second["metrics"]["reviewed_n"] >= 1 and 0 <= second["metrics"]["reviewed_accuracy"] <= 1
+    manifest = Runner(load_config(folder)).store.manifest(second["run_id"])
+    on_disk = read_json(Path(manifest["stages"]["evaluation"]["output"]) / REVIEWED_SPLIT / "metrics.json")
+    assert on_disk["macro_f1"] == second["metrics"]["reviewed_macro_f1"]  # the slice's file and the run's summary agree
     previous = second["served"]["previous"]
     assert previous["run_id"] == first["run_id"] and {"test", REVIEWED_SPLIT} <= set(previous)
     assert previous["test"]["before"]["n"] == previous["test"]["now"]["n"] == first["metrics"]["test_n"]
@@ -140,3 +143,30 @@ def test_reviewed_images_are_repeated_to_their_share_of_an_epoch_and_drawn_once_
     reviewed = [r for r in repeated if r.get("origin") == "reviewed"]
     assert len(reviewed) == 12 and len(reviewed) / len(repeated) >= 0.1 and len(repeated) - len(reviewed) == 90  # each 4 times
     assert with_reviewed_share(rows, 0.0) == rows and with_reviewed_share(rows[:90], 0.1) == rows[:90]
+
+
+def test_the_reviewed_slices_metrics_file_holds_the_macro_f1_the_run_reports(tmp_path):
+    """A slice of two of six classes, all answered right: its file said 0.33 (absent classes as 0) while the run said 1.0."""
+    import types
+
+    import numpy as np
+    from PIL import Image
+
+    from metal_defect.components.c06_evaluation.evaluate import report_reviewed
+
+    classes = [f"c{i}" for i in range(6)]
+    labels = [2, 5, 5]
+    (tmp_path / "prep" / "images").mkdir(parents=True)
+    records = []
+    for i, label in enumerate(labels):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "prep" / "images" / f"{i}.png")
+        records.append({"file": f"images/{i}.png", "split": REVIEWED_SPLIT, "label_index": label, "source": f"{i}.png"})
+    (tmp_path / "prep" / "records.json").write_text(json.dumps({"classes": classes, "records": records}))
+    answer = types.SimpleNamespace(verdict="ok", flagged=False)
+    served = types.SimpleNamespace(
+        forward=lambda x, batch: (np.eye(6)[labels], None), calibrate=lambda raw: raw,
+        answers_from=lambda probs, feats, x, names: [types.SimpleNamespace(**vars(answer), label=classes[p.argmax()]) for p in probs])
+    params = load_config(write_config(tmp_path / "cfg", tiny_training_params(epochs=1), TINY_SCHEMA)).evaluation
+    report = report_reviewed(served, tmp_path / "prep", classes, "m", params, tmp_path / "out")
+    assert report["macro_f1"] == 1.0
+    assert read_json(tmp_path / "out" / REVIEWED_SPLIT / "metrics.json")["macro_f1"] == 1.0

@@ -55,6 +55,8 @@ def _all_off(recipe: Recipe) -> Recipe:
 VARIANTS: dict[str, tuple[str, Callable[[Recipe], Recipe]]] = {
     "default": ("the configured recipe", lambda r: r),
     "no_flips_rot90": ("flips and 90-degree turns off", lambda r: _aug(r, flip_horizontal=False, flip_vertical=False, rotate90=False)),
+    "no_flips": ("flips off (90-degree turns kept)", lambda r: _aug(r, flip_horizontal=False, flip_vertical=False)),
+    "no_rot90": ("90-degree turns off (flips kept)", lambda r: _aug(r, rotate90=False)),
     "no_resample_blur": ("resample blur off", lambda r: _aug(r, resample_blur=0.0)),
     "no_label_smoothing": ("label smoothing 0", lambda r: _train(r, label_smoothing=0.0)),
     "no_dropout": ("dropout 0", lambda r: _cnn(r, dropout=0.0)),
@@ -158,6 +160,16 @@ def plot_curves(rows: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def data_set_name(source: str | Path) -> str:
+    """A readable name of a source folder: its own name, or its parent's when it is a generic one
+    (`../shared/datasets/magnetic-tile/images` is "magnetic-tile", not "images")."""
+    path = Path(str(source).rstrip("/"))
+    return path.parent.name if path.name.lower() in GENERIC_FOLDER_NAMES and path.parent.name else path.name
+
+
+GENERIC_FOLDER_NAMES = {"images", "image", "data", "dataset", "train", "imgs"}
+
+
 def bench_ablate(config: Any, args: Any) -> dict[str, Any]:
     """Stages 1-2 of the configured run (cached), then every ablation variant on the prepared images."""
     from metal_defect.pipeline import Runner
@@ -170,7 +182,7 @@ def bench_ablate(config: Any, args: Any) -> dict[str, Any]:
     rows = ablate(prepared, Recipe.of(config), variants, epochs, root / "work", progress=root / "rows-so-far.json")
     table = ablation_table(rows)
     (root / "table.md").write_text(table, encoding="utf-8")
-    plot_curves(rows, root / "learning_curves.png", f"{Path(config.data_ingestion.source).name}: {epochs} epochs per variant")
+    plot_curves(rows, root / "learning_curves.png", f"{data_set_name(config.data_ingestion.source)}: {epochs} epochs per variant")
     shutil.rmtree(root / "work", ignore_errors=True)
     return {"prepared": str(prepared), "variants": rows, "table": table, "plot": str(root / "learning_curves.png"),
             "headline": {k: {"fit": v["fit"], "valid_macro_f1": v["valid_macro_f1"]} for k, v in rows.items()}}

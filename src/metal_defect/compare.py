@@ -48,25 +48,28 @@ def image_sets(store: art.ArtifactStore, newer_run: str, on: Path | None) -> dic
     return sets
 
 
-def score_on_split(bundle: Path, prepared: Path, split: str, batch_size: int = 64) -> dict[str, Any] | None:
-    """One bundle's answers on one prepared split (test or reviewed): accuracy, macro F1, per-class recall, flagged
-    share; None when the split is empty or the bundle's classes are not the data's."""
-    from metal_defect.components.c02_data_preprocessing import RECORDS_FILE
-    from metal_defect.components.c06_evaluation.scores import load_split
+def score_on_split(predictor: Any, split: tuple[Any, Any, list[str]], data_classes: list[str], batch_size: int = 64) -> dict[str, Any] | None:
+    """A loaded bundle's answers on one prepared split (images, labels, names; test or reviewed): accuracy, macro F1,
+    per-class recall, flagged share; None when the split is empty or the bundle's classes are not the data's."""
+    from metal_defect.components.c06_evaluation.scores import served_answers
     from metal_defect.components.c06_evaluation.verdicts import verdict_counts
     from metal_defect.metrics import classification_metrics
-    from metal_defect.serving.predictor import Predictor
 
-    images, labels, names = load_split(prepared, split)
-    predictor = Predictor.from_bundle(bundle)
-    if not len(labels) or predictor.class_names != art.read_json(prepared / RECORDS_FILE)["classes"]:
+    images, labels, names = split
+    if not len(labels) or list(predictor.class_names) != list(data_classes):
         return None
-    raw, features = predictor.forward(images, batch_size)
-    probs = predictor.calibrate(raw)
+    _, probs, answers = served_answers(predictor, images, names, batch_size)
     result = classification_metrics(labels, probs, predictor.class_names)
-    verdicts = verdict_counts(predictor.answers_from(probs, features, images, names), labels, predictor.class_names)
+    verdicts = verdict_counts(answers, labels, predictor.class_names)
     return {"n": result["n"], "errors": result["errors"], "accuracy": result["accuracy"], "macro_f1": present_macro_f1(result),
             "recall": present_recall(result), "flagged_share": verdicts["flagged_share"], "model": predictor.spec.model_name}
+
+
+def data_classes(prepared: Path) -> list[str]:
+    """The class names of c02's prepared data, in label order."""
+    from metal_defect.components.c02_data_preprocessing import RECORDS_FILE
+
+    return art.read_json(prepared / RECORDS_FILE)["classes"]
 
 
 def present_recall(result: dict[str, Any]) -> dict[str, float | None]:
@@ -76,31 +79,38 @@ def present_recall(result: dict[str, Any]) -> dict[str, float | None]:
 
 def against_served_before(store: art.ArtifactStore, before_run: str, run_id: str) -> dict[str, Any]:
     """The model served before run `run_id` and the one it chose, on that run's test split and reviewed slice."""
+    from metal_defect.components.c06_evaluation.scores import load_split
+    from metal_defect.serving.predictor import Predictor
+
     prepared = prepared_folder(store, run_id)
+    classes = data_classes(prepared)
+    before, now = (Predictor.from_bundle(served_model.bundle_of_run(store, run)) for run in (before_run, run_id))
     result: dict[str, Any] = {"run_id": before_run}
-    for split in ("test", REVIEWED_SPLIT):
-        before = score_on_split(served_model.bundle_of_run(store, before_run), prepared, split)
-        now = score_on_split(served_model.bundle_of_run(store, run_id), prepared, split)
-        if before and now:
-            result[split] = {"before": before, "now": now}
+    for split_name in ("test", REVIEWED_SPLIT):
+        split = load_split(prepared, split_name)
+        scores = score_on_split(before, split, classes), score_on_split(now, split, classes)
+        if all(scores):
+            result[split_name] = {"before": scores[0], "now": scores[1]}
     return result
 
 
 def compare_runs(config: Any, runs: list[str], on: Path | None = None, out: Path | None = None) -> dict[str, Any]:
     """Evaluate each run's chosen model on the same image sets; rows, a Markdown table, and where they were written."""
+    from metal_defect.components.c06_evaluation.scores import load_split
     from metal_defect.folder_evaluation import evaluate_folder
     from metal_defect.serving.predictor import Predictor
 
     store = art.ArtifactStore(config.paths.artifacts)
     sets = image_sets(store, runs[-1], on)
     out = Path(out or store.root / "compare" / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{'-vs-'.join(runs)}")
+    predictors = {run_id: Predictor.from_bundle(served_model.bundle_of_run(store, run_id)) for run_id in runs}
     rows = []
     for set_name, folder in sets.items():
-        for run_id in runs:
-            bundle = served_model.bundle_of_run(store, run_id)
-            row = score_on_split(bundle, folder.parent.parent, set_name) if on is None else None
+        prepared = folder.parent.parent
+        split = load_split(prepared, set_name) if on is None else None
+        for run_id, predictor in predictors.items():
+            row = score_on_split(predictor, split, data_classes(prepared)) if split is not None else None
             if row is None:  # a folder, or a model of other classes: through `evaluate DIR`'s path (schema aliases)
-                predictor = Predictor.from_bundle(bundle)
                 report = evaluate_folder(folder, predictor, config, out / set_name / run_id)
                 row = {"model": predictor.spec.model_name, "n": report["n"], "errors": report["errors"], "accuracy": report["accuracy"],
                        "macro_f1": present_macro_f1(report), "recall": present_recall(report),

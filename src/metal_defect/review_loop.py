@@ -42,6 +42,7 @@ def bench_reviews(config: Any, args: Any) -> dict[str, Any]:
     """Run the whole loop once; the before/after tables and counts."""
     from metal_defect import commands
     from metal_defect.compare import compare_runs, prepared_folder
+    from metal_defect.components.c02_data_preprocessing import RECORDS_FILE
     from metal_defect.pipeline import Runner
 
     count = args.images or 60
@@ -50,7 +51,7 @@ def bench_reviews(config: Any, args: Any) -> dict[str, Any]:
     first = Runner(config, command="bench").run()
     store = art.ArtifactStore(config.paths.artifacts)
     prepared = prepared_folder(store, first["run_id"])
-    records = art.read_json(prepared / "records.json")
+    records = art.read_json(prepared / RECORDS_FILE)
     classes = records["classes"]
     rng = np.random.default_rng(config.base.seed)
     per_class = count // len(classes)

@@ -18,7 +18,15 @@ from metal_defect.components.c02_data_preprocessing import REPORT_FILE as PREPRO
 from metal_defect.components.c06_evaluation.gate import quality_gate
 from metal_defect.components.c06_evaluation.heatmaps import choose_heatmap_layer, pointing_report
 from metal_defect.components.c06_evaluation.model_card import model_card
-from metal_defect.components.c06_evaluation.scores import calibrate, calibration_summary, choose_best, headline, load_split, report_split
+from metal_defect.components.c06_evaluation.scores import (
+    calibrate,
+    calibration_summary,
+    choose_best,
+    headline,
+    load_split,
+    report_split,
+    served_answers,
+)
 from metal_defect.components.c06_evaluation.verdicts import fit_verdicts, verdict_counts
 from metal_defect.components.c06_training import HISTORY_FILE, MODELS_DIR, TRAIN_SUMMARY, TRAINED_MODEL
 from metal_defect.config import DataPreprocessingParams, EvaluationParams
@@ -119,11 +127,10 @@ def report_reviewed(served: Predictor, prepared: Path, class_names: list[str], b
     x_rev, y_rev, names = load_split(prepared, REVIEWED_SPLIT)
     if not len(y_rev):
         return None
-    raw, features = served.forward(x_rev, params.batch_size)
-    probs = served.calibrate(raw)
-    report = report_split(y_rev, probs, class_names, x_rev, names, out_dir / REVIEWED_SPLIT, f"{best}, reviewed slice", params)
-    report["verdicts"] = verdict_counts(served.answers_from(probs, features, x_rev, names), y_rev, class_names)
-    report["macro_f1"] = metrics.present_macro_f1(report)  # a small slice lacks classes: they would count as 0
+    _, probs, answers = served_answers(served, x_rev, names, params.batch_size)
+    report = report_split(y_rev, probs, class_names, x_rev, names, out_dir / REVIEWED_SPLIT, f"{best}, reviewed slice", params,
+                          present_classes_only=True)
+    report["verdicts"] = verdict_counts(answers, y_rev, class_names)
     log.info("reviewed slice (%s): %s, macro F1 %.4f", best, metrics.caption(report["n"], report["errors"]), report["macro_f1"])
     return report
 
@@ -181,9 +188,7 @@ def report_test(served: Predictor, prepared: Path, records: dict[str, Any], clas
     x_test, y_test, test_names = load_split(prepared, "test")
     if not len(y_test):
         return None, None
-    raw_test, features = served.forward(x_test, params.batch_size)
-    probs = served.calibrate(raw_test)
-    answers = served.answers_from(probs, features, x_test, test_names)
+    raw_test, probs, answers = served_answers(served, x_test, test_names, params.batch_size)
     report = report_split(y_test, probs, class_names, x_test, test_names, out_dir / "test",
                           f"{best}, test split (chosen on validation)", params)
     report["calibration_uncalibrated"] = calibration_summary(y_test, raw_test, params)

@@ -27,11 +27,24 @@ def load_split(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray, list
     return np.stack(images) if images else np.zeros((0, 1, 1, 1), np.uint8), np.array([r["label_index"] for r in records]), [r["source"] for r in records]
 
 
+def served_answers(predictor: Any, images: np.ndarray, names: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """What a served bundle says of a labelled set: (raw probabilities, calibrated probabilities, answers with
+    their verdicts), one forward pass; the one sequence every judged set goes through."""
+    raw, features = predictor.forward(images, batch_size)
+    probs = predictor.calibrate(raw)
+    return raw, probs, predictor.answers_from(probs, features, images, names)
+
+
 def report_split(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], images: np.ndarray, names: list[str], folder: Path,
-                 title: str, params: EvaluationParams) -> dict[str, Any]:
-    """Metrics JSON, confusion matrices, reliability diagram and misclassified gallery for one set."""
+                 title: str, params: EvaluationParams, present_classes_only: bool = False) -> dict[str, Any]:
+    """Metrics JSON, confusion matrices, reliability diagram and misclassified gallery for one set.
+
+    `present_classes_only`: macro F1 over the classes the set has images of (a small slice lacks some,
+    which would otherwise count as 0)."""
     folder.mkdir(parents=True, exist_ok=True)
     result = metrics.classification_metrics(y_true, probs, class_names)
+    if present_classes_only:
+        result["macro_f1"] = metrics.present_macro_f1(result)
     result["calibration"] = calibration_summary(y_true, probs, params)
     caption = metrics.caption(result["n"], result["errors"])
     plots.confusion_matrices(np.array(result["confusion_matrix"]), class_names, caption, f"{title}: confusion matrix", folder / "confusion_matrix.png")
