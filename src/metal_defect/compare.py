@@ -107,9 +107,9 @@ def compare_runs(config: Any, runs: list[str], on: Path | None = None, out: Path
     rows = []
     for set_name, folder in sets.items():
         prepared = folder.parent.parent
-        split = load_split(prepared, set_name) if on is None else None
+        split, classes = (load_split(prepared, set_name), data_classes(prepared)) if on is None else (None, [])
         for run_id, predictor in predictors.items():
-            row = score_on_split(predictor, split, data_classes(prepared)) if split is not None else None
+            row = score_on_split(predictor, split, classes) if split is not None else None
             if row is None:  # a folder, or a model of other classes: through `evaluate DIR`'s path (schema aliases)
                 report = evaluate_folder(folder, predictor, config, out / set_name / run_id)
                 row = {"model": predictor.spec.model_name, "n": report["n"], "errors": report["errors"], "accuracy": report["accuracy"],
