@@ -65,3 +65,16 @@ def test_an_unknown_variant_is_refused_with_the_names_there_are(tmp_path):
 def test_a_generic_source_folder_is_named_by_its_parent_in_the_plot_title():
     assert ablation.data_set_name("../shared/datasets/magnetic-tile/images") == "magnetic-tile"
     assert ablation.data_set_name("../shared/datasets/xsdd/") == "xsdd"
+
+
+def test_two_benchmarks_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    # two `bench ablate` runs started in the same second once shared one timestamp-named folder, and the
+    # first to finish deleted the other's work (FileNotFoundError .../phase_done)
+    from metal_defect import artifacts
+
+    ids = iter(["20261205-120000-aaaa", "20261205-120000-aaaa", "20261205-120000-bbbb"])
+    monkeypatch.setattr(artifacts, "new_run_id", lambda: next(ids))
+    first = artifacts.new_folder(tmp_path / "bench", "ablate-")
+    second = artifacts.new_folder(tmp_path / "bench", "ablate-")
+    assert first != second and first.is_dir() and second.is_dir()
+    assert second.name == "ablate-20261205-120000-bbbb"

@@ -10,7 +10,6 @@ accuracy of every variant is drawn as one learning-curve plot beside the JSON an
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import logging
 import shutil
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from metal_defect.artifacts import write_json_atomic
+from metal_defect.artifacts import new_folder, write_json_atomic
 from metal_defect.config import Recipe
 
 log = logging.getLogger(__name__)
@@ -176,7 +175,7 @@ def bench_ablate(config: Any, args: Any) -> dict[str, Any]:
 
     manifest = Runner(config, command="bench").run("data_preprocessing")
     prepared = Path(manifest["stages"]["data_preprocessing"]["output"])
-    root = Path(config.paths.artifacts) / "bench" / f"ablate-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    root = new_folder(Path(config.paths.artifacts) / "bench", "ablate-")
     variants = [v.strip() for v in (args.variants or ",".join(VARIANTS)).split(",") if v.strip()]
     epochs = args.epochs or 20
     rows = ablate(prepared, Recipe.of(config), variants, epochs, root / "work", progress=root / "rows-so-far.json")

@@ -229,6 +229,22 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
+def new_folder(parent: Path, prefix: str, suffix: str = "") -> Path:
+    """Create and return parent/<prefix><timestamp-token><suffix>, a folder no other process holds.
+
+    Two commands started in the same second once shared (and deleted) one timestamp-named folder;
+    the exclusive mkdir makes the claim atomic.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        folder = parent / f"{prefix}{new_run_id()}{suffix}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
 

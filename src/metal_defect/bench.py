@@ -116,7 +116,7 @@ def bench_train(config: Config, args: Any) -> dict[str, Any]:
     from metal_defect.pipeline import Runner
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    root = Path(config.paths.artifacts) / "bench" / f"train-runs-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    root = art.new_folder(Path(config.paths.artifacts) / "bench", "train-runs-")
     results: dict[str, Any] = {"params": {"epochs": config.train.epochs, "models": config.train.models, "image_size": config.base.image_size}}
     prepared_dir = None
     if "seeds" not in skip:
@@ -228,7 +228,7 @@ def bench_datasets(config: Config, args: Any) -> dict[str, Any]:
     """The default params on each data set (and seed): the served model beside the quality gate's baselines."""
     from metal_defect.pipeline import Runner
 
-    root = Path(config.paths.artifacts) / "bench" / f"datasets-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    root = art.new_folder(Path(config.paths.artifacts) / "bench", "datasets-")
     seeds = parse_seeds(args.seeds) if args.seeds else [config.base.seed]
     tuning = {"on": ["tuning.enabled=true"], "off": ["tuning.enabled=false"]}.get(args.tuning, [])
     results: dict[str, Any] = {}
