@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def test_each_variant_switches_off_what_it_names_and_nothing_else():
     assert (flips_off.flip_horizontal, flips_off.flip_vertical, flips_off.rotate90) == (False, False, True)
     assert (turns_off.flip_horizontal, turns_off.flip_vertical, turns_off.rotate90) == (True, True, False)
     assert changed["no_resample_blur"].data_loader.augmentation.resample_blur == 0
+    assert changed["no_ramp"].train == dataclasses.replace(recipe.train, regularisation_ramp=0.0) and recipe.train.regularisation_ramp > 0
     assert changed["no_label_smoothing"].train.label_smoothing == 0
     assert changed["no_dropout"].model.custom_cnn.dropout == 0
     assert changed["no_weight_decay"].train.weight_decay == 0

@@ -156,7 +156,7 @@ def test_resample_blur_softens_half_of_the_images_and_keeps_shape_and_brightness
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (32, 32, 1), dtype=np.uint8)
     aug = AugmentationParams(flip_horizontal=False, flip_vertical=False, rotate90=False, rotation_degrees=0.0, brightness=0.0, contrast=0.0,
-                             noise_std=0.0, resample_blur=0.5)
+                             noise_std=0.0, resample_blur=0.5, ramp=0.0)
     outputs = [np.asarray(c03.augment(tf.constant(image), tf.constant([3, i], tf.int64), aug)) for i in range(40)]
     again = np.asarray(c03.augment(tf.constant(image), tf.constant([3, 0], tf.int64), aug))
     assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outputs) and np.array_equal(outputs[0], again)  # seeded
@@ -210,3 +210,50 @@ def test_auto_sampling_balances_only_imbalanced_data_and_then_the_loss_is_not_we
     both = c06_training.training_class_weights(train, imbalanced, 3, drawn["auto"])
     weights_only = c06_training.training_class_weights(train, imbalanced, 3, drawn["shuffle"])
     assert both is None and weights_only is not None and weights_only[0] < 1 < weights_only[1]
+
+
+def test_the_augmented_share_sets_how_many_training_images_are_changed(tmp_path):
+    folder = _prepared(tmp_path, 100)
+    train = c03.build_datasets(folder, _loader("data_loader.augmentation.noise_std=0.05"), seed=1)["train"]
+    originals = {np.asarray(Image.open(f)).tobytes() for f in train.files}
+
+    def altered_share() -> float:
+        x, _ = _epoch(train.dataset)
+        return float(np.mean([img[..., 0].tobytes() not in originals for img in x]))
+
+    assert float(train.augmented_share.numpy()) == 1.0 and altered_share() == 1.0  # as built: every image
+    train.augmented_share.assign(0.0)
+    assert altered_share() == 0.0
+    train.augmented_share.assign(0.4)
+    assert 0.15 < altered_share() < 0.65
+
+
+def test_the_regularisation_share_rises_while_the_network_fits_falls_when_it_does_not_and_resumes():
+    import tensorflow as tf
+
+    from metal_defect.components.c05_callbacks import REGULARISATION_SHARE, AdaptiveRegularisation, adaptive_regularisation
+    from metal_defect.config import load_config as load
+
+    share = tf.Variable(1.0)
+    callback = AdaptiveRegularisation(share, step=0.25, fit_target=0.9)
+    callback.on_train_begin()
+    assert float(share.numpy()) == 0.0  # a new fit starts unaugmented
+    seen = []
+    for accuracy in (0.5, 0.92, 0.95, 0.97, 0.99, 0.99, 0.8, 0.93):
+        logs = {"accuracy": accuracy}
+        callback.on_epoch_end(0, logs)
+        seen.append(logs[REGULARISATION_SHARE])
+    assert seen == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 0.75, 1.0]  # clipped to [0, 1]
+    assert float(share.numpy()) == 1.0
+    callback.on_train_end()
+    assert float(share.numpy()) == 1.0  # the pipeline as built
+
+    train = load(REPO, ["train.regularisation_ramp=0.2"]).train
+
+    class Split:
+        augmented_share = share
+
+    [resumed] = adaptive_regularisation(train, Split(), epochs=50, history=[{REGULARISATION_SHARE: 0.3}, {REGULARISATION_SHARE: 0.4}])
+    resumed.on_train_begin()
+    assert float(share.numpy()) == pytest.approx(0.4) and resumed.step == pytest.approx(0.1)
+    assert adaptive_regularisation(load(REPO, ["train.regularisation_ramp=0"]).train, Split(), epochs=50) == []  # full from the start

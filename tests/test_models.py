@@ -240,3 +240,42 @@ def test_pool_from_all_blocks_pools_every_block_before_its_pooling(tmp_path):
     # the classifier sees 2 x (4 + 8 + 16) pooled features instead of 2 x 16
     assert every.get_layer("pooled").output.shape[-1] == 56 and last.get_layer("pooled").output.shape[-1] == 32
     assert every.get_layer("gmp_block1").input.shape[1:3] == SHAPE[:2]  # block 1's full-resolution response
+
+
+def test_the_train_stage_adapts_augmentation_and_dropout_to_the_fit_and_logs_the_share(tiny_data, tmp_path, monkeypatch):
+    """train_one hands train.regularisation_ramp to Keras: each epoch's logged share is the one before it, moved
+    one step up when that epoch's training accuracy reached fit_target and one step down when not; the
+    augmentation and the head's dropout follow it."""
+    from metal_defect.serving.keras_objects import ScheduledDropout
+
+    config, data = tiny_data
+    model = dataclasses.replace(config.model, custom_cnn=dataclasses.replace(config.model.custom_cnn, dropout=0.3))
+    train = dataclasses.replace(config.train, epochs=6, regularisation_ramp=0.5, fit_target=0.6)
+    seen = []
+    original = c05_callbacks.AdaptiveRegularisation._apply
+
+    def record(self):
+        original(self)
+        seen.append((self.current, float(data["train"].augmented_share.numpy()),
+                     [float(layer.share.numpy()) for layer in c05_callbacks.scheduled_dropouts(self.model)]))
+
+    monkeypatch.setattr(c05_callbacks.AdaptiveRegularisation, "_apply", record)
+    c06_training.train_one("custom_cnn", data, config.base, model, config.callbacks, train, tmp_path / "work")
+    rows = c05_callbacks.read_history(tmp_path / "work" / "end_to_end" / c05_callbacks.HISTORY_CSV)
+    assert len(rows) == 6
+    before = 0.0
+    for row in rows:
+        expected = min(1.0, before + 1 / 3) if row["accuracy"] >= 0.6 else max(0.0, before - 1 / 3)
+        assert row[c05_callbacks.REGULARISATION_SHARE] == pytest.approx(expected, abs=1e-6)
+        before = expected
+    assert any(row["accuracy"] >= 0.6 for row in rows)  # it did fit, so the share went up at least once
+    assert seen[0] == (0.0, 0.0, [0.0, 0.0])  # the first epoch: no augmentation, no dropout
+    assert all(aug == pytest.approx(share) and dropouts == pytest.approx([share, share]) for share, aug, dropouts in seen)
+    assert float(data["train"].augmented_share.numpy()) == 1.0  # handed back as built
+    assert any(isinstance(layer, ScheduledDropout) for layer in load_model_layers(tmp_path / "work"))
+
+
+def load_model_layers(work: Path) -> list:
+    from metal_defect.serving.bundle import load_model
+
+    return load_model(work / c06_training.TRAINED_MODEL).layers

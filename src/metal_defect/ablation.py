@@ -57,6 +57,7 @@ VARIANTS: dict[str, tuple[str, Callable[[Recipe], Recipe]]] = {
     "no_flips": ("flips off (90-degree turns kept)", lambda r: _aug(r, flip_horizontal=False, flip_vertical=False)),
     "no_rot90": ("90-degree turns off (flips kept)", lambda r: _aug(r, rotate90=False)),
     "no_resample_blur": ("resample blur off", lambda r: _aug(r, resample_blur=0.0)),
+    "no_ramp": ("augmentation and dropout at full strength from the first epoch", lambda r: _train(r, regularisation_ramp=0.0)),
     "no_label_smoothing": ("label smoothing 0", lambda r: _train(r, label_smoothing=0.0)),
     "no_dropout": ("dropout 0", lambda r: _cnn(r, dropout=0.0)),
     "no_weight_decay": ("weight decay 0", lambda r: _train(r, weight_decay=0.0)),

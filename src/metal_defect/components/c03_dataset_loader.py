@@ -39,6 +39,7 @@ class SplitData:
     labels: np.ndarray
     cached: bool
     balanced: bool = False  # drawn class by class (data_loader.class_sampling), not shuffled as it comes
+    augmented_share: Any = None  # a tf.Variable: the probability that a training image is augmented (1; train.regularisation_ramp moves it)
 
     @property
     def size(self) -> int:
@@ -143,15 +144,18 @@ def make_split(files: list[Path], labels: np.ndarray, shape: tuple[int, int, int
         ds = _balanced_stream(files, labels, shape, params, seed, cache)
     else:
         ds = _shuffled_stream(files, labels, shape, params, seed, cache, training)
+    share = None
     if training and augmentation_enabled(params.augmentation):
+        # read at every image, so the training callbacks can phase the augmentation in (c05 AugmentationRamp)
+        share = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="augmented_share")
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda pair, s: (augment(pair[0], s, params.augmentation), pair[1]), num_parallel_calls=tf.data.AUTOTUNE
+            lambda pair, s: (augment(pair[0], s, params.augmentation, share), pair[1]), num_parallel_calls=tf.data.AUTOTUNE
         )
     ds = ds.batch(params.batch_size).prefetch(tf.data.AUTOTUNE)
     log.debug("dataset: %d images, %.0f MB decoded, %s, %s", len(files), decoded_mb, "cached in memory" if cache else "streamed from disk",
               "class-balanced draws, augmented" if balanced else "augmented" if training else "not augmented")
-    return SplitData(ds, files, labels, cache, balanced)
+    return SplitData(ds, files, labels, cache, balanced, share)
 
 
 def _shuffled_stream(files: list[Path], labels: np.ndarray, shape: tuple[int, int, int], params: DataLoaderParams, seed: int, cache: bool,
@@ -205,10 +209,15 @@ def augmentation_enabled(aug: AugmentationParams) -> bool:
                 aug.resample_blur])
 
 
-def augment(image: Any, seed: Any, aug: AugmentationParams) -> Any:
-    """Random label-preserving changes to one uint8 image; deterministic given `seed` ([2] int64)."""
+def augment(image: Any, seed: Any, aug: AugmentationParams, share: Any = None) -> Any:
+    """Random label-preserving changes to one uint8 image; deterministic given `seed` ([2] int64).
+
+    `share` (a scalar, may be a tf.Variable): the probability that the image is changed at all."""
     import tensorflow as tf
 
+    if share is not None:
+        coin = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 8))
+        return tf.cond(coin < share, lambda: augment(image, seed, aug), lambda: image)
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=8)
     if aug.flip_horizontal:
         image = tf.image.stateless_random_flip_left_right(image, seeds[0])

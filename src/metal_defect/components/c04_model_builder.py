@@ -21,7 +21,7 @@ from keras import layers
 
 from metal_defect.config import CustomCnnParams, ModelParams, TransferParams
 from metal_defect.errors import ConfigError, DataError
-from metal_defect.serving.keras_objects import PixelPreprocess
+from metal_defect.serving.keras_objects import PixelPreprocess, ScheduledDropout
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,13 @@ def custom_cnn(image_shape: tuple[int, int, int], n_classes: int, params: Custom
 
 
 def _head(x: Any, n_classes: int, dropout: float, dense_units: int) -> Any:
+    # ScheduledDropout: train.regularisation_ramp phases it in with the augmentation (c05 AdaptiveRegularisation)
     if dropout:
-        x = layers.Dropout(dropout, name="head_dropout1")(x)
+        x = ScheduledDropout(dropout, name="head_dropout1")(x)
     if dense_units:
         x = layers.Dense(dense_units, activation="relu", name="head_dense")(x)
         if dropout:
-            x = layers.Dropout(dropout, name="head_dropout2")(x)
+            x = ScheduledDropout(dropout, name="head_dropout2")(x)
     return layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
 
 

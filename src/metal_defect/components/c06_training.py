@@ -30,7 +30,15 @@ from sklearn.utils.class_weight import compute_class_weight
 from metal_defect.artifacts import read_json, write_json_atomic
 from metal_defect.components import c04_model_builder as builder
 from metal_defect.components.c03_dataset_loader import IMBALANCE_FOR_AUTO, Datasets, imbalance_ratio
-from metal_defect.components.c05_callbacks import BEST_CHECKPOINT, HISTORY_CSV, DeadlineStop, learning_rate, make_callbacks, read_history
+from metal_defect.components.c05_callbacks import (
+    BEST_CHECKPOINT,
+    HISTORY_CSV,
+    DeadlineStop,
+    adaptive_regularisation,
+    learning_rate,
+    make_callbacks,
+    read_history,
+)
 from metal_defect.config import BaseParams, CallbacksParams, ModelParams, TrainParams
 from metal_defect.serving.keras_objects import SparseSmoothedCrossentropy
 
@@ -255,6 +263,8 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
                 continue
             log.info("%s: phase %s, %d epochs at learning rate %g, %d steps/epoch", name, phase, epochs, base_lr, steps)
             callbacks = make_callbacks(scaled_patience(callback_params, epochs, train.epochs), phase_work, validation=data["valid"].dataset)
+            # first: the CSV logger then records the share of each epoch
+            callbacks[:0] = adaptive_regularisation(train, data["train"], epochs, read_history(phase_work / HISTORY_CSV))
             if deadline is not None:
                 callbacks.insert(0, DeadlineStop(deadline))
             fit = built.model.fit(data["train"].dataset, validation_data=data["valid"].dataset, epochs=epochs,

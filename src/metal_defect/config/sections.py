@@ -205,6 +205,8 @@ class TrainParams:
     label_smoothing: float = _f(ge=0, lt=1)
     class_weights: bool | Literal["auto"] = _f()
     class_weight_power: float = _f(ge=0, le=1)
+    regularisation_ramp: float = _f(ge=0, le=1)  # the share of augmentation and dropout moves by 1/(this x epochs) per epoch (0: full)
+    fit_target: float = _f(gt=0, le=1)  # ...up after an epoch whose training accuracy reached this, down after one that did not
     strategy: Literal["auto", "one_device", "mirrored"] = _f()
     mixed_precision: bool = _f()
     verbose: Literal[0, 1, 2] = _f()

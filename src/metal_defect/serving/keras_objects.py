@@ -71,3 +71,30 @@ class SparseSmoothedCrossentropy(keras.losses.Loss):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+@keras.saving.register_keras_serializable(package="metal_defect")
+class ScheduledDropout(layers.Layer):
+    """Dropout whose rate is `rate` times a non-trainable `share` (0..1) that training moves between epochs
+    (train.regularisation_ramp); at inference it passes its input through, like Keras' Dropout."""
+
+    def __init__(self, rate: float, seed: int | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.rate = float(rate)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape: tuple) -> None:
+        self.share = self.add_weight(shape=(), initializer="ones", trainable=False, name="share")
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        if not training or self.rate <= 0:
+            return inputs
+        rate = self.rate * ops.cast(self.share, inputs.dtype)
+        keep = keras.random.uniform(ops.shape(inputs), seed=self.seed_generator, dtype=inputs.dtype) >= rate
+        return ops.where(keep, inputs / (1.0 - rate), ops.zeros_like(inputs))
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return tuple(input_shape)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "rate": self.rate}

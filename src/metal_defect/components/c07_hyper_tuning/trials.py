@@ -22,7 +22,15 @@ import numpy as np
 from metal_defect import artifacts as art
 from metal_defect.components import c04_model_builder as builder
 from metal_defect.components.c03_dataset_loader import balanced_sampling, build_datasets, read_records
-from metal_defect.components.c05_callbacks import HISTORY_CSV, DeadlineStop, best_of, learning_rate, make_callbacks, monitor_mode
+from metal_defect.components.c05_callbacks import (
+    HISTORY_CSV,
+    DeadlineStop,
+    adaptive_regularisation,
+    best_of,
+    learning_rate,
+    make_callbacks,
+    monitor_mode,
+)
 from metal_defect.components.c06_training import (
     compile_model,
     make_strategy,
@@ -233,6 +241,7 @@ def train_trial(trial_dir: Path) -> dict[str, list[float]]:
     (trial_dir / HISTORY_CSV).unlink(missing_ok=True)  # a re-run trial starts its log again
     objective = spec["objective"]
     callbacks = make_callbacks(params, trial_dir, checkpoint=False, validation=data["valid"].dataset, monitors=(objective,))
+    callbacks[:0] = adaptive_regularisation(recipe.train, data["train"], spec["schedule_epochs"])
     callbacks.append(keras.callbacks.ModelCheckpoint(spec["checkpoint"], monitor=objective, mode=monitor_mode(objective),
                                                         save_best_only=True, save_weights_only=True))
     if spec.get("deadline"):
