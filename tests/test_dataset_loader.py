@@ -156,7 +156,7 @@ def test_resample_blur_softens_half_of_the_images_and_keeps_shape_and_brightness
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (32, 32, 1), dtype=np.uint8)
     aug = AugmentationParams(flip_horizontal=False, flip_vertical=False, rotate90=False, rotation_degrees=0.0, brightness=0.0, contrast=0.0,
-                             noise_std=0.0, resample_blur=0.5, ramp=0.0)
+                             noise_std=0.0, resample_blur=0.5)
     outputs = [np.asarray(c03.augment(tf.constant(image), tf.constant([3, i], tf.int64), aug)) for i in range(40)]
     again = np.asarray(c03.augment(tf.constant(image), tf.constant([3, 0], tf.int64), aug))
     assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outputs) and np.array_equal(outputs[0], again)  # seeded
