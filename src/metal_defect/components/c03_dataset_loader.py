@@ -146,7 +146,7 @@ def make_split(files: list[Path], labels: np.ndarray, shape: tuple[int, int, int
         ds = _shuffled_stream(files, labels, shape, params, seed, cache, training)
     share = None
     if training and augmentation_enabled(params.augmentation):
-        # read at every image, so the training callbacks can phase the augmentation in (c05 AugmentationRamp)
+        # read at every image, so the training callbacks can phase the augmentation in (c05 AdaptiveRegularisation)
         share = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="augmented_share")
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(
