@@ -182,7 +182,7 @@ def test_bench_datasets_runs_each_seed_apart_and_reports_mean_and_spread(tmp_pat
 
     from metal_defect import bench, pipeline
 
-    calls = []
+    calls, resizes = [], []
 
     class FakeRunner:
         def __init__(self, config, command):
@@ -191,6 +191,7 @@ def test_bench_datasets_runs_each_seed_apart_and_reports_mean_and_spread(tmp_pat
         def run(self, stages, force):
             seed, out = self.config.base.seed, Path(self.config.paths.artifacts)
             calls.append((seed, out))
+            resizes.append(self.config.base.resize)
             (out / "eval").mkdir(parents=True)
             f1 = {42: 0.6, 43: 0.7}[seed]
             (out / "eval" / "quality_gate.json").write_text(json.dumps({
@@ -205,9 +206,11 @@ def test_bench_datasets_runs_each_seed_apart_and_reports_mean_and_spread(tmp_pat
 
     monkeypatch.setattr(pipeline, "Runner", FakeRunner)
     config = load_config(REPO, [f"paths.artifacts={tmp_path}"])
-    args = argparse.Namespace(datasets="neu", seeds="42,43", tuning="off")
+    # the command line's overrides reach every run (a recipe variant measured on each data set), the run's own win
+    args = argparse.Namespace(datasets="neu", seeds="42,43", tuning="off", resolved_overrides=["base.resize=stretch", "base.seed=7"])
     result = bench.bench_datasets(config, args)
     assert [seed for seed, _ in calls] == [42, 43] and calls[0][1] != calls[1][1]  # each seed its own artifacts
+    assert resizes == ["stretch", "stretch"]
     summary = result["datasets"]["neu"]["summary"]
     assert summary["mean_test_macro_f1"] == pytest.approx(0.65) and summary["sd_test_macro_f1"] == pytest.approx(0.0707, abs=1e-4)
     assert summary["weak_model_runs"] == 1

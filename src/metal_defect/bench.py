@@ -78,8 +78,7 @@ def machine() -> dict[str, Any]:
 def _time_data_stages(config: Config, source: str, workdir: Path) -> dict[str, Any]:
     from metal_defect.pipeline import Runner
 
-    overrides = [f"data_ingestion.source={source}", f"paths.artifacts={workdir}"]
-    cfg = load_config(config.config_dir, overrides)
+    cfg = load_config(config.config_dir, [f"data_ingestion.source={source}", f"paths.artifacts={workdir}"])
     started = time.perf_counter()
     manifest = Runner(cfg, command="bench").run("1-2", force=["all"])
     seconds = time.perf_counter() - started
@@ -123,7 +122,7 @@ def bench_train(config: Config, args: Any) -> dict[str, Any]:
         per_seed = {}
         for seed in parse_seeds(args.seeds or "42,43,44"):
             # the training recipe over seeds, without the c07 search (bench datasets measures what tuning adds)
-            cfg = load_config(config.config_dir, [f"base.seed={seed}", f"paths.artifacts={root}", "tuning.enabled=false"])
+            cfg = derived_config(config, args, [f"base.seed={seed}", f"paths.artifacts={root}", "tuning.enabled=false"])
             started = time.perf_counter()
             manifest = Runner(cfg, command="bench").run(None, force=["all"])
             metrics = manifest["metrics"]
@@ -140,7 +139,7 @@ def bench_train(config: Config, args: Any) -> dict[str, Any]:
         results["max_pipeline_seconds"] = max(v["pipeline_seconds"] for v in per_seed.values())
     if "overhead" not in skip:
         if prepared_dir is None:
-            cfg = load_config(config.config_dir, [f"paths.artifacts={root}"])
+            cfg = derived_config(config, args, [f"paths.artifacts={root}"])
             prepared_dir = Path(Runner(cfg, command="bench").run("1-2")["stages"]["data_preprocessing"]["output"])
         results["loop_overhead"] = loop_overhead(config, prepared_dir, args.epochs or 5, args.repeats)
     results["headline"] = {k: results[k] for k in ("mean_test_accuracy", "mean_test_macro_f1", "max_pipeline_seconds") if k in results}
@@ -192,6 +191,13 @@ def loop_overhead(config: Config, prepared_dir: Path, epochs: int, repeats: int)
 
 
 # ----------------------------------------------------------------------------- datasets
+def derived_config(config: Config, args: Any, overrides: list[str]) -> Config:
+    """The configuration of one benchmark run: the command line's overrides, then this run's.
+
+    Without the first, `bench datasets base.resize=stretch` would silently measure the default."""
+    return load_config(config.config_dir, [*(getattr(args, "resolved_overrides", None) or []), *overrides])
+
+
 def dataset_overrides(config: Config, which: str) -> list[str]:
     """Overrides that point the default params at one benchmark data set (only the schema changes)."""
     neu = Path(config.data_ingestion.source)
@@ -236,7 +242,7 @@ def bench_datasets(config: Config, args: Any) -> dict[str, Any]:
         runs = {}
         for seed in seeds:
             out = root / which if len(seeds) == 1 else root / which / f"seed-{seed}"
-            cfg = load_config(config.config_dir, [*dataset_overrides(config, which), f"base.seed={seed}", f"paths.artifacts={out}", *tuning])
+            cfg = derived_config(config, args, [*dataset_overrides(config, which), f"base.seed={seed}", f"paths.artifacts={out}", *tuning])
             started = time.perf_counter()
             manifest = Runner(cfg, command="bench").run(None, force=["all"])
             runs[seed] = _dataset_row(manifest, time.perf_counter() - started)

@@ -271,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "source", None):
             overrides.append(f"data_ingestion.source={args.source}")
         config = load_config(args.config, overrides)
+        args.resolved_overrides = overrides  # benchmarks that load a config per data set or seed start from these
         console.setLevel(config.logging.level)
         log_file = attach_log_file(config.paths.logs)
         return _dispatch(args, config)
