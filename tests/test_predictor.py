@@ -36,7 +36,7 @@ def test_bundle_holds_a_versioned_spec_fitted_thresholds_and_no_pickle(tiny):
     bundle = tiny["bundle"]
     spec = bundles.read_spec(bundle)
     assert spec.spec_version == bundles.SPEC_VERSION and spec.run_id == tiny["run_id"]
-    assert spec.class_names == tuple(synthetic.CLASSES) and spec.resize == "pad"
+    assert spec.class_names == tuple(synthetic.CLASSES) and spec.resize == "stretch"  # the default base.resize
     assert spec.ood and spec.ood.feature_threshold > 0 and spec.ood.statistics_threshold > 0 and spec.ood.reference_count > 0
     assert "nearest" in spec.ood.rule and len(spec.ood.statistics_mean) == len(ood.STATISTICS)
     assert 0.0 <= spec.uncertain_threshold < 1.0 and "validation" in spec.uncertain_rule

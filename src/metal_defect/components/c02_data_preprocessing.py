@@ -93,7 +93,7 @@ def auto_image_size(paths: list[str], max_size: int) -> int:
     """base.image_size=auto: the median long side of the images (read from their headers), rounded
     down to a multiple of 32, between 64 and base.max_image_size.
 
-    With aspect-preserving resize the long side maps onto the input size, so at the median
+    Padded or stretched, the long side maps onto the input size, so at the median
     image nothing is shrunk unless the data is larger than the cap, which keeps CPU training
     affordable; small images are not blown up past what they hold.
     """
