@@ -230,6 +230,35 @@ def test_bench_datasets_runs_each_seed_apart_and_reports_mean_and_spread(tmp_pat
         bench.parse_seeds("42,x")
 
 
+def test_bench_data_times_the_stages_with_the_command_lines_overrides(tmp_path, monkeypatch):
+    # `bench data base.resize=pad` rebuilt each timed run's config from the YAML alone and measured the default
+    import argparse
+
+    from metal_defect import bench, pipeline, synthetic
+
+    seen = []
+
+    class FakeRunner:
+        def __init__(self, config, command):
+            self.config = config
+
+        def run(self, stages, force):
+            seen.append((self.config.base.resize, Path(self.config.data_ingestion.source).name))
+            return {"stages": {"data_ingestion": {"summary": {"images_found": 10}, "duration_s": 0.1},
+                               "data_preprocessing": {"summary": {"images_per_second": 100.0}, "duration_s": 0.1}}}
+
+    def tiny_dataset(root, **_):
+        Path(root).mkdir(parents=True)
+        return Path(root)
+
+    monkeypatch.setattr(pipeline, "Runner", FakeRunner)
+    monkeypatch.setattr(synthetic, "make_dataset", tiny_dataset)
+    config = load_config(REPO, [f"paths.artifacts={tmp_path}", f"data_ingestion.source={tmp_path / 'mine'}"])
+    args = argparse.Namespace(resolved_overrides=["base.resize=pad", f"data_ingestion.source={tmp_path / 'mine'}"])
+    bench.bench_data(config, args)
+    assert seen == [("pad", "mine"), ("pad", "synthetic1"), ("pad", "synthetic10")]  # each run's own source wins
+
+
 @pytest.mark.slow
 def test_the_default_recipe_learns_a_defect_of_a_few_pixels_in_a_large_image(tmp_path):
     """A 4 px dark spot in a 256 px striped, unevenly lit image (2.5 px at the 160 px input), 30

@@ -75,10 +75,10 @@ def machine() -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- data
-def _time_data_stages(config: Config, source: str, workdir: Path) -> dict[str, Any]:
+def _time_data_stages(config: Config, args: Any, source: str, workdir: Path) -> dict[str, Any]:
     from metal_defect.pipeline import Runner
 
-    cfg = load_config(config.config_dir, [f"data_ingestion.source={source}", f"paths.artifacts={workdir}"])
+    cfg = derived_config(config, args, [f"data_ingestion.source={source}", f"paths.artifacts={workdir}"])
     started = time.perf_counter()
     manifest = Runner(cfg, command="bench").run("1-2", force=["all"])
     seconds = time.perf_counter() - started
@@ -93,12 +93,12 @@ def bench_data(config: Config, args: Any = None) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         tmp_path = Path(tmp)
-        real = _time_data_stages(config, config.data_ingestion.source, tmp_path / "real")
+        real = _time_data_stages(config, args, config.data_ingestion.source, tmp_path / "real")
         classes = tuple(synthetic.PREFIXES)
         results = {"source": real}
         for scale in (1, 10):
             root = synthetic.make_dataset(tmp_path / f"synthetic{scale}", classes=classes, per_class=280 * scale, size=200, ext=".jpg")
-            results[f"synthetic_{scale}x"] = _time_data_stages(config, str(root), tmp_path / f"s{scale}")
+            results[f"synthetic_{scale}x"] = _time_data_stages(config, args, str(root), tmp_path / f"s{scale}")
             shutil.rmtree(root)
     flat = results["synthetic_10x"]["images_per_second"] / results["synthetic_1x"]["images_per_second"]
     results["headline"] = {
