@@ -161,6 +161,41 @@ def test_eda_shows_sizes_aspect_ratios_imbalance_duplicates_and_class_means(tiny
         assert (eda / png).stat().st_size > 5000, png
 
 
+def test_the_plain_lbp_baseline_tells_fine_from_coarse_texture():
+    from metal_defect import baselines
+
+    rng = np.random.default_rng(0)
+    fine = rng.integers(0, 256, (40, 48, 48, 1)).astype(np.float32)
+    coarse = np.repeat(np.repeat(rng.integers(0, 256, (40, 12, 12, 1)), 4, axis=1), 4, axis=2).astype(np.float32)
+    images = np.concatenate([fine, coarse]).astype(np.uint8)  # the same grey levels, texture at another scale
+    labels = np.repeat([0, 1], 40)
+    train = np.r_[0:30, 40:70]
+    held_out = np.r_[30:40, 70:80]
+    assert baselines.plain_lbp_features(images).shape == (80, 256 * len(baselines.PLAIN_LBP_RADII))
+    predicted = baselines.plain_lbp_predictions(images[train], labels[train], images[held_out])
+    assert (predicted == labels[held_out]).mean() == 1.0
+
+
+def test_the_gate_flags_a_model_that_the_plain_lbp_baseline_matches(tmp_path, monkeypatch):
+    # on one surface a plain multi-scale LBP + SVM scored 0.859 where the richer texture baseline scored 0.818:
+    # a model between the two passed the gate while the first thing a classical engineer tries was as good
+    from types import SimpleNamespace
+
+    from metal_defect.components.c06_evaluation import gate
+
+    y = np.repeat([0, 1], 30)
+    model_pred = y.copy()
+    model_pred[[0, 1, 2, 30, 31, 32]] = 1 - y[[0, 1, 2, 30, 31, 32]]  # 90 % right: macro F1 0.9, its interval below 0.95
+    monkeypatch.setitem(gate.YARDSTICKS, "classical", (gate.YARDSTICKS["classical"][0], lambda xt, yt, xe: np.zeros(len(xe), int)))
+    monkeypatch.setitem(gate.YARDSTICKS, "plain_lbp", (gate.YARDSTICKS["plain_lbp"][0], lambda xt, yt, xe: y.copy()))
+    predictor = SimpleNamespace(spec=SimpleNamespace(model_name="cnn"), raw_probabilities=lambda x, b: np.eye(2)[y])
+    params = load_config(REPO).evaluation
+    images = np.zeros((60, 8, 8, 1), np.uint8)
+    result = gate.quality_gate(predictor, images, y, ["a", "b"], "test", y, model_pred, images, tmp_path, params)
+    assert result["weak_model"] and len(result["reasons"]) == 1 and "plain multi-scale LBP" in result["reasons"][0]
+    assert result["plain_lbp"]["macro_f1"] == 1.0 and result["classical"]["macro_f1"] < 0.5
+
+
 def test_readme_states_the_quality_gate_rule():
     readme = (REPO / "README.md").read_text()
     assert "weak_model" in readme and "classical" in readme
@@ -203,7 +238,8 @@ def test_bench_datasets_runs_each_seed_apart_and_reports_mean_and_spread(tmp_pat
             (out / "eval").mkdir(parents=True)
             f1 = {42: 0.6, 43: 0.7}[seed]
             (out / "eval" / "quality_gate.json").write_text(json.dumps({
-                "classical": {"accuracy": 0.5, "macro_f1": 0.5, "macro_f1_ci95": [0.4, 0.6]}, "majority": {"accuracy": 0.4, "macro_f1": 0.1},
+                "classical": {"accuracy": 0.5, "macro_f1": 0.5, "macro_f1_ci95": [0.4, 0.6]},
+                "plain_lbp": {"accuracy": 0.45, "macro_f1": 0.45, "macro_f1_ci95": [0.3, 0.55]}, "majority": {"accuracy": 0.4, "macro_f1": 0.1},
                 "weak_model": seed == 42, "reasons": [], "train_accuracy": 0.97, "train_accuracy_last_epoch": 0.9}))
             (out / "eval" / "test").mkdir()
             (out / "eval" / "test" / "pointing.json").write_text(json.dumps({"overall": {"n": 8, "strict": 0.75, "chance": 0.05}}))
@@ -223,7 +259,7 @@ def test_bench_datasets_runs_each_seed_apart_and_reports_mean_and_spread(tmp_pat
     assert summary["mean_test_macro_f1"] == pytest.approx(0.65) and summary["sd_test_macro_f1"] == pytest.approx(0.0707, abs=1e-4)
     assert summary["weak_model_runs"] == 1
     assert "| **neu** | mean of 2 |" in result["table"] and "0.650 ± 0.071" in result["table"]
-    assert "0.500 (0.400–0.600)" in result["table"] and "| 0.970 | 0.750 (0.050, n=8) |" in result["table"]  # the columns
+    assert "0.500 (0.400–0.600) | 0.450 |" in result["table"] and "| 0.970 | 0.750 (0.050, n=8) |" in result["table"]  # the columns
     tiles = bench.dataset_overrides(config, "magnetic-tile")
     assert "evaluation.annotations=null" in tiles and any(o.startswith("evaluation.masks=") and o.endswith("magnetic-tile/masks") for o in tiles)
     with pytest.raises(ValueError, match="--seeds"):

@@ -1,13 +1,18 @@
-"""Yardsticks for the quality gate: a majority-class baseline and a classical texture baseline.
+"""Yardsticks for the quality gate: a majority-class baseline and two classical texture baselines.
 
 They are computed in seconds on the same split as the model and never served (no pickle
 leaves this module). The classical baseline is what a careful engineer would try before a
 CNN: local binary pattern histograms at two radii, a magnitude-weighted gradient
 orientation histogram on a 2x2 grid, an intensity histogram and per-channel statistics,
-standardised, into an RBF support vector machine with balanced class weights.
+standardised, into an RBF support vector machine with balanced class weights. The plain
+LBP baseline is the first thing a classical engineer tries: LBP histograms at radii 1, 2
+and 3 alone into the same SVM. Neither always wins (on one surface the plain one scored
+0.859 macro F1 where the richer one scored 0.818), so the gate measures the model against both.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -71,8 +76,29 @@ def texture_features(images: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
+PLAIN_LBP_RADII = (1, 2, 3)
+
+
+def plain_lbp_features(images: np.ndarray) -> np.ndarray:
+    """Multi-scale LBP histograms (256 bins at each of PLAIN_LBP_RADII) of uint8 images [N, H, W, C] -> float32 [N, F]."""
+    if len(images) == 0:
+        return np.zeros((0, 1), np.float32)
+    gray = _shrink(_gray(images))
+    return np.concatenate([_lbp_histograms(gray, r) for r in PLAIN_LBP_RADII], axis=1).astype(np.float32)
+
+
 def classical_predictions(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray, seed: int = 0) -> np.ndarray:
     """Labels the classical baseline (texture features + RBF SVM) gives `x_eval` after fitting on the train split."""
+    return svm_predictions(texture_features, x_train, y_train, x_eval, seed)
+
+
+def plain_lbp_predictions(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Labels the plain multi-scale LBP baseline (LBP histograms + RBF SVM) gives `x_eval` after fitting on the train split."""
+    return svm_predictions(plain_lbp_features, x_train, y_train, x_eval, seed)
+
+
+def svm_predictions(features: Callable[[np.ndarray], np.ndarray], x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray, seed: int = 0) -> np.ndarray:
+    """`features` of the images, standardised, into an RBF SVM with balanced class weights: its labels for `x_eval`."""
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
@@ -80,8 +106,8 @@ def classical_predictions(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.n
     if len(np.unique(y_train)) < 2:
         return np.full(len(x_eval), int(y_train[0]) if len(y_train) else 0)
     classifier = make_pipeline(StandardScaler(), SVC(C=10.0, gamma="scale", class_weight="balanced", random_state=seed))
-    classifier.fit(texture_features(x_train), y_train)
-    return classifier.predict(texture_features(x_eval))
+    classifier.fit(features(x_train), y_train)
+    return classifier.predict(features(x_eval))
 
 
 def majority_predictions(y_train: np.ndarray, n: int) -> np.ndarray:

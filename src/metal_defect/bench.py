@@ -270,6 +270,7 @@ def _dataset_row(manifest: dict[str, Any], seconds: float) -> dict[str, Any]:
             "run_id": manifest["run_id"], "images": manifest["stages"]["data_preprocessing"]["summary"]["images_prepared"],
             "test_n": m.get("test_n"), "test_accuracy": m.get("test_accuracy"), "test_macro_f1": m.get("test_macro_f1"),
             "classical_accuracy": gate["classical"]["accuracy"], "classical_macro_f1": gate["classical"]["macro_f1"],
+            "plain_lbp_macro_f1": gate.get("plain_lbp", {}).get("macro_f1"),  # gates before 2026-12-06 have no plain LBP baseline
             "majority_accuracy": gate["majority"]["accuracy"], "majority_macro_f1": gate["majority"]["macro_f1"],
             "weak_model": gate["weak_model"], "weak_reasons": gate["reasons"],
             "train_accuracy": gate.get("train_accuracy"), "train_accuracy_last_epoch": gate["train_accuracy_last_epoch"],
@@ -293,23 +294,24 @@ def summarise_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
 def datasets_table(results: dict[str, Any]) -> str:
     """Markdown: one row per data set and seed, and a mean row for a data set run with several seeds."""
     rows = ["| data set | seed | images | test n | served model: accuracy, macro F1 | served (test macro F1 base / tuned, trials) | "
-            "classical baseline (95 % CI) | majority class | own training images | heatmap pointing (chance) | weak_model | pipeline |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "classical baseline (95 % CI) | plain LBP baseline | majority class | own training images | heatmap pointing (chance) | weak_model | pipeline |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for which, result in results.items():
         for seed, r in result["seeds"].items():
             tuned = f"{r['tuned_test_macro_f1']:.3f}" if r["tuned_test_macro_f1"] is not None else "-"
             low, high = r.get("classical_macro_f1_ci95") or (float("nan"), float("nan"))
             fit = f"{r['train_accuracy']:.3f}" if r.get("train_accuracy") is not None else "-"
+            plain = f"{r['plain_lbp_macro_f1']:.3f}" if r.get("plain_lbp_macro_f1") is not None else "-"
             pointing = f"{r['pointing_strict']:.3f} ({r['pointing_chance']:.3f}, n={r['pointing_n']})" if r.get("pointing_strict") is not None else "-"
             rows.append(f"| {which} | {seed} | {r['images']} | {r['test_n']} | {r['test_accuracy']:.1%}, {r['test_macro_f1']:.3f} | "
                         f"{r['served']} ({r['base_test_macro_f1']:.3f} / {tuned}, {r['trials_completed']}) | "
-                        f"{r['classical_accuracy']:.1%}, {r['classical_macro_f1']:.3f} ({low:.3f}–{high:.3f}) | "
+                        f"{r['classical_accuracy']:.1%}, {r['classical_macro_f1']:.3f} ({low:.3f}–{high:.3f}) | {plain} | "
                         f"{r['majority_accuracy']:.1%}, {r['majority_macro_f1']:.3f} | {fit} | {pointing} | "
                         f"{'yes' if r['weak_model'] else 'no'} | {r['pipeline_seconds'] / 60:.1f} min |")
         s = result["summary"]
         if len(s["seeds"]) > 1:
             rows.append(f"| **{which}** | mean of {len(s['seeds'])} | | | {s['mean_test_accuracy']:.1%} ± {s['sd_test_accuracy']:.1%}, "
-                        f"**{s['mean_test_macro_f1']:.3f} ± {s['sd_test_macro_f1']:.3f}** | | {s['mean_classical_macro_f1']:.3f} | | "
+                        f"**{s['mean_test_macro_f1']:.3f} ± {s['sd_test_macro_f1']:.3f}** | | {s['mean_classical_macro_f1']:.3f} | | | "
                         f"| | {s['weak_model_runs']} of {len(s['seeds'])} | ≤ {s['max_pipeline_seconds'] / 60:.1f} min |")
     return "\n".join(rows) + "\n"
 

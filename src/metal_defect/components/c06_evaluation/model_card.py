@@ -33,7 +33,7 @@ def model_card(name: str, result: dict[str, Any], test: dict[str, Any] | None, c
         return f"| {label} | {r['accuracy']:.2%} | {r['macro_f1']:.4f} ({r['macro_f1_ci95'][0]:.4f}–{r['macro_f1_ci95'][1]:.4f}) |"
 
     verdict = ("**WEAK MODEL** — do not trust its answers before the data is checked:\n" + "\n".join(f"- {r}" for r in gate["reasons"])
-               if gate["weak_model"] else f"Passed{': ' + gate['note'] if gate.get('note') else ': clearly better than both yardsticks below'}.")
+               if gate["weak_model"] else f"Passed{': ' + gate['note'] if gate.get('note') else ': clearly better than every yardstick below'}.")
     train_acc = gate["train_accuracy"]
     return f"""# Model card: {name}
 
@@ -48,6 +48,7 @@ On the {gate['split']} split (n={gate['n']}); accuracy on its own training image
 |---|---|---|
 {yardstick(name, gate['model'])}
 {yardstick('classical baseline: LBP + gradient histograms, RBF SVM', gate['classical'])}
+{yardstick('plain multi-scale LBP baseline: LBP histograms at radii 1-3, RBF SVM', gate['plain_lbp']) if 'plain_lbp' in gate else ''}
 {yardstick(f"majority class ('{gate['majority']['class']}')", gate['majority'])}
 
 ## Data
