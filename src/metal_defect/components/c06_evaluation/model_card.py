@@ -33,7 +33,7 @@ def model_card(name: str, result: dict[str, Any], test: dict[str, Any] | None, c
         return f"| {label} | {r['accuracy']:.2%} | {r['macro_f1']:.4f} ({r['macro_f1_ci95'][0]:.4f}–{r['macro_f1_ci95'][1]:.4f}) |"
 
     verdict = ("**WEAK MODEL** — do not trust its answers before the data is checked:\n" + "\n".join(f"- {r}" for r in gate["reasons"])
-               if gate["weak_model"] else f"Passed{': ' + gate['note'] if gate.get('note') else ': clearly better than every yardstick below'}.")
+               if gate["weak_model"] else f"Passed{': ' + gate['note'] if gate.get('note') else ': clearly better than the classical and majority baselines below'}.")
     train_acc = gate["train_accuracy"]
     return f"""# Model card: {name}
 
