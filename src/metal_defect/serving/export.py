@@ -7,6 +7,7 @@ the bundle has an OOD reference, the OOD features: penultimate and texture stati
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -85,15 +86,26 @@ def files_kept_beside_bundle(destination: Path) -> list[str]:
     return kept
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. a container's cpuset), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 class LiteRtRunner:
     """Runs a .tflite serving model: uint8 images [N, H, W, C] -> (probabilities, features) or probabilities."""
 
     def __init__(self, path: Path, n_classes: int, threads: int | None = None):
+        """`threads`: the interpreter's threads, by default every core this process may use. Left unset,
+        ai-edge-litert 2.3 runs one thread: 5.5 ms for the default network on 2 cores against 3.0 ms with both."""
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:  # pragma: no cover - the runtime requirement; TensorFlow's copy is deprecated
             from tensorflow.lite import Interpreter  # type: ignore[no-redef]
-        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.threads = threads or available_cores()
+        self.interpreter = Interpreter(model_path=str(path), num_threads=self.threads)
         self.n_classes = n_classes
         self._batch = 0
 
