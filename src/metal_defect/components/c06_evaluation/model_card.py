@@ -29,11 +29,13 @@ def model_card(name: str, result: dict[str, Any], test: dict[str, Any] | None, c
     rows = "\n".join(f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |" for c, v in per_class.items())
     counts = "; ".join(f"{s}: {sum(v.values())}" for s, v in pre["counts"].items())
 
-    def yardstick(label: str, r: dict[str, Any]) -> str:
-        return f"| {label} | {r['accuracy']:.2%} | {r['macro_f1']:.4f} ({r['macro_f1_ci95'][0]:.4f}–{r['macro_f1_ci95'][1]:.4f}) |"
+    def yardstick(label: str, r: dict[str, Any], key: str = "") -> str:
+        ci = gate.get("lead_ci95", {}).get(key)
+        lead = f"{gate['lead'][key]:+.4f} ({ci[0]:+.4f} to {ci[1]:+.4f})" if ci else ""
+        return f"| {label} | {r['accuracy']:.2%} | {r['macro_f1']:.4f} ({r['macro_f1_ci95'][0]:.4f}–{r['macro_f1_ci95'][1]:.4f}) | {lead} |"
 
     verdict = ("**WEAK MODEL** — do not trust its answers before the data is checked:\n" + "\n".join(f"- {r}" for r in gate["reasons"])
-               if gate["weak_model"] else f"Passed{': ' + gate['note'] if gate.get('note') else ': clearly better than the classical and majority baselines below'}.")
+               if gate["weak_model"] else f"Passed{': ' + gate['note'] if gate.get('note') else ': clearly better than the texture and majority baselines below'}.")
     train_acc = gate["train_accuracy"]
     return f"""# Model card: {name}
 
@@ -44,11 +46,11 @@ Created {spec.created}.
 
 On the {gate['split']} split (n={gate['n']}); accuracy on its own training images {f"{train_acc:.3f}" if train_acc is not None else "n/a"}.
 
-| | accuracy | macro F1 (95% bootstrap CI) |
-|---|---|---|
+| | accuracy | macro F1 (95% bootstrap CI) | the model's lead (paired 95% CI) |
+|---|---|---|---|
 {yardstick(name, gate['model'])}
-{yardstick('classical baseline: LBP + gradient histograms, RBF SVM', gate['classical'])}
-{yardstick('plain multi-scale LBP baseline: LBP histograms at radii 1-3, RBF SVM', gate['plain_lbp']) if 'plain_lbp' in gate else ''}
+{yardstick('classical baseline: LBP + gradient histograms, RBF SVM', gate['classical'], 'classical')}
+{yardstick('plain multi-scale LBP baseline: LBP histograms at radii 1-3, RBF SVM', gate['plain_lbp'], 'plain_lbp') if 'plain_lbp' in gate else ''}
 {yardstick(f"majority class ('{gate['majority']['class']}')", gate['majority'])}
 
 ## Data
