@@ -21,7 +21,7 @@ from keras import layers
 
 from metal_defect.config import CustomCnnParams, ModelParams, TransferParams
 from metal_defect.errors import ConfigError, DataError
-from metal_defect.serving.keras_objects import PixelPreprocess, ScheduledDropout
+from metal_defect.serving.keras_objects import FusedBatchNormalization, PixelPreprocess, ScheduledDropout
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def custom_cnn(image_shape: tuple[int, int, int], n_classes: int, params: Custom
     for block, filters in enumerate(params.filters, 1):
         for conv in range(params.convs_per_block):
             x = layers.Conv2D(filters, params.kernel_size, padding="same", use_bias=False, name=f"block{block}_conv{conv + 1}")(x)
-            x = layers.BatchNormalization(momentum=params.bn_momentum, name=f"block{block}_bn{conv + 1}")(x)
+            x = FusedBatchNormalization(momentum=params.bn_momentum, name=f"block{block}_bn{conv + 1}")(x)
             x = layers.ReLU(name=f"block{block}_relu{conv + 1}")(x)
         before = x  # before the pooling: a few-pixel defect still holds its own cells here
         x = layers.MaxPooling2D(name=f"block{block}_pool")(x)
