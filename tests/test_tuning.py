@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY_SCHEMA, _deep_merge, tiny_training_params, write_config
 
+from metal_defect import metrics, synthetic
 from metal_defect import served as served_model
-from metal_defect import synthetic
 from metal_defect.artifacts import ArtifactStore, read_json
 from metal_defect.components.c07_hyper_tuning import distributed, finalist, report, space, trials
 from metal_defect.config import Recipe, load_config
@@ -116,6 +116,26 @@ def test_served_only_when_strictly_better_on_validation():
     assert s6_select.choose_served(base, None, "macro_f1") == ("base", "no tuned model (tuning off, or no trial completed)")
 
 
+def test_a_tuned_model_ahead_within_the_noise_of_validation_is_not_served():
+    # on magnetic tiles a finalist 0.019 ahead on 202 validation images was served, and was 0.059 behind on test
+    labels = np.repeat([0, 1, 2], 20)
+    base_answers = labels.copy()
+    base_answers[[0, 20, 40, 1, 21, 41]] = (labels[[0, 20, 40, 1, 21, 41]] + 1) % 3  # 6 of 60 wrong
+    one_better = base_answers.copy()
+    one_better[0] = labels[0]  # the tuned model gets one more image right: better, but by one image in 60
+    all_right = labels.copy()  # right on the base model's 6 errors, wrong nowhere else
+
+    def record(answers: np.ndarray) -> dict:
+        return {"valid": {"macro_f1": metrics.macro_f1(labels, answers, 3), "accuracy": float(np.mean(answers == labels))},
+                "valid_answers": {"classes": 3, "labels": labels.tolist(), "predicted": answers.tolist()}}
+
+    served, reason = s6_select.choose_served(record(base_answers), record(one_better), "macro_f1")
+    assert served == "base" and "not clearly better" in reason and "paired 95% CI" in reason
+    served, reason = s6_select.choose_served(record(base_answers), record(all_right), "macro_f1")
+    assert served == "tuned" and "clearly better" in reason
+    assert s6_select.choose_served(record(base_answers), record(one_better), "accuracy")[0] == "base"
+
+
 def test_auto_searches_only_when_the_base_model_leaves_room():
     config = load_config(REPO)
     auto, on = config.tuning, dataclasses.replace(config.tuning, enabled=True)
@@ -182,7 +202,8 @@ def test_search_tolerates_a_failing_trial_and_writes_csv_plot_summary_and_card(t
     assert summary["trials_completed"] == len(completed) and summary["trials_failed"] == len(failed)
     assert summary["best_hyperparameters"] == best["hyperparameters"] and summary["served"] in ("tuned", "base") and summary["reason"]
     tuned_f1, base_f1 = summary["valid"]["tuned"]["macro_f1"], summary["valid"]["base"]["macro_f1"]
-    assert summary["served"] == ("tuned" if tuned_f1 > base_f1 else "base")
+    # the tuned model is served only when ahead on validation, and clearly so (its lead's paired interval above 0)
+    assert (summary["served"] == "tuned") == (tuned_f1 > base_f1 and summary["reason"].startswith("tuned model clearly better")), summary["reason"]
     served = served_model.read_pointer(ArtifactStore(folder / "artifacts"))
     assert served["run_id"] == manifest["run_id"] and served["served"] == summary["served"] and served["reason"] == summary["reason"]
     card = (select_out / "served" / "model_card.md").read_text()
@@ -205,7 +226,7 @@ def test_a_search_picks_a_configuration_that_retrained_beats_a_crippled_base_mod
     manifest = Runner(load_config(folder)).run()
     summary = read_json(Path(manifest["stages"]["select"]["output"]) / s6_select.TUNING_SUMMARY)
     assert summary["valid"]["tuned"]["macro_f1"] > summary["valid"]["base"]["macro_f1"], summary["valid"]
-    assert summary["served"] == "tuned" and "better on validation" in summary["reason"]
+    assert summary["served"] == "tuned" and summary["reason"].startswith("tuned model clearly better on validation") and "paired 95% CI" in summary["reason"]
     scores = [float(r["score"]) for r in read_trials(manifest) if r["status"] == "COMPLETED"]
     best = read_json(Path(manifest["stages"]["tune"]["output"]) / s5_tune.BEST_HP_FILE)
     assert scores and all(0 <= v <= 1 for v in scores) and best["score"] == max(scores)

@@ -135,7 +135,7 @@ STAGES: tuple[Stage, ...] = (
         sections=("evaluation",),
         upstream=("evaluation", "tune"),
         publish="metal_defect.stages.s6_select:publish_served",
-        description="serve the tuned model only when strictly better on validation than the base model; say which and why",
+        description="serve the tuned model only when clearly better on validation than the base model; say which and why",
     ),
 )
 

@@ -1,9 +1,10 @@
-"""Stage 6, `select`: serve the tuned model only when it is strictly better than the base model on validation.
+"""Stage 6, `select`: serve the tuned model only when it is clearly better than the base model on validation.
 
-Ties keep the base model. It copies the chosen bundle, says in its model card which model is
-served and why, writes tuning_summary.json and served_model.json (the record the served
-pointer reads, named by `metal_defect.served`); the runner then calls the stage's publish step,
-`publish_served`, which points the served model at it and sets it beside the model it replaces.
+Ties, and leads within the noise of the validation split, keep the base model. It copies the
+chosen bundle, says in its model card which model is served and why, writes tuning_summary.json
+and served_model.json (the record the served pointer reads, named by `metal_defect.served`); the
+runner then calls the stage's publish step, `publish_served`, which points the served model at
+it and sets it beside the model it replaces.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from metal_defect import artifacts as art
+from metal_defect import metrics
 from metal_defect import served as served_model
 from metal_defect.components.c06_evaluation.evaluate import BEST_FILE, metrics_files
 from metal_defect.components.c06_evaluation.gate import announce_weak_model
@@ -27,16 +31,41 @@ log = logging.getLogger(__name__)
 
 TUNING_SUMMARY = "tuning_summary.json"
 
-def choose_served(base: Mapping[str, Any], tuned: Mapping[str, Any] | None, metric: str) -> tuple[str, str]:
-    """('tuned' or 'base', reason): tuned only when strictly better on validation `metric`; ties keep the base."""
+def choose_served(base: Mapping[str, Any], tuned: Mapping[str, Any] | None, metric: str, samples: int = 1000) -> tuple[str, str]:
+    """('tuned' or 'base', reason): the tuned model only when it is better on validation `metric`, and
+    clearly so when both records hold their validation answers: the 95 % paired bootstrap interval of
+    its lead starts above 0. A lead within what a resample of the validation images moves is noise
+    (on magnetic tiles a tuned model 0.019 ahead on 202 validation images was 0.059 behind on test)."""
     base_value = base["valid"][metric]
     if tuned is None:
         return "base", "no tuned model (tuning off, or no trial completed)"
     tuned_value = tuned["valid"][metric]
-    if tuned_value > base_value:
-        return "tuned", f"tuned model better on validation {metric}: {tuned_value:.4f} against the base model's {base_value:.4f}"
-    relation = "equal" if tuned_value == base_value else "worse"
-    return "base", f"tuned model not strictly better on validation {metric} ({relation}: {tuned_value:.4f} against {base_value:.4f}); ties keep the base model"
+    against = f"{tuned_value:.4f} against the base model's {base_value:.4f}"
+    if tuned_value <= base_value:
+        relation = "equal" if tuned_value == base_value else "worse"
+        return "base", f"tuned model not strictly better on validation {metric} ({relation}: {tuned_value:.4f} against {base_value:.4f}); ties keep the base model"
+    lead = validation_lead(base, tuned, metric, samples)
+    if lead is None:  # records written before the answers were kept
+        return "tuned", f"tuned model better on validation {metric}: {against}"
+    lo, hi = lead
+    interval = f"a lead of {tuned_value - base_value:+.4f}, paired 95% CI {lo:+.4f} to {hi:+.4f}"
+    if lo > 0:
+        return "tuned", f"tuned model clearly better on validation {metric}: {against} ({interval})"
+    return "base", f"tuned model not clearly better on validation {metric}: {against} ({interval}); the base model is kept"
+
+
+def validation_lead(base: Mapping[str, Any], tuned: Mapping[str, Any], metric: str, samples: int) -> tuple[float, float] | None:
+    """95 % paired bootstrap interval of the tuned model's lead on validation `metric`, or None without both models' answers."""
+    ours, theirs = tuned.get("valid_answers"), base.get("valid_answers")
+    if not ours or not theirs or ours["labels"] != theirs["labels"]:
+        return None
+    classes = int(ours["classes"])
+
+    def score(labels: np.ndarray, predicted: np.ndarray) -> float:
+        return metrics.macro_f1(labels, predicted, classes) if metric == "macro_f1" else float(np.mean(labels == predicted))
+
+    return metrics.paired_bootstrap_difference(np.asarray(ours["labels"]), np.asarray(ours["predicted"]), np.asarray(theirs["predicted"]),
+                                               score, samples)
 
 
 def select_stage(io: Any, *, evaluation: EvaluationParams) -> dict[str, Any]:
@@ -47,9 +76,9 @@ def select_stage(io: Any, *, evaluation: EvaluationParams) -> dict[str, Any]:
     tuned_record = tune_dir / EVALUATION_DIR / metrics_files("tuned")[1]
     tuned = art.read_json(tuned_record) if tuned_record.is_file() else None
     search_info = art.read_json(tune_dir / SEARCH_FILE) if (tune_dir / SEARCH_FILE).is_file() else {"enabled": False}
-    served, reason = choose_served(base, tuned, evaluation.select_metric)
+    served, reason = choose_served(base, tuned, evaluation.select_metric, evaluation.bootstrap_samples)
     chosen_dir = tune_dir / EVALUATION_DIR if served == "tuned" else base_dir
-    record = dict(tuned if served == "tuned" else base)
+    record = {key: value for key, value in (tuned if served == "tuned" else base).items() if key != "valid_answers"}
     bundle = io.out_dir / BUNDLE_DIR
     shutil.copytree(chosen_dir / BUNDLE_DIR, bundle)
     card = (bundle / MODEL_CARD).read_text(encoding="utf-8")

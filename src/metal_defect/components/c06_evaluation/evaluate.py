@@ -104,7 +104,10 @@ def evaluate_models(ingestion: dict[str, Any], prepared: Path, trained: Path, pa
                    "pretrained": results[best]["pretrained"], "valid": headline(results[best]["valid"]),
                    "test": headline(test_report) if test_report else None, "calibration": calibration,
                    "weak_model": gate["weak_model"], "weak_reasons": gate["reasons"], "verdicts": verdicts,
-                   "pointing": test_report.get("pointing") if test_report else None}
+                   "pointing": test_report.get("pointing") if test_report else None,
+                   # per validation image, in the prepared split's order: the select stage sets a tuned model beside the base one image by image
+                   "valid_answers": {"classes": len(class_names), "labels": y_valid.tolist(),
+                                     "predicted": chosen.valid_probs.argmax(axis=1).tolist()}}
     reviewed = report_reviewed(served, prepared, class_names, best, params, out_dir)
     best_record["reviewed"] = headline(reviewed) if reviewed else None
     write_json_atomic(out_dir / best_file, best_record)

@@ -50,8 +50,8 @@ def quality_gate(predictor: Predictor, x_train: np.ndarray, y_train: np.ndarray,
     predicted = {key: predictions(x_train, y_train, x_eval) for key, (_, predictions) in YARDSTICKS.items()}
     yardsticks = {key: score(pred) for key, pred in predicted.items()}
     lead = {key: model["macro_f1"] - scored["macro_f1"] for key, scored in yardsticks.items()}
-    lead_ci95 = {key: list(metrics.bootstrap_macro_f1_difference(y_eval, model_pred, pred, k, params.bootstrap_samples))
-                 for key, pred in predicted.items()}
+    lead_ci95 = {key: list(metrics.paired_bootstrap_difference(y_eval, model_pred, pred, lambda y, p: metrics.macro_f1(y, p, k),
+                                                                params.bootstrap_samples)) for key, pred in predicted.items()}
     majority_pred = baselines.majority_predictions(y_train, len(y_eval))
     majority = score(majority_pred) | {"class": class_names[int(majority_pred[0])] if len(majority_pred) else None}
     # Can the model fit its own training images? Measured on them as they are (no augmentation,
