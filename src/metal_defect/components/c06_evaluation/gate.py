@@ -32,9 +32,12 @@ def quality_gate(predictor: Predictor, x_train: np.ndarray, y_train: np.ndarray,
     Flags `weak_model` with a reason when the model underfits (accuracy on its own training images
     below `gate_min_train_accuracy`), is near the majority-class baseline (macro F1 less than
     `gate_majority_margin` above it), or is not clearly better than one of the texture baselines
-    (`YARDSTICKS`) while its own interval does not start above `gate_good_macro_f1`. Clearly better:
-    the 95 % paired bootstrap interval of its lead (its macro F1 minus the baseline's, both on the
-    same resampled images; `lead`, `lead_ci95`) starts above 0.
+    (`YARDSTICKS`). Clearly better: the 95 % paired bootstrap interval of its lead (its macro F1
+    minus the baseline's, both on the same resampled images; `lead`, `lead_ci95`) starts above 0.
+    Easy data is the exception: a model whose macro F1 reaches `gate_good_macro_f1` is not flagged
+    unless the baseline is clearly better than it (the interval ends below 0). A texture SVM that
+    is as good shows the data is easy, not that the model is weak; and on a small split the
+    model's own interval cannot start above 0.95 (X-SDD: 0.973 with 3 errors in 203, 0.938).
     """
     started = time.perf_counter()
     if len(y_train) > BASELINE_MAX_TRAIN:
@@ -74,9 +77,9 @@ def quality_gate(predictor: Predictor, x_train: np.ndarray, y_train: np.ndarray,
             continue
         against = (f"macro F1 {model['macro_f1']:.3f} (95% CI {m_lo:.3f}–{m_hi:.3f}) against {base['macro_f1']:.3f}, "
                    f"a lead of {lead[key]:+.3f} (paired 95% CI {d_lo:+.3f} to {d_hi:+.3f})")
-        if m_lo >= params.gate_good_macro_f1:
-            notes.append(f"the {label} is about as good here ({against}): the data is easy for texture features, and the "
-                         f"model's interval starts above {params.gate_good_macro_f1:g}, so it is not flagged")
+        if model["macro_f1"] >= params.gate_good_macro_f1 and d_hi >= 0:
+            notes.append(f"the {label} is about as good here ({against}): the data is easy for texture features; the "
+                         f"model reaches {params.gate_good_macro_f1:g} and the baseline is not clearly better, so it is not flagged")
         else:
             reasons.append(f"not clearly better than the {label}: {against}")
     gate = {"weak_model": bool(reasons), "reasons": reasons, "note": "; ".join(notes), "split": split, "n": len(y_eval), "model": model,
