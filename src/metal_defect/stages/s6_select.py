@@ -43,7 +43,7 @@ def choose_served(base: Mapping[str, Any], tuned: Mapping[str, Any] | None, metr
     against = f"{tuned_value:.4f} against the base model's {base_value:.4f}"
     if tuned_value <= base_value:
         relation = "equal" if tuned_value == base_value else "worse"
-        return "base", f"tuned model not strictly better on validation {metric} ({relation}: {tuned_value:.4f} against {base_value:.4f}); ties keep the base model"
+        return "base", f"tuned model not strictly better on validation {metric} ({relation}: {against}); ties keep the base model"
     lead = validation_lead(base, tuned, metric, samples)
     if lead is None:  # records written before the answers were kept
         return "tuned", f"tuned model better on validation {metric}: {against}"
