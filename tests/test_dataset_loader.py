@@ -257,3 +257,34 @@ def test_the_regularisation_share_rises_while_the_network_fits_falls_when_it_doe
     resumed.on_train_begin()
     assert float(share.numpy()) == pytest.approx(0.4) and resumed.step == pytest.approx(0.1)
     assert adaptive_regularisation(load(REPO, ["train.regularisation_ramp=0"]).train, Split(), epochs=50) == []  # full from the start
+
+
+def test_early_stopping_waits_out_the_regularisation_ramp(tmp_path):
+    # NEU seed 43 (2026-12-06): the validation loss was lowest at epoch 5, with the regularisation still ramping
+    # up, and rose with it; early stopping counted from there, stopped at epoch 18 of 41 before the learning rate
+    # had decayed, and the epoch-5 model was served (test 98.8 %; the seeds that trained 41 epochs reached
+    # validation losses of 0.465-0.486).
+    import keras
+    import tensorflow as tf
+
+    from metal_defect.components import c06_training
+    from metal_defect.config import load_config as load
+
+    config = load(REPO, [])
+    data = {"train": type("Split", (), {"augmented_share": tf.Variable(1.0)})(), "valid": type("Split", (), {"dataset": None})()}
+    callbacks = c06_training.fit_callbacks(config.train, config.callbacks, 41, tmp_path, data)
+    [stopper] = [c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)]
+    stopper.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    stopper.model.stop_training = False
+    stopper.on_train_begin()
+    neu_seed_43 = [1.8098, 0.6261, 0.5793, 0.5166, 0.5082, 0.5722, 0.5708, 0.5389, 0.557, 0.5706, 0.568, 0.5441, 0.5494,
+                   0.5329, 0.54, 0.5557, 0.5371, 0.5122, 0.5301, 0.5254]
+    for epoch, val_loss in enumerate(neu_seed_43):
+        stopper.on_epoch_end(epoch, {"val_loss": val_loss})
+        assert not stopper.model.stop_training, f"stopped after epoch {epoch + 1} of 41"
+    # once the ramp is over, a validation loss that stops improving still ends the fit
+    for epoch in range(len(neu_seed_43), 41):
+        stopper.on_epoch_end(epoch, {"val_loss": 0.6})
+        if stopper.model.stop_training:
+            break
+    assert stopper.model.stop_training and epoch < 40

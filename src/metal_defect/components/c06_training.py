@@ -37,6 +37,7 @@ from metal_defect.components.c05_callbacks import (
     adaptive_regularisation,
     learning_rate,
     make_callbacks,
+    ramp_epochs,
     read_history,
 )
 from metal_defect.config import BaseParams, CallbacksParams, ModelParams, TrainParams
@@ -108,6 +109,14 @@ def scaled_patience(params: CallbacksParams, epochs: int, configured_epochs: int
         return params
     patience = math.ceil(params.early_stopping.patience * epochs / configured_epochs)
     return dataclasses.replace(params, early_stopping=dataclasses.replace(params.early_stopping, patience=patience))
+
+
+def fit_callbacks(train: TrainParams, callback_params: CallbacksParams, epochs: int, phase_work: Path, data: Any) -> list[Any]:
+    """The callbacks of one training phase of `epochs` epochs: c05's, with early stopping waiting out the
+    regularisation ramp, and the adaptive regularisation first (the CSV logger then records each epoch's share)."""
+    callbacks = make_callbacks(scaled_patience(callback_params, epochs, train.epochs), phase_work, validation=data["valid"].dataset,
+                               settle_epochs=ramp_epochs(train, epochs))
+    return adaptive_regularisation(train, data["train"], epochs, read_history(phase_work / HISTORY_CSV)) + callbacks
 
 
 def readable_state_file(path: Path) -> bool:
@@ -262,9 +271,7 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
                 history += _tag(read_history(phase_work / HISTORY_CSV), phase, len(history))
                 continue
             log.info("%s: phase %s, %d epochs at learning rate %g, %d steps/epoch", name, phase, epochs, base_lr, steps)
-            callbacks = make_callbacks(scaled_patience(callback_params, epochs, train.epochs), phase_work, validation=data["valid"].dataset)
-            # first: the CSV logger then records the share of each epoch
-            callbacks[:0] = adaptive_regularisation(train, data["train"], epochs, read_history(phase_work / HISTORY_CSV))
+            callbacks = fit_callbacks(train, callback_params, epochs, phase_work, data)
             if deadline is not None:
                 callbacks.insert(0, DeadlineStop(deadline))
             fit = built.model.fit(data["train"].dataset, validation_data=data["valid"].dataset, epochs=epochs,

@@ -30,6 +30,7 @@ from metal_defect.components.c05_callbacks import (
     learning_rate,
     make_callbacks,
     monitor_mode,
+    ramp_epochs,
 )
 from metal_defect.components.c06_training import (
     compile_model,
@@ -240,7 +241,8 @@ def train_trial(trial_dir: Path) -> dict[str, list[float]]:
                                  backup_and_restore=False)
     (trial_dir / HISTORY_CSV).unlink(missing_ok=True)  # a re-run trial starts its log again
     objective = spec["objective"]
-    callbacks = make_callbacks(params, trial_dir, checkpoint=False, validation=data["valid"].dataset, monitors=(objective,))
+    callbacks = make_callbacks(params, trial_dir, checkpoint=False, validation=data["valid"].dataset, monitors=(objective,),
+                               settle_epochs=ramp_epochs(recipe.train, spec["schedule_epochs"]))
     callbacks[:0] = adaptive_regularisation(recipe.train, data["train"], spec["schedule_epochs"])
     callbacks.append(keras.callbacks.ModelCheckpoint(spec["checkpoint"], monitor=objective, mode=monitor_mode(objective),
                                                         save_best_only=True, save_weights_only=True))
