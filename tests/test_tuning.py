@@ -149,6 +149,30 @@ def test_auto_searches_only_when_the_base_model_leaves_room():
     assert finalist.search_needed(dataclasses.replace(auto, enabled=False), good | {"weak_model": True}, config.evaluation)[0] is False
 
 
+def test_the_bayesian_search_proposes_from_its_model_within_max_trials(tmp_path):
+    # Keras Tuner draws 3 x (dimensions) random points before its Gaussian process proposes: 27 for the default
+    # 9-dimensional space against 12 trials, so the default "bayesian" search was random, and chose the same
+    # configuration on magnetic tiles and the proxy (trial 08 of the same seed's random draws).
+    import keras_tuner as kt
+
+    tuning = load_config(REPO).tuning
+    assert tuning.tuner == "bayesian"
+    oracle = trials.make_oracle(tuning, None)
+    drawn_at_random = []
+    draw = oracle._random_populate_space
+    oracle._random_populate_space = lambda: (drawn_at_random.append(1), draw())[1]
+    oracle.hyperparameters = kt.HyperParameters()
+    for i in range(9):
+        oracle.hyperparameters.Choice(f"h{i}", [0, 1, 2])
+    oracle._set_project_dir(str(tmp_path), "search")
+    for i in range(tuning.max_trials):
+        trial = oracle.create_trial(f"tuner{i}")
+        oracle.update_trial(trial.trial_id, {tuning.objective: float(sum(trial.hyperparameters.values.values()))})
+        trial.status = "COMPLETED"
+        oracle.end_trial(trial)
+    assert len(drawn_at_random) == trials.bayesian_initial_points(tuning) == tuning.max_trials // 2
+
+
 def test_the_budget_holds_the_finalists_full_training_and_the_search_gets_the_rest():
     tuning = dataclasses.replace(load_config(REPO).tuning, max_minutes=25, epochs_per_trial=10)
     plan = finalist.plan_budget(tuning, {"median_epoch_seconds": 15.0, "epochs_run": 40}, started=1000.0)

@@ -73,6 +73,11 @@ class BudgetMixin:
         return super().populate_space(trial_id)  # type: ignore[misc]
 
 
+def bayesian_initial_points(tuning: TuningParams) -> int:
+    """Random trials before the Gaussian process proposes: half of max_trials, at least 2."""
+    return max(2, tuning.max_trials // 2)
+
+
 def make_oracle(tuning: TuningParams, deadline: float | None) -> Any:
     """The oracle for tuning.tuner, with the budget."""
     kt = _keras_tuner()
@@ -80,9 +85,13 @@ def make_oracle(tuning: TuningParams, deadline: float | None) -> Any:
               "max_consecutive_failed_trials": tuning.max_consecutive_failed_trials}
     if tuning.tuner == "hyperband":
         base, extra = kt.oracles.HyperbandOracle, {"max_epochs": tuning.epochs_per_trial, "factor": 3, "hyperband_iterations": 1}
+    elif tuning.tuner == "random":
+        base, extra = kt.oracles.RandomSearchOracle, {"max_trials": tuning.max_trials}
     else:
-        base = kt.oracles.RandomSearchOracle if tuning.tuner == "random" else kt.oracles.BayesianOptimizationOracle
-        extra = {"max_trials": tuning.max_trials}
+        # Keras Tuner's default draws 3 x (dimensions of the space) random points before its Gaussian process
+        # proposes any: 27 for the default space, more than max_trials (12), so every "bayesian" search was a
+        # random one, the same 12 configurations on every data set. Half random, half proposed.
+        base, extra = kt.oracles.BayesianOptimizationOracle, {"max_trials": tuning.max_trials, "num_initial_points": bayesian_initial_points(tuning)}
     oracle = type(f"Budgeted{base.__name__}", (BudgetMixin, base), {})(**common, **extra)
     oracle.deadline = deadline
     return oracle
