@@ -173,6 +173,30 @@ def test_the_bayesian_search_proposes_from_its_model_within_max_trials(tmp_path)
     assert len(drawn_at_random) == trials.bayesian_initial_points(tuning) == tuning.max_trials // 2
 
 
+def test_an_interrupted_finalist_resumes_only_as_the_same_configuration(tmp_path, monkeypatch):
+    # A tune stage interrupted while its finalist trained, then resumed with a fresh search (another
+    # paths.tuning), picked another configuration and would have resumed from the first finalist's weights.
+    from metal_defect.components.c06_training import TRAIN_SUMMARY
+
+    config = load_config(REPO)
+    job = space.SearchJob("custom_cnn", Recipe.of(config), config.tuning, tmp_path / "prepared", "data")
+    trained_in = []
+
+    def train_models(data, base, model, callbacks, train, work_dir, out, saved_suffix, deadline):
+        trained_in.append(work_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / TRAIN_SUMMARY).write_text(json.dumps({"models": {"custom_cnn" + saved_suffix: {"schedule": "end_to_end"}}}))
+
+    monkeypatch.setattr(finalist, "train_models", train_models)
+    monkeypatch.setattr(finalist, "build_datasets", lambda *args: None)
+    work = tmp_path / "work" / "finalist"
+    first = {"learning_rate": 4.3e-4, "blocks": 5, "width": 1.0, "tuner/trial_id": "08"}
+    for values in (first, first | {"tuner/trial_id": "11"}, first | {"blocks": 4}):
+        finalist.train_finalist(job, values, "08", work, tmp_path / "out", deadline=time.time() + 60)
+    assert trained_in[0] == trained_in[1] != trained_in[2]  # Keras Tuner's own keys do not count
+    assert all(path.parent == work for path in trained_in)
+
+
 def test_the_budget_holds_the_finalists_full_training_and_the_search_gets_the_rest():
     tuning = dataclasses.replace(load_config(REPO).tuning, max_minutes=25, epochs_per_trial=10)
     plan = finalist.plan_budget(tuning, {"median_epoch_seconds": 15.0, "epochs_run": 40}, started=1000.0)

@@ -18,7 +18,7 @@ from metal_defect import artifacts as art
 from metal_defect.components.c03_dataset_loader import build_datasets
 from metal_defect.components.c06_training import TRAIN_SUMMARY, train_models
 from metal_defect.components.c07_hyper_tuning.space import SearchJob, apply_hyperparameters, shown_values
-from metal_defect.config import EvaluationParams, TuningParams
+from metal_defect.config import EvaluationParams, TuningParams, fingerprint_of
 
 TUNED_SUFFIX = "_tuned"
 TRIAL_START_S = 20.0  # a trial's child process: TensorFlow's import, the data pipeline, the first graph
@@ -80,14 +80,22 @@ def search_needed(tuning: TuningParams, best: Mapping[str, Any], evaluation: Eva
                    f"not weak): no search; set tuning.enabled=true to search anyway")
 
 
+def finalist_work_dir(work_dir: Path, values: Mapping[str, Any]) -> Path:
+    """Where the finalist with these hyperparameters trains and resumes. Keyed by them: a search resumed after
+    its trials changed (another `paths.tuning`, a changed oracle) may pick another configuration, which must
+    start from scratch, not from the interrupted finalist's weights and epoch (found on the proxy, 2026-12-06)."""
+    return work_dir / fingerprint_of(shown_values(values))[:12]
+
+
 def train_finalist(job: SearchJob, values: Mapping[str, Any], trial_id: str, work_dir: Path, out: Path, deadline: float) -> dict[str, Any]:
     """Train `values` (the best trial's) from scratch with the train stage's full schedule, into `out` laid out like a
     train-stage output (models/<name>_tuned/, train_summary.json), so that c06 evaluates it like a base model.
-    An interrupted run resumes in `work_dir`. Returns its train-stage record."""
+    An interrupted run resumes in `finalist_work_dir`: only the same configuration resumes. Returns its train-stage record."""
     recipe = apply_hyperparameters(job.recipe, values)
     data = build_datasets(job.prepared, recipe.data_loader, recipe.base.seed)
     train = dataclasses.replace(recipe.train, models=[job.model_name])
-    train_models(data, recipe.base, recipe.model, recipe.callbacks, train, work_dir, out, saved_suffix=TUNED_SUFFIX, deadline=deadline)
+    train_models(data, recipe.base, recipe.model, recipe.callbacks, train, finalist_work_dir(work_dir, values), out,
+                 saved_suffix=TUNED_SUFFIX, deadline=deadline)
     summary = art.read_json(out / TRAIN_SUMMARY)
     name = job.model_name + TUNED_SUFFIX
     summary["models"][name] |= {"trial_id": trial_id, "hyperparameters": shown_values(values),
