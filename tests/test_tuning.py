@@ -173,6 +173,18 @@ def test_the_bayesian_search_proposes_from_its_model_within_max_trials(tmp_path)
     assert len(drawn_at_random) == trials.bayesian_initial_points(tuning) == tuning.max_trials // 2
 
 
+def test_a_changed_oracle_start_opens_a_new_search_project(tmp_path, monkeypatch):
+    # Keras Tuner restores num_initial_points from a resumed project's oracle.json: with the project key blind to
+    # it, a search begun under the old 27-random-draw start resumed with it after the code had halved it.
+    config = load_config(REPO)
+    job = space.SearchJob("custom_cnn", Recipe.of(config), config.tuning, tmp_path, "data")
+    random_search = dataclasses.replace(job, tuning=dataclasses.replace(config.tuning, tuner="random"))
+    key, random_key = job.key, random_search.key
+    monkeypatch.setattr(space, "bayesian_initial_points", lambda tuning: 27)
+    assert job.key != key
+    assert random_search.key == random_key  # a random search has no such start: its finished trials stay usable
+
+
 def test_an_interrupted_finalist_resumes_only_as_the_same_configuration(tmp_path, monkeypatch):
     # A tune stage interrupted while its finalist trained, then resumed with a fresh search (another
     # paths.tuning), picked another configuration and would have resumed from the first finalist's weights.

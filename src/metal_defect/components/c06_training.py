@@ -111,11 +111,14 @@ def scaled_patience(params: CallbacksParams, epochs: int, configured_epochs: int
     return dataclasses.replace(params, early_stopping=dataclasses.replace(params.early_stopping, patience=patience))
 
 
-def fit_callbacks(train: TrainParams, callback_params: CallbacksParams, epochs: int, phase_work: Path, data: Any) -> list[Any]:
+def fit_callbacks(train: TrainParams, callback_params: CallbacksParams, epochs: int, phase_work: Path, data: Any,
+                  checkpoint: bool = True, monitors: tuple[str, ...] = ()) -> list[Any]:
     """The callbacks of one training phase of `epochs` epochs: c05's, with early stopping waiting out the
-    regularisation ramp, and the adaptive regularisation first (the CSV logger then records each epoch's share)."""
-    callbacks = make_callbacks(scaled_patience(callback_params, epochs, train.epochs), phase_work, validation=data["valid"].dataset,
-                               settle_epochs=ramp_epochs(train, epochs))
+    regularisation ramp, and the adaptive regularisation first (the CSV logger then records each epoch's share).
+    A tuning trial uses the same ones (`checkpoint=False`, its objective in `monitors`): trial and train stage
+    cannot drift apart."""
+    callbacks = make_callbacks(scaled_patience(callback_params, epochs, train.epochs), phase_work, checkpoint=checkpoint,
+                               validation=data["valid"].dataset, monitors=monitors, settle_epochs=ramp_epochs(train, epochs))
     return adaptive_regularisation(train, data["train"], epochs, read_history(phase_work / HISTORY_CSV)) + callbacks
 
 

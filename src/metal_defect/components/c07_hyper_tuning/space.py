@@ -66,6 +66,11 @@ def apply_hyperparameters(recipe: Recipe, values: Mapping[str, Any]) -> Recipe:
     return dataclasses.replace(recipe, data_loader=loader, model=dataclasses.replace(recipe.model, custom_cnn=cnn, transfer=transfer), train=train)
 
 
+def bayesian_initial_points(tuning: TuningParams) -> int:
+    """Random trials before the Bayesian oracle's Gaussian process proposes: half of max_trials, at least 2."""
+    return max(2, tuning.max_trials // 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchJob:
     """One search: which model, which recipe and settings, on which prepared data."""
@@ -78,9 +83,13 @@ class SearchJob:
 
     @property
     def recipe_fingerprint(self) -> str:
-        """Covers everything that changes what a trial computes (not the budget, not `enabled`)."""
+        """Covers everything that changes what a trial computes or which trials the oracle proposes (not the
+        budget, not `enabled`). The oracle's settings derived in code count too: a resumed Keras Tuner project
+        keeps the ones it was created with, so a search made before the Bayesian oracle's random start was
+        halved would have resumed with its 27 random draws."""
         tuning = {k: v for k, v in to_plain(self.tuning).items() if k not in ("enabled", "max_minutes", "model")}
-        return fingerprint_of({"model": self.model_name, "tuning": tuning, "recipe": to_plain(self.recipe)})[:16]
+        oracle = {"num_initial_points": bayesian_initial_points(self.tuning)} if self.tuning.tuner == "bayesian" else {}
+        return fingerprint_of({"model": self.model_name, "tuning": tuning, "recipe": to_plain(self.recipe), "oracle": oracle})[:16]
 
     @property
     def key(self) -> str:

@@ -25,21 +25,25 @@ from metal_defect.components.c03_dataset_loader import balanced_sampling, build_
 from metal_defect.components.c05_callbacks import (
     HISTORY_CSV,
     DeadlineStop,
-    adaptive_regularisation,
     best_of,
     learning_rate,
-    make_callbacks,
     monitor_mode,
-    ramp_epochs,
 )
 from metal_defect.components.c06_training import (
     compile_model,
+    fit_callbacks,
     make_strategy,
     pixel_statistics,
-    scaled_patience,
     training_class_weights,
 )
-from metal_defect.components.c07_hyper_tuning.space import SearchJob, apply_hyperparameters, declare_space, format_values, shown_values
+from metal_defect.components.c07_hyper_tuning.space import (
+    SearchJob,
+    apply_hyperparameters,
+    bayesian_initial_points,
+    declare_space,
+    format_values,
+    shown_values,
+)
 from metal_defect.config import Recipe, TuningParams, to_plain
 from metal_defect.errors import ArtifactError, ConfigError, DataError
 
@@ -71,11 +75,6 @@ class BudgetMixin:
             log.info("tuning budget spent: no trial starts after %s", dt.datetime.fromtimestamp(self.deadline).isoformat(timespec="seconds"))
             return {"status": "STOPPED", "values": None}
         return super().populate_space(trial_id)  # type: ignore[misc]
-
-
-def bayesian_initial_points(tuning: TuningParams) -> int:
-    """Random trials before the Gaussian process proposes: half of max_trials, at least 2."""
-    return max(2, tuning.max_trials // 2)
 
 
 def make_oracle(tuning: TuningParams, deadline: float | None) -> Any:
@@ -246,13 +245,10 @@ def train_trial(trial_dir: Path) -> dict[str, list[float]]:
         if spec.get("resume_from"):
             model.load_weights(spec["resume_from"])
     data = build_datasets(prepared, recipe.data_loader, recipe.base.seed, splits=("train", "valid"))
-    params = dataclasses.replace(scaled_patience(recipe.callbacks, spec["schedule_epochs"], recipe.train.epochs), tensorboard=False,
-                                 backup_and_restore=False)
-    (trial_dir / HISTORY_CSV).unlink(missing_ok=True)  # a re-run trial starts its log again
+    params = dataclasses.replace(recipe.callbacks, tensorboard=False, backup_and_restore=False)
+    (trial_dir / HISTORY_CSV).unlink(missing_ok=True)  # a re-run trial starts its log (and its regularisation share) again
     objective = spec["objective"]
-    callbacks = make_callbacks(params, trial_dir, checkpoint=False, validation=data["valid"].dataset, monitors=(objective,),
-                               settle_epochs=ramp_epochs(recipe.train, spec["schedule_epochs"]))
-    callbacks[:0] = adaptive_regularisation(recipe.train, data["train"], spec["schedule_epochs"])
+    callbacks = fit_callbacks(recipe.train, params, spec["schedule_epochs"], trial_dir, data, checkpoint=False, monitors=(objective,))
     callbacks.append(keras.callbacks.ModelCheckpoint(spec["checkpoint"], monitor=objective, mode=monitor_mode(objective),
                                                         save_best_only=True, save_weights_only=True))
     if spec.get("deadline"):
