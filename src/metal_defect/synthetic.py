@@ -59,6 +59,23 @@ def make_dataset(root: Path, classes: tuple[str, ...] = CLASSES, per_class: int 
     return root
 
 
+def exposure_batches_dataset(root: Path, per_class: int = 18, size: int = 32, batches: int = 6, seed: int = 0) -> Path:
+    """Three classes told apart by their stripes' frequency only, photographed in `batches` exposure batches (a
+    gain of 0.35 to 1.15 on the whole image; every class has its images spread evenly over the batches), as the
+    magnetic tiles were: an image's brightness and contrast tell nothing of its class."""
+    rng = np.random.default_rng(seed)
+    gains = np.linspace(0.35, 1.15, batches)
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            y, x = np.mgrid[0:size, 0:size] / size
+            axis = x if rng.random() < 0.5 else y
+            surface = 0.55 + 0.25 * np.sin(2 * np.pi * (2 + 3 * label) * axis + rng.uniform(0, 2 * np.pi)) + rng.normal(0, 0.03, (size, size))
+            image = np.clip(surface * gains[index % batches], 0, 1)
+            Image.fromarray((image * 255).astype(np.uint8)).save(root / name / f"exp{index % batches + 1}_{name}_{index:03d}.png")
+    return root
+
+
 def small_defect_dataset(root: Path, per_class: int = 30, size: int = 128, spot: int = 3, seed: int = 0) -> Path:
     """Two classes where the difference is a few pixels in a large image: `free` (a striped,
     unevenly lit, noisy surface) and `spot` (the same with one dark `spot` x `spot` px blob at a

@@ -79,7 +79,10 @@ def custom_cnn(image_shape: tuple[int, int, int], n_classes: int, params: Custom
     """
     inputs = keras.Input(image_shape, dtype="uint8", name="pixels")
     mean, std = pixel_stats
-    x = PixelPreprocess(params.input_normalization, mean=mean, std=max(std, 1e-3), name="preprocess")(inputs)
+    # `auto` is decided by the train stage from the training split (c06 input_normalization); a model built
+    # without that decision (a preview, a test) normalises with the statistics it was given
+    mode = "dataset" if params.input_normalization == "auto" else params.input_normalization
+    x = PixelPreprocess(mode, mean=mean, std=max(std, 1e-3), name="preprocess")(inputs)
     if params.input_scale < 1:  # inside the model: the input contract (the prepared size) stays the same
         height, width = (max(8, round(side * params.input_scale)) for side in image_shape[:2])
         x = layers.Resizing(height, width, interpolation="bilinear", antialias=True, name="input_resize")(x)

@@ -179,16 +179,71 @@ def make_strategy(kind: str) -> Any:
     return tf.distribute.get_strategy()
 
 
-def pixel_statistics(files: list[Path]) -> tuple[float, float]:
-    """Mean and std of training pixels on a 0..1 scale (stored inside the model)."""
-    total = total_sq = count = 0.0
-    for path in files:
+def image_statistics(files: list[Path]) -> np.ndarray:
+    """Each image's pixel mean, std and pixel count on a 0..1 scale, [N, 3] (one read of the training split)."""
+    rows = np.zeros((len(files), 3))
+    for i, path in enumerate(files):
         arr = np.asarray(Image.open(path), dtype=np.float64) / 255.0
-        total += arr.sum()
-        total_sq += np.square(arr).sum()
-        count += arr.size
-    mean = total / max(count, 1)
-    return float(mean), float(np.sqrt(max(total_sq / max(count, 1) - mean**2, 1e-12)))
+        rows[i] = arr.mean(), arr.std(), arr.size
+    return rows
+
+
+def pixel_statistics(files: list[Path], per_image: np.ndarray | None = None) -> tuple[float, float]:
+    """Mean and std of training pixels on a 0..1 scale (stored inside the model); `per_image`: their image_statistics."""
+    stats = image_statistics(files) if per_image is None else per_image
+    if len(stats) == 0:
+        return 0.0, 1.0
+    weights = stats[:, 2] / stats[:, 2].sum()
+    mean = float(weights @ stats[:, 0])
+    second_moment = float(weights @ (np.square(stats[:, 1]) + np.square(stats[:, 0])))
+    return mean, float(np.sqrt(max(second_moment - mean**2, 1e-12)))
+
+
+# Below this share of the way from chance to a perfect answer, an image's overall brightness and contrast are
+# taken to tell nothing of its class (the three shared sets: magnetic tiles 0.004, X-SDD 0.25, the proxy 0.29, NEU 0.67)
+BRIGHTNESS_UNINFORMATIVE = 0.1
+
+
+def brightness_information(per_image: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
+    """How much of an image's class its overall brightness and contrast (pixel mean and std) give away: the
+    cross-validated balanced accuracy of a small random forest on those two numbers, as a share of the way from
+    chance (0) to perfect (1). 1.0 when it cannot be measured (one class, or a class with a single image)."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    classes, counts = np.unique(labels, return_counts=True)
+    folds = int(min(5, counts.min())) if len(classes) else 0
+    if len(classes) < 2 or folds < 2:
+        return 1.0
+    forest = RandomForestClassifier(n_estimators=100, min_samples_leaf=5, random_state=seed, n_jobs=1)
+    predicted = cross_val_predict(forest, per_image[:, :2], labels, cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    chance = 1.0 / len(classes)
+    return float((balanced_accuracy_score(labels, predicted) - chance) / (1.0 - chance))
+
+
+def input_normalization(setting: str, per_image: np.ndarray, labels: np.ndarray) -> tuple[str, dict[str, Any]]:
+    """model.custom_cnn.input_normalization, with `auto` decided on the training split: each image standardised
+    (per_image) when its brightness and contrast tell nothing of its class, else the training split's statistics
+    (dataset). Returns the mode and what it was decided from (for the log and train_summary.json).
+
+    Why: magnetic tiles were photographed in six exposure batches (mean grey 67 to 153, the pixel std growing
+    with it): a gain the network had to learn six times over, and most of its errors were in the darkest and
+    brightest batches. Standardising each image removes a gain exactly; on NEU, where brightness and contrast
+    carry much of the class (inclusion is dark and flat, pitted surface bright), it would throw that away."""
+    if setting != "auto":
+        return setting, {"mode": setting, "setting": setting}
+    information = brightness_information(per_image, labels)
+    mode = "per_image" if information < BRIGHTNESS_UNINFORMATIVE else "dataset"
+    log.info("input normalisation (auto): an image's brightness and contrast alone take a classifier %.3f of the way from chance "
+             "to its class (below %.2f: a nuisance of the acquisition); %s", information, BRIGHTNESS_UNINFORMATIVE,
+             "each image standardised (per_image)" if mode == "per_image" else "the training split's statistics (dataset)")
+    return mode, {"mode": mode, "setting": setting, "brightness_information": round(information, 4)}
+
+
+def with_input_normalization(model_params: ModelParams, mode: str) -> ModelParams:
+    """`model_params` with the custom CNN's input normalisation set to a decided mode."""
+    return dataclasses.replace(model_params, custom_cnn=dataclasses.replace(model_params.custom_cnn, input_normalization=mode))
 
 
 def use_class_weights(setting: bool | str, labels: np.ndarray, balanced_draws: bool = False) -> bool:
@@ -243,7 +298,12 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
             log.warning("train.mixed_precision is on but there is no GPU: training in float32")
     try:
         strategy = make_strategy(train.strategy)
-        stats = pixel_statistics(data["train"].files)
+        per_image = image_statistics(data["train"].files)
+        stats = pixel_statistics(data["train"].files, per_image)
+        normalization_record = None
+        if name == builder.CUSTOM:
+            normalization, normalization_record = input_normalization(model_params.custom_cnn.input_normalization, per_image, data["train"].labels)
+            model_params = with_input_normalization(model_params, normalization)
         with strategy.scope():
             built = builder.build_model(name, data.image_shape, len(data.class_names), model_params, stats)
         model_work.mkdir(parents=True, exist_ok=True)
@@ -297,6 +357,7 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
             "median_epoch_seconds": round(statistics.median(seconds), 3) if seconds else None,
             "train_seconds_this_attempt": round(time.perf_counter() - started, 1),
             "parameters": builder.parameter_counts(built.model), "pixel_statistics": stats,
+            "input_normalization": normalization_record,
             "strategy": "MirroredStrategy" if isinstance(strategy, tf.distribute.MirroredStrategy) else "default (one device)", "replicas": strategy.num_replicas_in_sync,
             "class_weights": weights, "mixed_precision": keras.mixed_precision.global_policy().name,
         }

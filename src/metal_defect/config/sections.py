@@ -145,7 +145,7 @@ class CustomCnnParams:
     dense_units: int = _f(ge=0)
     pooling: Literal["avg", "max", "avg_max"] = _f()
     pool_from: Literal["last_block", "all_blocks"] = _f()
-    input_normalization: Literal["dataset", "per_image", "scale"] = _f()
+    input_normalization: Literal["auto", "dataset", "per_image", "scale"] = _f()
     input_scale: float = _f(ge=0.25, le=1)  # the network sees this share of the prepared resolution (resized inside the model)
 
 

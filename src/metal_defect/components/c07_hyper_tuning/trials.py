@@ -32,9 +32,12 @@ from metal_defect.components.c05_callbacks import (
 from metal_defect.components.c06_training import (
     compile_model,
     fit_callbacks,
+    image_statistics,
+    input_normalization,
     make_strategy,
     pixel_statistics,
     training_class_weights,
+    with_input_normalization,
 )
 from metal_defect.components.c07_hyper_tuning.space import (
     SearchJob,
@@ -105,22 +108,26 @@ class TrialSetup:
     n_train: int
     pixel_stats: tuple[float, float]
     class_weights: dict[int, float] | None
+    input_normalization: str  # the custom CNN's, decided once as the train stage decides it (`auto` resolved)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrialSetup:
         """From `dataclasses.asdict` through JSON (lists for tuples, string keys for the class weights)."""
         weights = data["class_weights"]
         return cls(tuple(data["image_shape"]), data["n_classes"], data["n_train"], tuple(data["pixel_stats"]),
-                   {int(k): float(v) for k, v in weights.items()} if weights is not None else None)
+                   {int(k): float(v) for k, v in weights.items()} if weights is not None else None, data["input_normalization"])
 
 
 def trial_setup(prepared: Path, recipe: Recipe) -> TrialSetup:
-    """Read c02's records once: the same shape, statistics and class weights the train stage uses."""
+    """Read c02's records once: the same shape, statistics, input normalisation and class weights the train stage uses."""
     records = read_records(prepared)
     channels = 1 if records["color_mode"] == "grayscale" else 3
     rows = [r for r in records["records"] if r["split"] == "train"]
+    files = [Path(prepared) / r["file"] for r in rows]
+    per_image = image_statistics(files)
+    normalization, _ = input_normalization(recipe.model.custom_cnn.input_normalization, per_image, np.array([r["label_index"] for r in rows]))
     return TrialSetup((records["image_size"], records["image_size"], channels), len(records["classes"]), len(rows),
-                      pixel_statistics([Path(prepared) / r["file"] for r in rows]), recipe_class_weights(records, recipe))
+                      pixel_statistics(files, per_image), recipe_class_weights(records, recipe), normalization)
 
 
 def recipe_class_weights(records: Mapping[str, Any], recipe: Recipe) -> dict[int, float] | None:
@@ -131,7 +138,8 @@ def recipe_class_weights(records: Mapping[str, Any], recipe: Recipe) -> dict[int
 
 def build_trial_model(model_name: str, recipe: Recipe, setup: TrialSetup, epochs: int) -> Any:
     """The trial's model, built and compiled like the train stage's (c04 builder, same loss, optimizer and schedule)."""
-    built = builder.build_model(model_name, setup.image_shape, setup.n_classes, recipe.model, setup.pixel_stats)
+    model_params = with_input_normalization(recipe.model, setup.input_normalization)
+    built = builder.build_model(model_name, setup.image_shape, setup.n_classes, model_params, setup.pixel_stats)
     if built.schedule == "two_phase":  # a pretrained backbone: one phase with its top layers trained
         builder.unfreeze_top(built, recipe.model.transfer.fine_tune_layers)
     steps = math.ceil(setup.n_train / recipe.data_loader.batch_size)
