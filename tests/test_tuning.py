@@ -79,7 +79,7 @@ def test_space_is_read_from_params_and_lands_in_the_recipe(tmp_path):
 def test_the_trial_setup_reaches_the_trial_process_unchanged():
     import dataclasses
 
-    setup = trials.TrialSetup((32, 32, 1), 3, 40, (0.41, 0.12), {0: 0.8, 1: 1.3, 2: 1.0})
+    setup = trials.TrialSetup((32, 32, 1), 3, 40, (0.41, 0.12), {0: 0.8, 1: 1.3, 2: 1.0}, "per_image")
     assert trials.TrialSetup.from_json(json.loads(json.dumps(dataclasses.asdict(setup)))) == setup
     unweighted = dataclasses.replace(setup, class_weights=None)
     assert trials.TrialSetup.from_json(json.loads(json.dumps(dataclasses.asdict(unweighted)))) == unweighted
