@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,12 @@ def test_auto_input_normalization_standardises_each_image_only_when_brightness_t
     assert mode == "dataset" and record["brightness_information"] > 0.5
     assert c06_training.input_normalization("dataset", exposures, labels)[0] == "dataset"  # a mode named in params is kept
     assert c06_training.brightness_information(exposures, np.zeros(len(labels), int)) == 1.0  # one class: nothing to decide
+    # a large set is decided from at most BRIGHTNESS_IMAGES_PER_CLASS images of each class, in bounded time
+    many = np.repeat(np.arange(2), 3000)
+    gains = rng.uniform(0.4, 1.2, len(many))
+    started = time.perf_counter()
+    assert c06_training.input_normalization("auto", np.stack([0.45 * gains, 0.12 * gains, np.full(len(many), 1024.0)], 1), many)[0] == "per_image"
+    assert time.perf_counter() - started < 30
 
 
 def test_pixel_statistics_from_each_images_statistics_are_the_training_splits(tmp_path):
