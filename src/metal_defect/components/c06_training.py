@@ -188,15 +188,19 @@ def image_statistics(files: list[Path]) -> np.ndarray:
     return rows
 
 
-def pixel_statistics(files: list[Path], per_image: np.ndarray | None = None) -> tuple[float, float]:
-    """Mean and std of training pixels on a 0..1 scale (stored inside the model); `per_image`: their image_statistics."""
-    stats = image_statistics(files) if per_image is None else per_image
-    if len(stats) == 0:
+def pooled_statistics(per_image: np.ndarray) -> tuple[float, float]:
+    """Mean and std of all the pixels of images with these image_statistics (0..1 scale)."""
+    if len(per_image) == 0:
         return 0.0, 1.0
-    weights = stats[:, 2] / stats[:, 2].sum()
-    mean = float(weights @ stats[:, 0])
-    second_moment = float(weights @ (np.square(stats[:, 1]) + np.square(stats[:, 0])))
+    weights = per_image[:, 2] / per_image[:, 2].sum()
+    mean = float(weights @ per_image[:, 0])
+    second_moment = float(weights @ (np.square(per_image[:, 1]) + np.square(per_image[:, 0])))
     return mean, float(np.sqrt(max(second_moment - mean**2, 1e-12)))
+
+
+def pixel_statistics(files: list[Path]) -> tuple[float, float]:
+    """Mean and std of training pixels on a 0..1 scale (stored inside the model)."""
+    return pooled_statistics(image_statistics(files))
 
 
 # Below this share of the way from chance to a perfect answer, an image's overall brightness and contrast are
@@ -217,7 +221,8 @@ def brightness_information(per_image: np.ndarray, labels: np.ndarray, seed: int 
     rng = np.random.default_rng(seed)
     keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:BRIGHTNESS_IMAGES_PER_CLASS] for c in np.unique(labels)]
                           ) if len(labels) else np.zeros(0, int)
-    per_image, labels = per_image[np.sort(keep)], labels[np.sort(keep)]  # balanced accuracy does not depend on class shares
+    keep = np.sort(keep)
+    per_image, labels = per_image[keep], labels[keep]  # balanced accuracy does not depend on class shares
     classes, counts = np.unique(labels, return_counts=True)
     folds = int(min(5, counts.min())) if len(classes) else 0
     if len(classes) < 2 or folds < 2:
@@ -245,6 +250,14 @@ def input_normalization(setting: str, per_image: np.ndarray, labels: np.ndarray)
              "to its class (below %.2f: a nuisance of the acquisition); %s", information, BRIGHTNESS_UNINFORMATIVE,
              "each image standardised (per_image)" if mode == "per_image" else "the training split's statistics (dataset)")
     return mode, {"mode": mode, "setting": setting, "brightness_information": round(information, 4)}
+
+
+def training_input(files: list[Path], labels: np.ndarray, setting: str) -> tuple[tuple[float, float], str, dict[str, Any]]:
+    """One read of the training split: the pixel statistics stored in the model, and the custom CNN's input
+    normalisation decided from `setting` (with its record), for the train stage and the tuning trials alike."""
+    per_image = image_statistics(files)
+    mode, record = input_normalization(setting, per_image, labels)
+    return pooled_statistics(per_image), mode, record
 
 
 def with_input_normalization(model_params: ModelParams, mode: str) -> ModelParams:
@@ -304,11 +317,10 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
             log.warning("train.mixed_precision is on but there is no GPU: training in float32")
     try:
         strategy = make_strategy(train.strategy)
-        per_image = image_statistics(data["train"].files)
-        stats = pixel_statistics(data["train"].files, per_image)
-        normalization_record = None
-        if name == builder.CUSTOM:
-            normalization, normalization_record = input_normalization(model_params.custom_cnn.input_normalization, per_image, data["train"].labels)
+        custom = name == builder.CUSTOM  # only the custom CNN's normalisation is decided (a backbone brings its own)
+        stats, normalization, decided = training_input(data["train"].files, data["train"].labels,
+                                                       model_params.custom_cnn.input_normalization if custom else "dataset")
+        if custom:
             model_params = with_input_normalization(model_params, normalization)
         with strategy.scope():
             built = builder.build_model(name, data.image_shape, len(data.class_names), model_params, stats)
@@ -363,7 +375,7 @@ def train_one(name: str, data: Datasets, base: BaseParams, model_params: ModelPa
             "median_epoch_seconds": round(statistics.median(seconds), 3) if seconds else None,
             "train_seconds_this_attempt": round(time.perf_counter() - started, 1),
             "parameters": builder.parameter_counts(built.model), "pixel_statistics": stats,
-            "input_normalization": normalization_record,
+            "input_normalization": decided if custom else None,
             "strategy": "MirroredStrategy" if isinstance(strategy, tf.distribute.MirroredStrategy) else "default (one device)", "replicas": strategy.num_replicas_in_sync,
             "class_weights": weights, "mixed_precision": keras.mixed_precision.global_policy().name,
         }

@@ -32,11 +32,9 @@ from metal_defect.components.c05_callbacks import (
 from metal_defect.components.c06_training import (
     compile_model,
     fit_callbacks,
-    image_statistics,
-    input_normalization,
     make_strategy,
-    pixel_statistics,
     training_class_weights,
+    training_input,
     with_input_normalization,
 )
 from metal_defect.components.c07_hyper_tuning.space import (
@@ -123,11 +121,10 @@ def trial_setup(prepared: Path, recipe: Recipe) -> TrialSetup:
     records = read_records(prepared)
     channels = 1 if records["color_mode"] == "grayscale" else 3
     rows = [r for r in records["records"] if r["split"] == "train"]
-    files = [Path(prepared) / r["file"] for r in rows]
-    per_image = image_statistics(files)
-    normalization, _ = input_normalization(recipe.model.custom_cnn.input_normalization, per_image, np.array([r["label_index"] for r in rows]))
+    stats, normalization, _ = training_input([Path(prepared) / r["file"] for r in rows], np.array([r["label_index"] for r in rows]),
+                                             recipe.model.custom_cnn.input_normalization)
     return TrialSetup((records["image_size"], records["image_size"], channels), len(records["classes"]), len(rows),
-                      pixel_statistics(files, per_image), recipe_class_weights(records, recipe), normalization)
+                      stats, recipe_class_weights(records, recipe), normalization)
 
 
 def recipe_class_weights(records: Mapping[str, Any], recipe: Recipe) -> dict[int, float] | None:
