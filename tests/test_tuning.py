@@ -18,6 +18,7 @@ from conftest import REPO, TINY_SCHEMA, _deep_merge, tiny_training_params, write
 from metal_defect import metrics, synthetic
 from metal_defect import served as served_model
 from metal_defect.artifacts import ArtifactStore, read_json
+from metal_defect.components import c06_training
 from metal_defect.components.c07_hyper_tuning import distributed, finalist, report, space, trials
 from metal_defect.config import Recipe, load_config
 from metal_defect.errors import ConfigError
@@ -31,7 +32,7 @@ def tiny_tuning_params(**tuning) -> dict:
     """A search that takes seconds on the synthetic set: few trials, few epochs, a small space."""
     space = {key: None for key in ("learning_rate", "batch_size", "blocks", "width", "convs_per_block", "pooling", "dropout", "dense_units",
                                    "input_scale", "rotation_degrees", "brightness", "contrast", "noise_std", "resample_blur", "fine_tune_layers",
-                                   "label_smoothing", "weight_decay", "class_weight_power")}
+                                   "label_smoothing", "weight_decay", "class_weight_power", "input_normalization")}
     space |= {"learning_rate": {"min": 0.001, "max": 0.01, "log": True}, "width": [0.5, 1.0]}
     settings = {"enabled": True, "tuner": "random", "max_trials": 3, "epochs_per_trial": 3, "max_minutes": 10, "space": space,
                 "objective": "val_loss"}
@@ -74,6 +75,35 @@ def test_space_is_read_from_params_and_lands_in_the_recipe(tmp_path):
     transfer_hp = kt.HyperParameters()
     space.declare_space(transfer_hp, config.tuning, "MobileNetV2")
     assert "fine_tune_layers" in {p.name for p in transfer_hp.space} and "blocks" not in {p.name for p in transfer_hp.space}
+
+
+def test_a_searched_input_normalization_is_what_the_trial_and_the_finalist_train_with(tmp_path):
+    import keras_tuner as kt
+
+    from metal_defect.serving.keras_objects import PixelPreprocess
+
+    folder = write_config(tmp_path / "cfg", _deep_merge(tiny_tuning_params(), {"tuning": {"space": {"input_normalization": ["per_image", "dataset"]}}}))
+    config = load_config(folder)
+    hp = kt.HyperParameters()
+    space.declare_space(hp, config.tuning, "custom_cnn")
+    assert {p.name: p.values for p in hp.space if p.name == "input_normalization"} == {"input_normalization": ["per_image", "dataset"]}
+    transfer_hp = kt.HyperParameters()
+    space.declare_space(transfer_hp, config.tuning, "MobileNetV2")
+    assert "input_normalization" not in {p.name for p in transfer_hp.space}  # a pretrained backbone has its own preprocessing
+
+    recipe = Recipe(config.base, config.data_loader, config.model, config.callbacks, config.train)
+    assert recipe.model.custom_cnn.input_normalization == "auto"
+    setup = trials.TrialSetup((32, 32, 1), 3, 40, (0.41, 0.12), None, "dataset")  # what `auto` decided on the training split
+
+    def modes(values: dict) -> list[str]:
+        model = trials.build_trial_model("custom_cnn", space.apply_hyperparameters(recipe, values), setup, epochs=1)
+        return [layer.mode for layer in model.layers if isinstance(layer, PixelPreprocess)]
+
+    assert modes({"input_normalization": "per_image"}) == ["per_image"]  # the searched value wins over the setup's decision
+    assert modes({"width": 0.5}) == ["dataset"]  # not searched: the decision of `auto`
+    # the finalist is trained by the train stage from this recipe: c06 keeps a mode that is not `auto`
+    finalist = space.apply_hyperparameters(recipe, {"input_normalization": "per_image"})
+    assert c06_training.input_normalization(finalist.model.custom_cnn.input_normalization, np.zeros((4, 3)), np.array([0, 0, 1, 1]))[0] == "per_image"
 
 
 def test_the_trial_setup_reaches_the_trial_process_unchanged():

@@ -289,6 +289,7 @@ class SearchSpaceParams:
     label_smoothing: Choices = None     # train.*: the loss and optimizer regularisers
     weight_decay: Choices = None
     class_weight_power: Choices = None  # train.class_weight_power (0: unweighted, 1: fully balanced), when class weights are on
+    input_normalization: list[Literal["dataset", "per_image", "scale"]] | None = None  # model.custom_cnn.input_normalization
 
     def check(self, key: str) -> list[str]:
         problems = []

@@ -13,7 +13,7 @@ from metal_defect.config import RangeParam, Recipe, TuningParams, fingerprint_of
 from metal_defect.errors import ArtifactError
 
 INT_KEYS = ("batch_size", "blocks", "convs_per_block", "dense_units", "fine_tune_layers")
-CNN_ONLY = ("blocks", "width", "convs_per_block", "pooling", "input_scale")
+CNN_ONLY = ("blocks", "width", "convs_per_block", "pooling", "input_scale", "input_normalization")
 TRANSFER_ONLY = ("fine_tune_layers",)
 AUGMENTATION_KEYS = ("rotation_degrees", "brightness", "contrast", "noise_std", "resample_blur")
 TRAIN_KEYS = ("learning_rate", "label_smoothing", "weight_decay", "class_weight_power")
@@ -33,7 +33,7 @@ def declare_space(hp: Any, tuning: TuningParams, model_name: str) -> None:
             hp.Float(name, entry.min, entry.max, sampling="log" if entry.log else "linear")
         elif name in INT_KEYS:
             hp.Choice(name, sorted({int(v) for v in entry}))
-        elif name == "pooling":
+        elif name in ("pooling", "input_normalization"):
             hp.Choice(name, list(dict.fromkeys(entry)))
         else:
             hp.Choice(name, sorted({float(v) for v in entry}))
@@ -57,8 +57,8 @@ def apply_hyperparameters(recipe: Recipe, values: Mapping[str, Any]) -> Recipe:
     values = {k: v for k, v in values.items() if not k.startswith("tuner/")}
     cnn = recipe.model.custom_cnn
     filters = scaled_filters(cnn.filters, values.get("blocks"), values.get("width"))
-    cnn = dataclasses.replace(cnn, filters=filters, **{k: values[k] for k in ("convs_per_block", "pooling", "dropout", "dense_units", "input_scale")
-                                                        if k in values})
+    cnn_keys = ("convs_per_block", "pooling", "dropout", "dense_units", "input_scale", "input_normalization")
+    cnn = dataclasses.replace(cnn, filters=filters, **{k: values[k] for k in cnn_keys if k in values})
     transfer = dataclasses.replace(recipe.model.transfer, **{k: values[k] for k in ("dropout", "dense_units", "fine_tune_layers") if k in values})
     augmentation = dataclasses.replace(recipe.data_loader.augmentation, **{k: float(values[k]) for k in AUGMENTATION_KEYS if k in values})
     loader = dataclasses.replace(recipe.data_loader, batch_size=int(values.get("batch_size", recipe.data_loader.batch_size)), augmentation=augmentation)

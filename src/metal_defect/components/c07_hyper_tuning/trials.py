@@ -135,7 +135,9 @@ def recipe_class_weights(records: Mapping[str, Any], recipe: Recipe) -> dict[int
 
 def build_trial_model(model_name: str, recipe: Recipe, setup: TrialSetup, epochs: int) -> Any:
     """The trial's model, built and compiled like the train stage's (c04 builder, same loss, optimizer and schedule)."""
-    model_params = with_input_normalization(recipe.model, setup.input_normalization)
+    # a searched input normalisation wins; otherwise the one the setup decided from the recipe's (`auto` resolved)
+    searched = recipe.model.custom_cnn.input_normalization
+    model_params = with_input_normalization(recipe.model, setup.input_normalization if searched == "auto" else searched)
     built = builder.build_model(model_name, setup.image_shape, setup.n_classes, model_params, setup.pixel_stats)
     if built.schedule == "two_phase":  # a pretrained backbone: one phase with its top layers trained
         builder.unfreeze_top(built, recipe.model.transfer.fine_tune_layers)
