@@ -407,3 +407,17 @@ def test_the_default_recipe_learns_a_defect_of_a_few_pixels_in_a_large_image(tmp
     # clear by the gate's paired interval (plain LBP 0.775: lead +0.114, -0.299 to +0.562), so the flag is not asserted)
     assert gate["train_accuracy"] >= 0.95 and gate["model"]["macro_f1"] >= 0.85
     assert gate["model"]["macro_f1"] >= gate["classical"]["macro_f1"] + 0.1
+
+
+def test_a_benchmark_names_the_cpu_it_ran_on():
+    # two machines of the same kind here (2 cores each) trained several times apart: an Intel part with AVX-512
+    # BF16/VNNI and an AMD EPYC part with AVX2 only; a timing is read against the CPU that made it
+    from metal_defect import bench
+
+    amd = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n"
+    assert bench.cpu_description(amd) == {"cpu_model": "AMD EPYC", "cpu_vector_extensions": ["avx2", "fma"]}
+    intel = "model name\t: Intel(R) Xeon(R) Platinum\nflags\t\t: avx2 fma avx512f avx512_vnni avx512_bf16 amx_tile\n"
+    assert bench.cpu_description(intel)["cpu_vector_extensions"] == ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]
+    assert bench.cpu_description("") == {"cpu_model": None, "cpu_vector_extensions": []}
+    here = bench.machine()
+    assert here["cpu_count"] >= 1 and "cpu_model" in here and isinstance(here["cpu_vector_extensions"], list)
