@@ -412,12 +412,12 @@ def test_the_default_recipe_learns_a_defect_of_a_few_pixels_in_a_large_image(tmp
 def test_a_benchmark_names_the_cpu_it_ran_on():
     # two machines of the same kind here (2 cores each) trained several times apart: an Intel part with AVX-512
     # BF16/VNNI and an AMD EPYC part with AVX2 only; a timing is read against the CPU that made it
-    from metal_defect import bench
+    from metal_defect import artifacts, bench
 
     amd = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n"
-    assert bench.cpu_description(amd) == {"cpu_model": "AMD EPYC", "cpu_vector_extensions": ["avx2", "fma"]}
+    assert artifacts.cpu_description(amd) == {"cpu_model": "AMD EPYC", "cpu_vector_extensions": ["avx2", "fma"]}
     intel = "model name\t: Intel(R) Xeon(R) Platinum\nflags\t\t: avx2 fma avx512f avx512_vnni avx512_bf16 amx_tile\n"
-    assert bench.cpu_description(intel)["cpu_vector_extensions"] == ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]
-    assert bench.cpu_description("") == {"cpu_model": None, "cpu_vector_extensions": []}
-    here = bench.machine()
-    assert here["cpu_count"] >= 1 and "cpu_model" in here and isinstance(here["cpu_vector_extensions"], list)
+    assert artifacts.cpu_description(intel)["cpu_vector_extensions"] == ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]
+    assert artifacts.cpu_description("") == {"cpu_model": None, "cpu_vector_extensions": []}
+    for here in (bench.machine(), artifacts.host_info()):  # a benchmark's JSON and a run's manifest
+        assert here["cpu_count"] >= 1 and "cpu_model" in here and isinstance(here["cpu_vector_extensions"], list)

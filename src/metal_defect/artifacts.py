@@ -272,7 +272,30 @@ def library_versions() -> dict[str, str | None]:
 
 
 def host_info() -> dict[str, Any]:
-    return {"hostname": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(), "pid": os.getpid()}
+    return {"hostname": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(), **cpu_info(), "pid": os.getpid()}
+
+
+# The extensions TensorFlow's CPU kernels run fastest with: machines of one kind here differ by them (an Intel
+# part with AVX-512 BF16/VNNI, an AMD EPYC part with AVX2 only), and training ran several times slower on the second
+VECTOR_EXTENSIONS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_description(cpuinfo: str) -> dict[str, Any]:
+    """The CPU model and its vector extensions from the text of /proc/cpuinfo, for reading a run's timings."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name") or None, "cpu_vector_extensions": [f for f in VECTOR_EXTENSIONS if f in flags]}
+
+
+def cpu_info() -> dict[str, Any]:
+    """This machine's CPU model and vector extensions (none known off Linux)."""
+    try:
+        return cpu_description(Path("/proc/cpuinfo").read_text(errors="replace")[:1_000_000])
+    except OSError:
+        return cpu_description("")
 
 
 class ArtifactStore:

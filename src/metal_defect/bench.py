@@ -70,27 +70,8 @@ def run(config: Config, args: Any) -> str:
 def machine() -> dict[str, Any]:
     import tensorflow as tf
 
-    try:
-        cpu = cpu_description(Path("/proc/cpuinfo").read_text(errors="replace")[:1_000_000])
-    except OSError:  # not Linux
-        cpu = {"cpu_model": None, "cpu_vector_extensions": []}
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(), **cpu,
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(), **art.cpu_info(),
             "gpus": [d.name for d in tf.config.list_logical_devices("GPU")], "tensorflow": tf.__version__, "python": platform.python_version()}
-
-
-# The extensions TensorFlow's CPU kernels run fastest with: machines of one kind here differ by them (an Intel
-# part with AVX-512 BF16/VNNI, an AMD EPYC part with AVX2 only), and training ran several times slower on the second
-VECTOR_EXTENSIONS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def cpu_description(cpuinfo: str) -> dict[str, Any]:
-    """The CPU model and its vector extensions from the text of /proc/cpuinfo, for reading a benchmark's timings."""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    return {"cpu_model": fields.get("model name") or None, "cpu_vector_extensions": [f for f in VECTOR_EXTENSIONS if f in flags]}
 
 
 # ----------------------------------------------------------------------------- data
