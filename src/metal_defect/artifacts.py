@@ -291,11 +291,12 @@ def cpu_description(cpuinfo: str) -> dict[str, Any]:
 
 
 def cpu_info() -> dict[str, Any]:
-    """This machine's CPU model and vector extensions (none known off Linux)."""
+    """This machine's CPU model and vector extensions (none known off Linux), and whether TensorFlow's oneDNN kernels were asked for."""
     try:
-        return cpu_description(Path("/proc/cpuinfo").read_text(errors="replace")[:1_000_000])
+        text = Path("/proc/cpuinfo").read_text(errors="replace")[:1_000_000]
     except OSError:
-        return cpu_description("")
+        text = ""
+    return {**cpu_description(text), "tensorflow_onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "tensorflow's default")}
 
 
 class ArtifactStore:
