@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from metal_defect.errors import ArtifactError, ConfigError
+from metal_defect.runtime import ONEDNN
 
 STAGE_RECORD = "_stage.json"
 RUN_MANIFEST = "manifest.json"
@@ -296,7 +297,7 @@ def cpu_info() -> dict[str, Any]:
         text = Path("/proc/cpuinfo").read_text(errors="replace")[:1_000_000]
     except OSError:
         text = ""
-    return {**cpu_description(text), "tensorflow_onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "tensorflow's default")}
+    return {**cpu_description(text), "tensorflow_onednn": os.environ.get(ONEDNN, "tensorflow's default")}
 
 
 class ArtifactStore:
