@@ -20,6 +20,7 @@ from test_tuning import TRIAL_COLUMNS, make_config, read_trials, tiny_tuning_par
 from metal_defect.artifacts import ArtifactStore, read_json
 from metal_defect.components.c07_hyper_tuning import distributed, trials
 from metal_defect.config import load_config
+from metal_defect.errors import ArtifactError
 from metal_defect.pipeline import Runner
 from metal_defect.stages import s6_select
 
@@ -49,14 +50,16 @@ def test_a_killed_search_resumes_without_redoing_finished_trials(tmp_path):
     root = folder / "artifacts" / "tuning"
 
     def finished() -> dict[str, str]:
-        """Trials the oracle recorded as completed (Keras Tuner's trial.json), with the start our record noted."""
+        """Trials the oracle recorded as ended, with the start our record noted. Keras Tuner writes a trial's
+        trial.json before oracle.json's end_order: a kill between the two leaves the trial ongoing, retried on resume."""
         done = {}
-        for path in root.glob("*/trial_*/trial.json"):
-            record = path.parent / trials.TRIAL_RECORD
+        for oracle_file in root.glob("*/oracle.json"):
             try:
-                if json.loads(path.read_text())["status"] == "COMPLETED" and record.is_file():
-                    done[path.parent.name] = read_json(record)["started"]
-            except (ValueError, KeyError):  # being written
+                for trial_id in json.loads(oracle_file.read_text())["end_order"]:
+                    trial_dir = oracle_file.parent / f"trial_{trial_id}"
+                    if json.loads((trial_dir / "trial.json").read_text())["status"] == "COMPLETED":
+                        done[trial_dir.name] = read_json(trial_dir / trials.TRIAL_RECORD)["started"]
+            except (OSError, ValueError, KeyError, ArtifactError):  # being written
                 continue
         return done
 
