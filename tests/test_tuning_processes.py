@@ -55,11 +55,11 @@ def test_a_killed_search_resumes_without_redoing_finished_trials(tmp_path):
         done = {}
         for oracle_file in root.glob("*/oracle.json"):
             try:
-                for trial_id in json.loads(oracle_file.read_text())["end_order"]:
+                for trial_id in read_json(oracle_file)["end_order"]:
                     trial_dir = oracle_file.parent / f"trial_{trial_id}"
-                    if json.loads((trial_dir / "trial.json").read_text())["status"] == "COMPLETED":
+                    if read_json(trial_dir / "trial.json")["status"] == "COMPLETED":
                         done[trial_dir.name] = read_json(trial_dir / trials.TRIAL_RECORD)["started"]
-            except (OSError, ValueError, KeyError, ArtifactError):  # being written
+            except (ArtifactError, KeyError):  # being written
                 continue
         return done
 
