@@ -21,6 +21,7 @@ from metal_defect.cli import main
 from metal_defect.components import c06_training
 from metal_defect.components.c02_data_preprocessing import to_model_input
 from metal_defect.config import load_config
+from metal_defect.errors import DataError
 from metal_defect.pipeline import Runner
 
 
@@ -188,6 +189,17 @@ def test_the_proxy_data_set_is_deterministic_and_has_the_traits_it_stands_for(tm
         else:
             assert proxy.BOX_SHARE_RANGE[0] <= share <= proxy.BOX_SHARE_RANGE[1]
     assert json.loads(proxy.manifest_path(tmp_path / "a").read_text())["counts"] == counts
+
+
+def test_proxy_no_defect_crops_come_only_from_surfaces_whose_defects_are_objects(tmp_path):
+    """A crop outside the boxes of a texture class (NEU's crazing) still shows that texture: it is no "no defect"."""
+    images, annotations = _neu_like(tmp_path / "neu", ("crazing", "inclusion", "scratches"), per_class=12)
+    summary = proxy.make_proxy(images, annotations, tmp_path / "p", seed=0, counts={proxy.NO_DEFECT: 12, "crazing": 4})
+    sources = {Path(s["source"]).stem.rsplit("_", 1)[0] for s in summary["sources"] if s["file"].startswith(proxy.NO_DEFECT)}
+    assert summary["counts"][proxy.NO_DEFECT] == 12 and sources <= set(proxy.NO_DEFECT_SOURCES), sources
+    texture_only, annotations = _neu_like(tmp_path / "textures", ("crazing",), per_class=4)
+    with pytest.raises(DataError, match="no_defect"):
+        proxy.make_proxy(texture_only, annotations, tmp_path / "q", seed=0, counts={proxy.NO_DEFECT: 2, "crazing": 2})
 
 
 def test_proxy_data_command_writes_the_set_or_says_what_is_missing(tmp_path, capsys):
