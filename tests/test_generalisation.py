@@ -351,8 +351,12 @@ def test_bench_datasets_runs_each_seed_apart_and_reports_mean_and_spread(tmp_pat
             (out / "eval" / "test" / "pointing.json").write_text(json.dumps({"overall": {"n": 8, "strict": 0.75, "chance": 0.05}}))
             return {"run_id": f"run-{seed}", "metrics": {"test_n": 10, "test_accuracy": f1 + 0.05, "test_macro_f1": f1},
                     "stages": {"data_preprocessing": {"summary": {"images_prepared": 100}, "duration_s": 1.0},
-                               "evaluation": {"output": str(out / "eval"), "summary": {"metrics": {"test_macro_f1": f1}}, "duration_s": 1.0},
-                               "tune": {"summary": {}, "duration_s": 0.0}}}
+                               "evaluation": {"output": str(out / "eval"), "summary": {"metrics": {"test_macro_f1": f1, "valid_macro_f1": f1 - 0.1}},
+                                              "duration_s": 1.0},
+                               "tune": {"summary": tune_summary[seed], "duration_s": 0.0}}}
+
+    # seed 42 was not searched; seed 43's search trained a finalist that was evaluated on both splits and not served
+    tune_summary = {42: {}, 43: {"trials_completed": 3, "metrics": {"tuned_valid_macro_f1": 0.65, "tuned_test_macro_f1": 0.68}}}
 
     monkeypatch.setattr(pipeline, "Runner", FakeRunner)
     config = load_config(REPO, [f"paths.artifacts={tmp_path}"])
@@ -365,6 +369,7 @@ def test_bench_datasets_runs_each_seed_apart_and_reports_mean_and_spread(tmp_pat
     assert summary["mean_test_macro_f1"] == pytest.approx(0.65) and summary["sd_test_macro_f1"] == pytest.approx(0.0707, abs=1e-4)
     assert summary["weak_model_runs"] == 1
     assert "| **neu** | mean of 2 |" in result["table"] and "0.650 ± 0.071" in result["table"]
+    assert "| base (0.500 / -; 0.600 / -; 0) |" in result["table"] and "| base (0.600 / 0.650; 0.700 / 0.680; 3) |" in result["table"]
     assert "0.500 (0.400–0.600) | 0.450 |" in result["table"] and "| 0.970 | 0.750 (0.050, n=8) |" in result["table"]  # the issue's columns
     tiles = bench.dataset_overrides(config, "magnetic-tile")
     assert "evaluation.annotations=null" in tiles and any(o.startswith("evaluation.masks=") and o.endswith("magnetic-tile/masks") for o in tiles)
