@@ -14,12 +14,19 @@ from metal_defect.pipeline import Runner
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+# Brief, yet past the first epochs' unsettled calibration. Measured 2026-12-07 (AMD, 2 cores) on the five-block default: at 4
+# epochs (117 s, test 96.4 %) 15 of 187 confident test answers, all crazing, turned `uncertain` (confidence 0.48-0.73) as
+# 256 px JPEG copies; at 6 epochs (118 s, 98.0 %) and 8 none did, nor in any fully trained bundle (0 of 232-244 per seed).
+# The four-block network took 211 s for its 4 epochs.
+BRIEF_EPOCHS = 6
+
+
 @pytest.fixture(scope="module")
 def neu_run(tmp_path_factory, neu_images):
-    """The default recipe on the real NEU images, 4 epochs: (config folder, manifest)."""
+    """The default recipe on the real NEU images, a few epochs: (config folder, manifest)."""
     folder = write_config(tmp_path_factory.mktemp("neu") / "cfg", params={
         "data_ingestion": {"source": str(neu_images)},
-        "train": {"epochs": 4, "min_steps": 0, "verbose": 2},
+        "train": {"epochs": BRIEF_EPOCHS, "min_steps": 0, "verbose": 2},
         "callbacks": {"tensorboard": False},
         "evaluation": {"bootstrap_samples": 200},
         "tuning": {"enabled": False},  # the search has its own tests on synthetic data
@@ -32,7 +39,7 @@ def test_custom_cnn_learns_neu_in_a_few_epochs(neu_run):
     metrics = manifest["metrics"]
     # chance is 1/6 = 0.17; a few epochs on 2 cores already give well above 0.6
     assert metrics["valid_accuracy"] > 0.6 and metrics["test_accuracy"] > 0.6, metrics
-    assert manifest["stages"]["train"]["summary"]["models"]["custom_cnn"]["epochs_run"] == 4
+    assert manifest["stages"]["train"]["summary"]["models"]["custom_cnn"]["epochs_run"] == BRIEF_EPOCHS
 
 
 def test_served_neu_model_answers_re_encoded_images_alike_and_litert_matches(tmp_path, neu_run):
