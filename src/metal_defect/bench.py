@@ -261,7 +261,8 @@ def _dataset_row(manifest: dict[str, Any], seconds: float) -> dict[str, Any]:
     from metal_defect.components.c06_evaluation.heatmaps import POINTING_FILE
 
     m = manifest["metrics"]
-    base, tuned = manifest["stages"]["evaluation"]["summary"]["metrics"], manifest["stages"]["tune"]["summary"].get("metrics", {})
+    tune_summary = manifest["stages"]["tune"]["summary"]
+    base, tuned = manifest["stages"]["evaluation"]["summary"]["metrics"], tune_summary.get("metrics", {})
     evaluation = Path(manifest["stages"]["evaluation"]["output"])
     gate = json.loads((evaluation / GATE_FILE).read_text())
     pointing_file = evaluation / "test" / POINTING_FILE
@@ -277,7 +278,7 @@ def _dataset_row(manifest: dict[str, Any], seconds: float) -> dict[str, Any]:
             "train_accuracy": gate.get("train_accuracy"), "train_accuracy_last_epoch": gate["train_accuracy_last_epoch"],
             "served": m.get("served", "base"), "base_valid_macro_f1": base.get("valid_macro_f1"), "base_test_macro_f1": base.get("test_macro_f1"),
             "tuned_valid_macro_f1": tuned.get("tuned_valid_macro_f1"), "tuned_test_macro_f1": tuned.get("tuned_test_macro_f1"),
-            "trials_completed": manifest["stages"]["tune"]["summary"].get("trials_completed", 0),
+            "trials_completed": tune_summary.get("trials_completed", 0),
             "pipeline_seconds": round(seconds, 1), "stage_seconds": {k: v["duration_s"] for k, v in manifest["stages"].items()}}
 
 
@@ -292,6 +293,10 @@ def summarise_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+# scores a row may lack (no search ran, an older gate): shown as "-"
+_OPTIONAL_SCORES = ("base_valid_macro_f1", "tuned_valid_macro_f1", "base_test_macro_f1", "tuned_test_macro_f1", "train_accuracy", "plain_lbp_macro_f1")
+
+
 def datasets_table(results: dict[str, Any]) -> str:
     """Markdown: one row per data set and seed, and a mean row for a data set run with several seeds."""
     rows = ["| data set | seed | images | test n | served model: accuracy, macro F1 | served (macro F1 base / tuned: validation; test; trials) | "
@@ -299,15 +304,13 @@ def datasets_table(results: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for which, result in results.items():
         for seed, r in result["seeds"].items():
-            f1 = {key: "-" if r.get(key) is None else f"{r[key]:.3f}" for key in ("base_valid_macro_f1", "tuned_valid_macro_f1",
-                                                                                 "base_test_macro_f1", "tuned_test_macro_f1")}
+            shown = {key: "-" if r.get(key) is None else f"{r[key]:.3f}" for key in _OPTIONAL_SCORES}
             low, high = r.get("classical_macro_f1_ci95") or (float("nan"), float("nan"))
-            fit = f"{r['train_accuracy']:.3f}" if r.get("train_accuracy") is not None else "-"
-            plain = f"{r['plain_lbp_macro_f1']:.3f}" if r.get("plain_lbp_macro_f1") is not None else "-"
+            fit, plain = shown["train_accuracy"], shown["plain_lbp_macro_f1"]
             pointing = f"{r['pointing_strict']:.3f} ({r['pointing_chance']:.3f}, n={r['pointing_n']})" if r.get("pointing_strict") is not None else "-"
             rows.append(f"| {which} | {seed} | {r['images']} | {r['test_n']} | {r['test_accuracy']:.1%}, {r['test_macro_f1']:.3f} | "
-                        f"{r['served']} ({f1['base_valid_macro_f1']} / {f1['tuned_valid_macro_f1']}; {f1['base_test_macro_f1']} / "
-                        f"{f1['tuned_test_macro_f1']}; {r['trials_completed']}) | "
+                        f"{r['served']} ({shown['base_valid_macro_f1']} / {shown['tuned_valid_macro_f1']}; {shown['base_test_macro_f1']} / "
+                        f"{shown['tuned_test_macro_f1']}; {r['trials_completed']}) | "
                         f"{r['classical_accuracy']:.1%}, {r['classical_macro_f1']:.3f} ({low:.3f}–{high:.3f}) | {plain} | "
                         f"{r['majority_accuracy']:.1%}, {r['majority_macro_f1']:.3f} | {fit} | {pointing} | "
                         f"{'yes' if r['weak_model'] else 'no'} | {r['pipeline_seconds'] / 60:.1f} min |")
