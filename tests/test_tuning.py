@@ -203,6 +203,39 @@ def test_the_bayesian_search_proposes_from_its_model_within_max_trials(tmp_path)
     assert len(drawn_at_random) == trials.bayesian_initial_points(tuning) == tuning.max_trials // 2
 
 
+def test_the_recipe_itself_is_the_first_trial_when_it_is_a_point_of_the_space(tmp_path):
+    # Keras Tuner starts from random points, not from the hyperparameters' defaults: on magnetic tiles (2026-12-07)
+    # none of the first five trials came near the recipe (val macro F1 0.15-0.44 after 8 epochs), so nothing
+    # ranked a candidate against what the base model trains with.
+    import keras_tuner as kt
+
+    config = load_config(REPO)
+    recipe = Recipe.of(config)
+    point = space.recipe_point(recipe, config.tuning, "custom_cnn", "per_image")
+    cnn = recipe.model.custom_cnn
+    assert point is not None and point["blocks"] == len(cnn.filters) and point["width"] == 1.0
+    assert (point["learning_rate"], point["dropout"], point["input_normalization"]) == (recipe.train.learning_rate, cnn.dropout, "per_image")
+    assert space.apply_hyperparameters(recipe, point).model.custom_cnn.filters == cnn.filters
+    # outside the space, or only a rounded neighbour of it: no trial is the recipe
+    fifty_times = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, learning_rate=0.05))
+    assert space.recipe_point(fifty_times, config.tuning, "custom_cnn", "per_image") is None
+    odd = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, custom_cnn=dataclasses.replace(cnn, filters=[12, 24, 48])))
+    assert space.recipe_point(odd, config.tuning, "custom_cnn", "per_image") is None
+    transfer = space.recipe_point(recipe, config.tuning, "MobileNetV2", "per_image")
+    assert transfer is not None and transfer["dropout"] == recipe.model.transfer.dropout and "blocks" not in transfer
+
+    for tuner in ("bayesian", "random", "hyperband"):
+        tuning = dataclasses.replace(config.tuning, tuner=tuner)
+        oracle = trials.make_oracle(tuning, None, point)
+        oracle.hyperparameters = kt.HyperParameters()
+        space.declare_space(oracle.hyperparameters, tuning, "custom_cnn")
+        oracle._set_project_dir(str(tmp_path), f"search-{tuner}")
+        first, second = oracle.create_trial("tuner0"), oracle.create_trial("tuner1")
+        shown = space.shown_values(first.hyperparameters.values)
+        assert (shown == point) == (tuner != "hyperband"), (tuner, shown)  # Hyperband keeps its own brackets
+        assert space.shown_values(second.hyperparameters.values) != point
+
+
 def test_a_changed_oracle_start_opens_a_new_search_project(tmp_path, monkeypatch):
     # Keras Tuner restores num_initial_points from a resumed project's oracle.json: with the project key blind to
     # it, a search begun under the old 27-random-draw start resumed with it after the code had halved it.
@@ -250,6 +283,35 @@ def test_the_budget_holds_the_finalists_full_training_and_the_search_gets_the_re
     assert not tight.search_fits  # 11 min: the finalist's ~10.3 min leave no room for one ~2.8 min trial
 
 
+def test_a_slow_best_trial_brings_the_search_deadline_forward_so_its_full_training_fits(tmp_path, caplog):
+    # magnetic tiles, 2026-12-07: the best trial was 1.5 times as wide as the base model; its finalist got the base
+    # model's 7.7 minutes and the budget stopped it after 26 of its 50 epochs, before its learning rate decayed
+    import keras_tuner as kt
+
+    tuning = dataclasses.replace(load_config(REPO).tuning, tuner="random", max_minutes=40)
+    plan = finalist.plan_budget(tuning, {"median_epoch_seconds": 9.0, "epochs_run": 50}, started=time.time())
+    assert plan.finalist_epochs == 50
+    assert plan.trial_deadline(None) == plan.trial_deadline(8.0) == plan.search_deadline  # not slower than the base model
+    assert plan.trial_deadline(17.5) == plan.end - (17.5 * 50 + finalist.TRIAL_START_S) < plan.search_deadline
+    oracle = trials.make_oracle(tuning, None, None, plan)
+    oracle.hyperparameters = kt.HyperParameters()
+    oracle.hyperparameters.Choice("h", [0, 1, 2, 3])
+    oracle._set_project_dir(str(tmp_path), "search")
+
+    def finish(trial, score: float, epoch_s: float) -> None:
+        oracle.update_trial(trial.trial_id, {tuning.objective: score, "epoch_seconds": epoch_s})
+        trial.status = "COMPLETED"
+        oracle.end_trial(trial)
+
+    finish(oracle.create_trial("tuner0"), 0.5, 9.0)  # the best so far trains as fast as the base model: room left
+    second = oracle.create_trial("tuner0")
+    assert second.status == "RUNNING"
+    finish(second, 0.9, 50.0)  # now the best needs 50 x 50 s + start > 40 min: no trial may start any more
+    with caplog.at_level(logging.INFO):
+        assert oracle.create_trial("tuner0").status == "STOPPED"
+    assert "brought forward: the best configuration so far trains an epoch in 50.0 s" in caplog.text
+
+
 @pytest.mark.slow
 def test_a_worse_finalist_is_not_served_and_only_the_served_model_gets_the_banner(tmp_path, caplog):
     # trials at a learning rate of 1e-6 cannot learn: the finalist is flagged weak, the base model is not
@@ -266,12 +328,35 @@ def test_a_worse_finalist_is_not_served_and_only_the_served_model_gets_the_banne
     assert caplog.text.count("WEAK MODEL") == int(manifest["metrics"]["weak_model"])
 
 
+@pytest.mark.slow
+def test_when_the_recipe_ranks_first_no_finalist_is_trained_and_the_base_model_is_served(tmp_path, caplog):
+    # the only other point of the space cannot learn (1e-6): the recipe's own trial ranks first, and retraining it
+    # would reproduce the base model with the finalist's share of the budget
+    params = _deep_merge(tiny_tuning_params(max_trials=2, epochs_per_trial=2, space={"width": None, "learning_rate": [0.003, 0.000001]}),
+                         {"train": {"epochs": 4}})
+    folder = make_config(tmp_path, params)
+    with caplog.at_level(logging.INFO):
+        manifest = Runner(load_config(folder)).run()
+    rows = read_trials(manifest)
+    assert len(rows) == 2 and float(rows[0]["hp_learning_rate"]) == 0.003 and [r["recipe"] for r in rows] == ["True", "False"], rows
+    tune_out = Path(manifest["stages"]["tune"]["output"])
+    search = read_json(tune_out / s5_tune.SEARCH_FILE)
+    assert search["finalist_skipped"].startswith("no configuration ranked above the recipe itself") and search["tuned_model"] is None
+    assert not (tune_out / "train_summary.json").exists() and "the first trial is the recipe itself" in caplog.text
+    summary = read_json(Path(manifest["stages"]["select"]["output"]) / s6_select.TUNING_SUMMARY)
+    assert summary["served"] == "base" and summary["reason"] == search["finalist_skipped"]
+    assert summary["best_hyperparameters"] == {"learning_rate": 0.003} and summary["trials_completed"] == 2
+    assert summary["valid"]["tuned"] is None and summary["test"]["base"] is not None
+    assert manifest["metrics"]["served"] == "base"
+
+
 # ----------------------------------------------------------------------------- a local search
 @pytest.mark.slow
 def test_search_tolerates_a_failing_trial_and_writes_csv_plot_summary_and_card(tmp_path):
     # 6 blocks of max-pooling cannot fit a 32 px image: the trial drawing blocks=6 fails to build. A space of
-    # two points: both are drawn, then the random oracle finds it exhausted and stops before max_trials.
-    params = tiny_tuning_params(max_trials=4, space={"blocks": [2, 6], "width": None, "learning_rate": None})
+    # two points: both are drawn, then the random oracle finds it exhausted and stops before max_trials. Width 0.5
+    # keeps the recipe itself (8-16 filters) out of the space, so the best trial is retrained as a finalist.
+    params = tiny_tuning_params(max_trials=4, space={"blocks": [2, 6], "width": [0.5], "learning_rate": None})
     folder = make_config(tmp_path, params)
     manifest = Runner(load_config(folder)).run()
     assert manifest["status"] == "succeeded"

@@ -65,7 +65,7 @@ def run_stage(io: Any, *, base: BaseParams, data_loader: DataLoaderParams, model
     prepared = io.inputs["data_preprocessing"]
     job = SearchJob(name, Recipe(base, data_loader, model, callbacks, train), tuning, prepared, data_fingerprint(prepared))
     project = Path(io.tuning_dir) / job.key
-    tuner = search(job, project, plan.search_deadline)
+    tuner = search(job, project, plan.search_deadline, plan)
     return write_results(io, tuner, job, project, plan, evaluation, data_preprocessing, schema)
 
 
@@ -95,6 +95,16 @@ def write_results(io: Any, tuner: Any, job: SearchJob, project: Path, plan: Budg
     values = shown_values(best.hyperparameters.values)
     art.write_json_atomic(out / BEST_HP_FILE, {"trial_id": best.trial_id, "score": best.score, "objective": job.tuning.objective,
                                                "hyperparameters": values})
+    if values == getattr(tuner.oracle, "recipe_values", None):
+        # retrained, the recipe's own point is the base model again: the finalist's minutes would buy nothing
+        why = (f"no configuration ranked above the recipe itself (trial {best.trial_id}, {job.tuning.objective} {best.score:.5f}) in "
+               f"{len(completed)} trials: nothing to retrain; the base model competes alone")
+        log.info("tuning: %s", why)
+        summary |= {"best_hyperparameters": values, "best_trial": best.trial_id, "best_score": best.score, "finalist_skipped": why,
+                    "tuned_model_source": f"none ({why})"}
+        art.write_json_atomic(out / SEARCH_FILE, summary)
+        return {"enabled": True, "trials_completed": len(completed), "trials_failed": len(failed), "best_hyperparameters": values,
+                "finalist_skipped": why}
     log.info("tuning: %d trials completed, %d failed in %.1f min; best trial %s (%s %.5f): %s; training it with the full schedule "
              "(until %s at the latest)", len(completed), len(failed), search_seconds / 60, best.trial_id, job.tuning.objective, best.score,
              format_values(values), time.strftime("%H:%M:%S", time.localtime(plan.end)))

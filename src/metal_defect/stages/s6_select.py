@@ -77,6 +77,8 @@ def select_stage(io: Any, *, evaluation: EvaluationParams) -> dict[str, Any]:
     tuned = art.read_json(tuned_record) if tuned_record.is_file() else None
     search_info = art.read_json(tune_dir / SEARCH_FILE) if (tune_dir / SEARCH_FILE).is_file() else {"enabled": False}
     served, reason = choose_served(base, tuned, evaluation.select_metric, evaluation.bootstrap_samples)
+    if tuned is None and search_info.get("finalist_skipped"):
+        reason = search_info["finalist_skipped"]
     chosen_dir = tune_dir / EVALUATION_DIR if served == "tuned" else base_dir
     record = {key: value for key, value in (tuned if served == "tuned" else base).items() if key != "valid_answers"}
     bundle = io.out_dir / BUNDLE_DIR

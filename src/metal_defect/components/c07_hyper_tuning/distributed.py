@@ -12,6 +12,7 @@ from typing import Any
 
 from metal_defect import artifacts as art
 from metal_defect import runtime
+from metal_defect.components.c07_hyper_tuning.finalist import BudgetPlan
 from metal_defect.components.c07_hyper_tuning.space import SearchJob, space_text
 from metal_defect.components.c07_hyper_tuning.trials import TRIAL_RECORD, build_tuner
 from metal_defect.errors import ArtifactError, ConfigError, DataError
@@ -42,11 +43,12 @@ def distributed_role() -> str:
     return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
 
 
-def search(job: SearchJob, project: Path, deadline: float) -> Any:
-    """Run (or resume) the search in `project` until `deadline` (time.time()); returns the tuner (on a chief: after
-    every worker finished)."""
+def search(job: SearchJob, project: Path, deadline: float, plan: BudgetPlan | None = None) -> Any:
+    """Run (or resume) the search in `project` until `deadline` (time.time(); with the budget's `plan`, earlier when
+    the best trial so far needs longer than the base model for the full schedule); returns the tuner (on a chief:
+    after every worker finished)."""
     role = distributed_role()
-    tuner = build_tuner(job, project, deadline)
+    tuner = build_tuner(job, project, deadline, plan)
     finished = sum(t.status in ("COMPLETED", "FAILED", "INVALID") for t in tuner.oracle.trials.values())
     log.info("tuning %s (%s, %s): project %s; %d finished trial(s) kept; no trial starts after %s; %s", job.model_name, job.tuning.tuner,
              role, project, finished, time.strftime("%H:%M:%S", time.localtime(deadline)), space_text(job))

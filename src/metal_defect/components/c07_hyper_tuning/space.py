@@ -66,6 +66,43 @@ def apply_hyperparameters(recipe: Recipe, values: Mapping[str, Any]) -> Recipe:
     return dataclasses.replace(recipe, data_loader=loader, model=dataclasses.replace(recipe.model, custom_cnn=cnn, transfer=transfer), train=train)
 
 
+def recipe_point(recipe: Recipe, tuning: TuningParams, model_name: str, input_normalization: str) -> dict[str, Any] | None:
+    """The recipe itself as a point of the search space: its own value under every searched name, or None when one of
+    them lies outside the space (then no trial trains exactly the recipe). `input_normalization` is the mode the
+    recipe's `auto` resolved to on this data.
+
+    Keras Tuner starts from random points, not from the hyperparameters' defaults; a search whose first trial is the
+    recipe ranks every candidate against it at the same short budget, and knows when nothing beat it."""
+    cnn, transfer, train, augmentation = recipe.model.custom_cnn, recipe.model.transfer, recipe.train, recipe.data_loader.augmentation
+    normalization = input_normalization if cnn.input_normalization == "auto" else cnn.input_normalization
+    head = cnn if model_name == CUSTOM else transfer
+    own = {"learning_rate": train.learning_rate, "batch_size": recipe.data_loader.batch_size, "blocks": len(cnn.filters), "width": 1.0,
+           "convs_per_block": cnn.convs_per_block, "pooling": cnn.pooling, "dropout": head.dropout, "dense_units": head.dense_units,
+           "input_scale": cnn.input_scale, "input_normalization": normalization, "label_smoothing": train.label_smoothing,
+           "weight_decay": train.weight_decay, "class_weight_power": train.class_weight_power, "fine_tune_layers": transfer.fine_tune_layers,
+           **{k: getattr(augmentation, k) for k in AUGMENTATION_KEYS}}
+    point: dict[str, Any] = {}
+    for name, entry in searched_entries(tuning, model_name).items():
+        value = own.get(name)
+        if isinstance(entry, RangeParam):
+            inside = value is not None and entry.min <= value <= entry.max
+        else:  # the value as declare_space declared it (ints, floats, or strings)
+            declared = [int(v) for v in entry] if name in INT_KEYS else list(entry) if name in ("pooling", "input_normalization") else [float(v) for v in entry]
+            inside = value in declared
+            value = declared[declared.index(value)] if inside else value
+        if not inside:
+            return None
+        point[name] = value
+    resolved = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, custom_cnn=dataclasses.replace(cnn, input_normalization=normalization)))
+    applied = apply_hyperparameters(resolved, point)
+
+    def trained(r: Recipe) -> tuple[Any, ...]:  # what the trial of `model_name` trains with
+        return r.train, r.data_loader, r.model.custom_cnn if model_name == CUSTOM else r.model.transfer
+
+    # filters that are not multiples of 8 would be rounded by `width`: then the point is a neighbour, not the recipe
+    return point if trained(applied) == trained(resolved) else None
+
+
 def bayesian_initial_points(tuning: TuningParams) -> int:
     """Random trials before the Bayesian oracle's Gaussian process proposes: half of max_trials, at least 2."""
     return max(2, tuning.max_trials // 2)
@@ -89,6 +126,8 @@ class SearchJob:
         halved would have resumed with its 27 random draws."""
         tuning = {k: v for k, v in to_plain(self.tuning).items() if k not in ("enabled", "max_minutes", "model")}
         oracle = {"num_initial_points": bayesian_initial_points(self.tuning)} if self.tuning.tuner == "bayesian" else {}
+        if self.tuning.tuner != "hyperband":
+            oracle["first_trial"] = "the recipe"  # since 2026-12-07: an older project never tried it
         return fingerprint_of({"model": self.model_name, "tuning": tuning, "recipe": to_plain(self.recipe), "oracle": oracle})[:16]
 
     @property

@@ -37,12 +37,14 @@ from metal_defect.components.c06_training import (
     training_input,
     with_input_normalization,
 )
+from metal_defect.components.c07_hyper_tuning.finalist import BudgetPlan
 from metal_defect.components.c07_hyper_tuning.space import (
     SearchJob,
     apply_hyperparameters,
     bayesian_initial_points,
     declare_space,
     format_values,
+    recipe_point,
     shown_values,
 )
 from metal_defect.config import Recipe, TuningParams, to_plain
@@ -64,22 +66,44 @@ def _keras_tuner() -> Any:
 
 
 class BudgetMixin:
-    """Oracle side of the wall-clock budget: after `deadline` (time.time()) the oracle starts no trial.
+    """Oracle side of the wall-clock budget: after `deadline` (time.time()) the oracle starts no trial; with a `plan`,
+    earlier when the best trial so far is slower than the base model, so that its full training still fits. When
+    `recipe_values` is set, the search's first trial is that point (the recipe itself), then the oracle's own.
 
     In a distributed search the oracle runs on the chief, so the budget holds for every worker.
     """
 
     deadline: float | None = None
+    plan: BudgetPlan | None = None
+    recipe_values: dict[str, Any] | None = None
+
+    def best_epoch_seconds(self) -> float | None:
+        """The epoch time of the best trial so far, at its best epoch (None before one completed)."""
+        best = self.get_best_trials(1)  # type: ignore[attr-defined]
+        if not best or not best[0].metrics.exists("epoch_seconds"):
+            return None
+        history = best[0].metrics.get_history("epoch_seconds")
+        return float(history[-1].value[0]) if history else None
 
     def populate_space(self, trial_id: str) -> dict[str, Any]:
-        if self.deadline is not None and time.time() >= self.deadline:
-            log.info("tuning budget spent: no trial starts after %s", dt.datetime.fromtimestamp(self.deadline).isoformat(timespec="seconds"))
+        deadline, why = self.deadline, ""
+        if self.plan is not None:
+            epoch_s = self.best_epoch_seconds()
+            deadline = self.plan.trial_deadline(epoch_s)
+            if deadline < self.plan.search_deadline:
+                why = (f" (brought forward: the best configuration so far trains an epoch in {epoch_s:.1f} s, so its full "
+                       f"{self.plan.finalist_epochs} epochs need ~{(self.plan.end - deadline) / 60:.1f} min of the budget)")
+        if deadline is not None and time.time() >= deadline:
+            log.info("tuning budget spent: no trial starts after %s%s", dt.datetime.fromtimestamp(deadline).isoformat(timespec="seconds"), why)
             return {"status": "STOPPED", "values": None}
+        if self.recipe_values is not None and not self.trials:  # type: ignore[attr-defined]
+            return {"status": "RUNNING", "values": dict(self.recipe_values)}
         return super().populate_space(trial_id)  # type: ignore[misc]
 
 
-def make_oracle(tuning: TuningParams, deadline: float | None) -> Any:
-    """The oracle for tuning.tuner, with the budget."""
+def make_oracle(tuning: TuningParams, deadline: float | None, recipe_values: dict[str, Any] | None = None, plan: BudgetPlan | None = None) -> Any:
+    """The oracle for tuning.tuner, with the budget (`plan`: the finalist's share follows the best trial's speed); a
+    random or Bayesian search tries `recipe_values` first (Hyperband keeps its own brackets)."""
     kt = _keras_tuner()
     common = {"objective": kt.Objective(tuning.objective, monitor_mode(tuning.objective)), "seed": tuning.seed, "max_retries_per_trial": 0,
               "max_consecutive_failed_trials": tuning.max_consecutive_failed_trials}
@@ -93,7 +117,9 @@ def make_oracle(tuning: TuningParams, deadline: float | None) -> Any:
         # random one, the same 12 configurations on every data set. Half random, half proposed.
         base, extra = kt.oracles.BayesianOptimizationOracle, {"max_trials": tuning.max_trials, "num_initial_points": bayesian_initial_points(tuning)}
     oracle = type(f"Budgeted{base.__name__}", (BudgetMixin, base), {})(**common, **extra)
-    oracle.deadline = deadline
+    oracle.deadline = deadline if plan is None else plan.search_deadline
+    oracle.plan = plan
+    oracle.recipe_values = recipe_values if tuning.tuner != "hyperband" else None
     return oracle
 
 
@@ -146,7 +172,7 @@ def build_trial_model(model_name: str, recipe: Recipe, setup: TrialSetup, epochs
     return built.model
 
 
-def build_tuner(job: SearchJob, project: Path, deadline: float | None) -> Any:
+def build_tuner(job: SearchJob, project: Path, deadline: float | None, plan: BudgetPlan | None = None) -> Any:
     """A Keras Tuner over `job`, its project in `project` (resumed when it exists).
 
     Each trial trains in a child process (`python -m metal_defect.components.c07_hyper_tuning.trials`):
@@ -205,7 +231,12 @@ def build_tuner(job: SearchJob, project: Path, deadline: float | None) -> Any:
             result.history = history
             return result
 
-    return SearchTuner(oracle=make_oracle(job.tuning, deadline), hypermodel=TrialModel(), directory=str(project.parent),
+    recipe_values = None
+    if job.tuning.tuner != "hyperband":  # Hyperband keeps its own brackets
+        recipe_values = recipe_point(job.recipe, job.tuning, job.model_name, setup.input_normalization)
+        log.info("tuning: %s", f"the first trial is the recipe itself ({format_values(recipe_values)}): the others are ranked against it"
+                 if recipe_values else "the recipe lies outside tuning.space (or rounds to a neighbour of it): no trial trains it as it is")
+    return SearchTuner(oracle=make_oracle(job.tuning, deadline, recipe_values, plan), hypermodel=TrialModel(), directory=str(project.parent),
                        project_name=project.name, overwrite=False)
 
 
