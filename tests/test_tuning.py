@@ -187,7 +187,7 @@ def test_the_bayesian_search_proposes_from_its_model_within_max_trials(tmp_path)
 
     tuning = load_config(REPO).tuning
     assert tuning.tuner == "bayesian"
-    oracle = trials.make_oracle(tuning, None)
+    oracle = trials.make_oracle(tuning)
     drawn_at_random = []
     draw = oracle._random_populate_space
     oracle._random_populate_space = lambda: (drawn_at_random.append(1), draw())[1]
@@ -226,7 +226,7 @@ def test_the_recipe_itself_is_the_first_trial_when_it_is_a_point_of_the_space(tm
 
     for tuner in ("bayesian", "random", "hyperband"):
         tuning = dataclasses.replace(config.tuning, tuner=tuner)
-        oracle = trials.make_oracle(tuning, None, point)
+        oracle = trials.make_oracle(tuning, recipe_values=point)
         oracle.hyperparameters = kt.HyperParameters()
         space.declare_space(oracle.hyperparameters, tuning, "custom_cnn")
         oracle._set_project_dir(str(tmp_path), f"search-{tuner}")
@@ -293,7 +293,7 @@ def test_a_slow_best_trial_brings_the_search_deadline_forward_so_its_full_traini
     assert plan.finalist_epochs == 50
     assert plan.trial_deadline(None) == plan.trial_deadline(8.0) == plan.search_deadline  # not slower than the base model
     assert plan.trial_deadline(17.5) == plan.end - (17.5 * 50 + finalist.TRIAL_START_S) < plan.search_deadline
-    oracle = trials.make_oracle(tuning, None, None, plan)
+    oracle = trials.make_oracle(tuning, plan)
     oracle.hyperparameters = kt.HyperParameters()
     oracle.hyperparameters.Choice("h", [0, 1, 2, 3])
     oracle._set_project_dir(str(tmp_path), "search")
@@ -310,6 +310,27 @@ def test_a_slow_best_trial_brings_the_search_deadline_forward_so_its_full_traini
     with caplog.at_level(logging.INFO):
         assert oracle.create_trial("tuner0").status == "STOPPED"
     assert "brought forward: the best configuration so far trains an epoch in 50.0 s" in caplog.text
+
+
+def test_a_trial_started_before_a_brought_forward_deadline_stops_at_it_not_at_the_plans(tmp_path, monkeypatch):
+    # each trial's own stop was the plan's static search deadline: one that started just before a brought-forward
+    # deadline ran on into the slow finalist's share by up to a trial's length (about 2.5 min on magnetic tiles)
+    folder = make_config(tmp_path, tiny_tuning_params(max_trials=3), per_class=10)
+    config = load_config(folder)
+    prepared = Path(Runner(config).run("data_preprocessing")["stages"]["data_preprocessing"]["output"])
+    job = space.SearchJob("custom_cnn", Recipe.of(config), config.tuning, prepared, space.data_fingerprint(prepared))
+    plan = finalist.BudgetPlan(started=time.time(), total_s=40 * 60.0, finalist_s=9.0 * 50 + finalist.TRIAL_START_S, trial_s=60.0,
+                               finalist_epochs=50)
+    epoch_seconds, stops = iter([9.0, 25.0, 9.0]), []  # the second trial is the best and almost three times as slow
+
+    def run_trial_process(spec, trial_dir):
+        stops.append(spec["deadline"])
+        return {"val_loss": [1.0 / (len(stops) + 1)], "epoch_seconds": [next(epoch_seconds)]}
+
+    monkeypatch.setattr(trials, "run_trial_process", run_trial_process)
+    trials.build_tuner(job, tmp_path / "tuning" / job.key, plan.search_deadline, plan).search(verbose=0)
+    assert len(stops) == 3 and stops[0] == stops[1] == plan.search_deadline
+    assert stops[2] == plan.trial_deadline(25.0) == plan.end - (25.0 * 50 + finalist.TRIAL_START_S) < plan.search_deadline
 
 
 @pytest.mark.slow
@@ -428,7 +449,7 @@ def test_each_tuner_runs_a_search_with_the_same_outputs(tmp_path, tuner):
     recipe = Recipe(config.base, config.data_loader, config.model, config.callbacks, config.train)
     job = space.SearchJob("custom_cnn", recipe, config.tuning, prepared, space.data_fingerprint(prepared))
     project = tmp_path / "tuning" / job.key
-    tuner_object = distributed.search(job, project, time.time() + 600)
+    tuner_object = distributed.search(job, project, finalist.BudgetPlan(time.time(), 600.0, 0.0, 60.0))
     rows = report.trial_rows(tuner_object, project, "val_loss")
     assert rows and all(r["status"] == "COMPLETED" and r["score"] > 0 for r in rows)
     assert list(rows[0])[: len(TRIAL_COLUMNS)] == TRIAL_COLUMNS

@@ -65,7 +65,7 @@ def run_stage(io: Any, *, base: BaseParams, data_loader: DataLoaderParams, model
     prepared = io.inputs["data_preprocessing"]
     job = SearchJob(name, Recipe(base, data_loader, model, callbacks, train), tuning, prepared, data_fingerprint(prepared))
     project = Path(io.tuning_dir) / job.key
-    tuner = search(job, project, plan.search_deadline, plan)
+    tuner = search(job, project, plan)
     return write_results(io, tuner, job, project, plan, evaluation, data_preprocessing, schema)
 
 

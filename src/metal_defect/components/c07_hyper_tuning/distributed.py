@@ -43,11 +43,12 @@ def distributed_role() -> str:
     return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
 
 
-def search(job: SearchJob, project: Path, deadline: float, plan: BudgetPlan | None = None) -> Any:
-    """Run (or resume) the search in `project` until `deadline` (time.time(); with the budget's `plan`, earlier when
-    the best trial so far needs longer than the base model for the full schedule); returns the tuner (on a chief:
-    after every worker finished)."""
+def search(job: SearchJob, project: Path, plan: BudgetPlan) -> Any:
+    """Run (or resume) the search in `project` until the budget `plan`'s search deadline (earlier when the best trial
+    so far needs longer than the base model for the full schedule); returns the tuner (on a chief: after every
+    worker finished)."""
     role = distributed_role()
+    deadline = plan.search_deadline
     tuner = build_tuner(job, project, deadline, plan)
     finished = sum(t.status in ("COMPLETED", "FAILED", "INVALID") for t in tuner.oracle.trials.values())
     log.info("tuning %s (%s, %s): project %s; %d finished trial(s) kept; no trial starts after %s; %s", job.model_name, job.tuning.tuner,

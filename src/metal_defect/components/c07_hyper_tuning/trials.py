@@ -66,14 +66,13 @@ def _keras_tuner() -> Any:
 
 
 class BudgetMixin:
-    """Oracle side of the wall-clock budget: after `deadline` (time.time()) the oracle starts no trial; with a `plan`,
-    earlier when the best trial so far is slower than the base model, so that its full training still fits. When
+    """Oracle side of the wall-clock budget (`plan`): no trial starts after the search's deadline, brought forward
+    when the best trial so far is slower than the base model, so that its full training still fits. When
     `recipe_values` is set, the search's first trial is that point (the recipe itself), then the oracle's own.
 
     In a distributed search the oracle runs on the chief, so the budget holds for every worker.
     """
 
-    deadline: float | None = None
     plan: BudgetPlan | None = None
     recipe_values: dict[str, Any] | None = None
 
@@ -85,14 +84,20 @@ class BudgetMixin:
         history = best[0].metrics.get_history("epoch_seconds")
         return float(history[-1].value[0]) if history else None
 
+    def current_deadline(self) -> tuple[float | None, str]:
+        """The time after which no trial starts and a running one stops (None without a plan), and why it is
+        earlier than the plan's search deadline ('' when it is not)."""
+        if self.plan is None:
+            return None, ""
+        epoch_s = self.best_epoch_seconds()
+        deadline = self.plan.trial_deadline(epoch_s)
+        if deadline >= self.plan.search_deadline:
+            return deadline, ""
+        return deadline, (f" (brought forward: the best configuration so far trains an epoch in {epoch_s:.1f} s, so its full "
+                          f"{self.plan.finalist_epochs} epochs need ~{(self.plan.end - deadline) / 60:.1f} min of the budget)")
+
     def populate_space(self, trial_id: str) -> dict[str, Any]:
-        deadline, why = self.deadline, ""
-        if self.plan is not None:
-            epoch_s = self.best_epoch_seconds()
-            deadline = self.plan.trial_deadline(epoch_s)
-            if deadline < self.plan.search_deadline:
-                why = (f" (brought forward: the best configuration so far trains an epoch in {epoch_s:.1f} s, so its full "
-                       f"{self.plan.finalist_epochs} epochs need ~{(self.plan.end - deadline) / 60:.1f} min of the budget)")
+        deadline, why = self.current_deadline()
         if deadline is not None and time.time() >= deadline:
             log.info("tuning budget spent: no trial starts after %s%s", dt.datetime.fromtimestamp(deadline).isoformat(timespec="seconds"), why)
             return {"status": "STOPPED", "values": None}
@@ -101,25 +106,31 @@ class BudgetMixin:
         return super().populate_space(trial_id)  # type: ignore[misc]
 
 
-def make_oracle(tuning: TuningParams, deadline: float | None, recipe_values: dict[str, Any] | None = None, plan: BudgetPlan | None = None) -> Any:
-    """The oracle for tuning.tuner, with the budget (`plan`: the finalist's share follows the best trial's speed); a
-    random or Bayesian search tries `recipe_values` first (Hyperband keeps its own brackets)."""
+def make_oracle(tuning: TuningParams, plan: BudgetPlan | None = None, recipe_values: dict[str, Any] | None = None) -> Any:
+    """The oracle for tuning.tuner, with the budget `plan` (none: no deadline); a random or Bayesian search tries
+    `recipe_values` (the recipe's own point, None when it is not one of the space) first, and says so; Hyperband
+    keeps its own brackets."""
     kt = _keras_tuner()
     common = {"objective": kt.Objective(tuning.objective, monitor_mode(tuning.objective)), "seed": tuning.seed, "max_retries_per_trial": 0,
               "max_consecutive_failed_trials": tuning.max_consecutive_failed_trials}
     if tuning.tuner == "hyperband":
         base, extra = kt.oracles.HyperbandOracle, {"max_epochs": tuning.epochs_per_trial, "factor": 3, "hyperband_iterations": 1}
-    elif tuning.tuner == "random":
-        base, extra = kt.oracles.RandomSearchOracle, {"max_trials": tuning.max_trials}
+        why = "Hyperband keeps its own brackets: no trial trains the recipe as it is"
+        recipe_values = None
     else:
-        # Keras Tuner's default draws 3 x (dimensions of the space) random points before its Gaussian process
-        # proposes any: 27 for the default space, more than max_trials (12), so every "bayesian" search was a
-        # random one, the same 12 configurations on every data set. Half random, half proposed.
-        base, extra = kt.oracles.BayesianOptimizationOracle, {"max_trials": tuning.max_trials, "num_initial_points": bayesian_initial_points(tuning)}
+        if tuning.tuner == "random":
+            base, extra = kt.oracles.RandomSearchOracle, {"max_trials": tuning.max_trials}
+        else:
+            # Keras Tuner's default draws 3 x (dimensions of the space) random points before its Gaussian process
+            # proposes any: 27 for the default space, more than max_trials (12), so every "bayesian" search was a
+            # random one, the same 12 configurations on every data set. Half random, half proposed.
+            base, extra = kt.oracles.BayesianOptimizationOracle, {"max_trials": tuning.max_trials, "num_initial_points": bayesian_initial_points(tuning)}
+        why = (f"the first trial is the recipe itself ({format_values(recipe_values)}): the others are ranked against it" if recipe_values
+               else "the recipe lies outside tuning.space (or rounds to a neighbour of it): no trial trains it as it is")
+    log.info("tuning: %s", why)
     oracle = type(f"Budgeted{base.__name__}", (BudgetMixin, base), {})(**common, **extra)
-    oracle.deadline = deadline if plan is None else plan.search_deadline
     oracle.plan = plan
-    oracle.recipe_values = recipe_values if tuning.tuner != "hyperband" else None
+    oracle.recipe_values = recipe_values
     return oracle
 
 
@@ -173,7 +184,9 @@ def build_trial_model(model_name: str, recipe: Recipe, setup: TrialSetup, epochs
 
 
 def build_tuner(job: SearchJob, project: Path, deadline: float | None, plan: BudgetPlan | None = None) -> Any:
-    """A Keras Tuner over `job`, its project in `project` (resumed when it exists).
+    """A Keras Tuner over `job`, its project in `project` (resumed when it exists). With the budget's `plan` (a local
+    search or a chief's) the oracle keeps the budget, and a trial stops at the deadline in force when it started;
+    without one (a worker's, whose oracle is the chief's) a trial stops at `deadline`, the chief's announced one.
 
     Each trial trains in a child process (`python -m metal_defect.components.c07_hyper_tuning.trials`):
     TensorFlow keeps ~12 MB of every fitted graph for the life of a process (clear_session does
@@ -200,11 +213,13 @@ def build_tuner(job: SearchJob, project: Path, deadline: float | None, plan: Bud
         def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
             values = trial.hyperparameters.values
             trial_dir = Path(self.get_trial_dir(trial.trial_id))
+            # a trial started just before a brought-forward deadline must not run on into the finalist's share
+            stop = self.oracle.current_deadline()[0] if isinstance(self.oracle, BudgetMixin) else deadline
             resume = values.get("tuner/trial_id")  # hyperband: continue from an earlier bracket's weights
             spec = {"model_name": job.model_name, "recipe": to_plain(job.recipe), "prepared": str(job.prepared), "values": shown_values(values),
                     "setup": dataclasses.asdict(setup),
                     "epochs": int(values.get("tuner/epochs", epochs)), "schedule_epochs": epochs,
-                    "initial_epoch": int(values.get("tuner/initial_epoch", 0)), "deadline": deadline, "objective": job.tuning.objective,
+                    "initial_epoch": int(values.get("tuner/initial_epoch", 0)), "deadline": stop, "objective": job.tuning.objective,
                     "checkpoint": self._get_checkpoint_fname(trial.trial_id),
                     "resume_from": self._get_checkpoint_fname(resume) if resume else None}
             record = {"trial_id": trial.trial_id, "worker": self.tuner_id, "host": socket.gethostname(), "started": art.now_iso(),
@@ -231,12 +246,8 @@ def build_tuner(job: SearchJob, project: Path, deadline: float | None, plan: Bud
             result.history = history
             return result
 
-    recipe_values = None
-    if job.tuning.tuner != "hyperband":  # Hyperband keeps its own brackets
-        recipe_values = recipe_point(job.recipe, job.tuning, job.model_name, setup.input_normalization)
-        log.info("tuning: %s", f"the first trial is the recipe itself ({format_values(recipe_values)}): the others are ranked against it"
-                 if recipe_values else "the recipe lies outside tuning.space (or rounds to a neighbour of it): no trial trains it as it is")
-    return SearchTuner(oracle=make_oracle(job.tuning, deadline, recipe_values, plan), hypermodel=TrialModel(), directory=str(project.parent),
+    recipe_values = recipe_point(job.recipe, job.tuning, job.model_name, setup.input_normalization)
+    return SearchTuner(oracle=make_oracle(job.tuning, plan, recipe_values), hypermodel=TrialModel(), directory=str(project.parent),
                        project_name=project.name, overwrite=False)
 
 
