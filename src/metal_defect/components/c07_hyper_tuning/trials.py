@@ -214,7 +214,7 @@ def build_tuner(job: SearchJob, project: Path, deadline: float | None, plan: Bud
             values = trial.hyperparameters.values
             trial_dir = Path(self.get_trial_dir(trial.trial_id))
             # a trial started just before a brought-forward deadline must not run on into the finalist's share
-            stop = self.oracle.current_deadline()[0] if isinstance(self.oracle, BudgetMixin) else deadline
+            stop = self.oracle.current_deadline()[0] if plan is not None else deadline
             resume = values.get("tuner/trial_id")  # hyperband: continue from an earlier bracket's weights
             spec = {"model_name": job.model_name, "recipe": to_plain(job.recipe), "prepared": str(job.prepared), "values": shown_values(values),
                     "setup": dataclasses.asdict(setup),
