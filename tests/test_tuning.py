@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -263,7 +264,7 @@ def test_an_interrupted_finalist_resumes_only_as_the_same_configuration(tmp_path
         (out / TRAIN_SUMMARY).write_text(json.dumps({"models": {"custom_cnn" + saved_suffix: {"schedule": "end_to_end"}}}))
 
     monkeypatch.setattr(finalist, "train_models", train_models)
-    monkeypatch.setattr(finalist, "build_datasets", lambda *args: None)
+    monkeypatch.setattr(finalist, "build_datasets", lambda *args: types.SimpleNamespace(steps=lambda split: 10))
     work = tmp_path / "work" / "finalist"
     first = {"learning_rate": 4.3e-4, "blocks": 5, "width": 1.0, "tuner/trial_id": "08"}
     for values in (first, first | {"tuner/trial_id": "11"}, first | {"blocks": 4}):
@@ -321,16 +322,56 @@ def test_a_trial_started_before_a_brought_forward_deadline_stops_at_it_not_at_th
     job = space.SearchJob("custom_cnn", Recipe.of(config), config.tuning, prepared, space.data_fingerprint(prepared))
     plan = finalist.BudgetPlan(started=time.time(), total_s=40 * 60.0, finalist_s=9.0 * 50 + finalist.TRIAL_START_S, trial_s=60.0,
                                finalist_epochs=50)
-    epoch_seconds, stops = iter([9.0, 25.0, 9.0]), []  # the second trial is the best and almost three times as slow
+    # the second trial is the best and almost three times as slow; its first epoch (the graph's tracing) slower still
+    epoch_seconds, losses, stops = iter([[30.0, 9.0, 9.0], [40.0, 25.0, 26.0, 24.0], [30.0, 9.0, 9.0]]), iter([0.5, 0.2, 0.6]), []
 
     def run_trial_process(spec, trial_dir):
         stops.append(spec["deadline"])
-        return {"val_loss": [1.0 / (len(stops) + 1)], "epoch_seconds": [next(epoch_seconds)]}
+        seconds, loss = next(epoch_seconds), next(losses)
+        return {"val_loss": [loss] * len(seconds), "epoch_seconds": seconds}
 
     monkeypatch.setattr(trials, "run_trial_process", run_trial_process)
-    trials.build_tuner(job, tmp_path / "tuning" / job.key, plan.search_deadline, plan).search(verbose=0)
+    tuner = trials.build_tuner(job, tmp_path / "tuning" / job.key, plan.search_deadline, plan)
+    tuner.search(verbose=0)
     assert len(stops) == 3 and stops[0] == stops[1] == plan.search_deadline
     assert stops[2] == plan.trial_deadline(25.0) == plan.end - (25.0 * 50 + finalist.TRIAL_START_S) < plan.search_deadline
+    assert tuner.oracle.best_epoch_seconds() == 25.0  # the median after the first epoch, not the best epoch's 40 s
+
+
+def test_a_finalist_that_cannot_train_its_full_schedule_in_time_trains_a_shorter_one_that_fits(tmp_path, monkeypatch):
+    # the proxy, 2026-12-07: the best trial, twice as slow as the base model, was found as the search ended; its
+    # finalist was stopped by the budget after 87 of its 100 epochs, its learning rate not yet decayed
+    from metal_defect.components.c06_training import TRAIN_SUMMARY
+
+    train = dataclasses.replace(load_config(REPO).train, epochs=40, min_steps=1500)
+    assert c06_training.schedule_epochs(train, 15) == 100
+    assert finalist.schedule_that_fits(train, 15, 17.0, 100 * 17.0 + finalist.TRIAL_START_S) is train  # it fits
+    assert finalist.schedule_that_fits(train, 15, None, 60.0) is train  # no estimate: the budget's stop is the only guard
+    shorter = finalist.schedule_that_fits(train, 15, 17.0, 25 * 60.0)
+    assert c06_training.schedule_epochs(shorter, 15) == (25 * 60 - finalist.TRIAL_START_S) // 17 == 87
+    assert shorter.epochs == 40  # min_steps lowered: early stopping's patience still scales with the epochs
+    assert c06_training.schedule_epochs(finalist.schedule_that_fits(train, 15, 17.0, 10 * 60.0, fixed_epochs=5), 15) == 29
+    short = finalist.schedule_that_fits(train, 15, 17.0, 5 * 60.0)
+    assert (short.epochs, short.min_steps) == (16, 0)
+
+    config = load_config(REPO)
+    job = space.SearchJob("custom_cnn", Recipe.of(config), config.tuning, tmp_path / "prepared", "data")
+    trained = []
+
+    def train_models(data, base, model, callbacks, train, work_dir, out, saved_suffix, deadline):
+        trained.append((c06_training.schedule_epochs(train, 15), work_dir))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / TRAIN_SUMMARY).write_text(json.dumps({"models": {"custom_cnn" + saved_suffix: {"schedule": "end_to_end"}}}))
+
+    monkeypatch.setattr(finalist, "train_models", train_models)
+    monkeypatch.setattr(finalist, "build_datasets", lambda *args: types.SimpleNamespace(steps=lambda split: 15))
+    values = {"learning_rate": 3.2e-4, "blocks": 4, "width": 2.0}
+    full = c06_training.schedule_epochs(dataclasses.replace(job.recipe.train, learning_rate=3.2e-4), 15)
+    record = finalist.train_finalist(job, values, "05", tmp_path / "work", tmp_path / "out", time.time() + 3600, epoch_s=17.0)
+    assert trained[-1][0] == record["fitted_epochs"] == record["schedule_epochs"] == full  # an hour holds it
+    record = finalist.train_finalist(job, values, "05", tmp_path / "work", tmp_path / "out2", time.time() + 10 * 60, epoch_s=17.0)
+    assert trained[-1][0] == record["fitted_epochs"] < record["schedule_epochs"] == full
+    assert trained[0][1] != trained[1][1]  # a shortened schedule does not resume the full one's state
 
 
 @pytest.mark.slow

@@ -89,13 +89,18 @@ def train_models(data: Datasets, base: BaseParams, model_params: ModelParams, ca
     return {"models": {n: {k: s[k] for k in ("pretrained", "schedule", "epochs_run", "best_val_loss", "median_epoch_seconds")} for n, s in summaries.items()}}
 
 
-def epochs_for(train: TrainParams, steps_per_epoch: int) -> int:
+def schedule_epochs(train: TrainParams, steps_per_epoch: int) -> int:
     """train.epochs, raised so that training takes at least train.min_steps optimizer steps.
 
     A small data set gives few steps per epoch; 40 epochs of 15 steps leave a CNN far from
     fitting its training split, while the same 40 epochs are plenty at 40 steps.
     """
-    epochs = max(train.epochs, math.ceil(train.min_steps / max(steps_per_epoch, 1)))
+    return max(train.epochs, math.ceil(train.min_steps / max(steps_per_epoch, 1)))
+
+
+def epochs_for(train: TrainParams, steps_per_epoch: int) -> int:
+    """`schedule_epochs`, saying so in the log when min_steps raised them."""
+    epochs = schedule_epochs(train, steps_per_epoch)
     if epochs > train.epochs:
         log.info("%d steps per epoch: training %d epochs instead of %d to reach train.min_steps (%d)", steps_per_epoch, epochs,
                  train.epochs, train.min_steps)

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from metal_defect import artifacts as art
+from metal_defect.components import c04_model_builder as builder
 from metal_defect.components.c03_dataset_loader import build_datasets
-from metal_defect.components.c06_training import TRAIN_SUMMARY, train_models
+from metal_defect.components.c06_training import TRAIN_SUMMARY, schedule_epochs, train_models
 from metal_defect.components.c07_hyper_tuning.space import SearchJob, apply_hyperparameters, shown_values
-from metal_defect.config import EvaluationParams, TuningParams, fingerprint_of
+from metal_defect.config import EvaluationParams, TrainParams, TuningParams, fingerprint_of
+
+log = logging.getLogger(__name__)
 
 TUNED_SUFFIX = "_tuned"
 TRIAL_START_S = 20.0  # a trial's child process: TensorFlow's import, the data pipeline, the first graph
@@ -97,18 +102,47 @@ def finalist_work_dir(work_dir: Path, values: Mapping[str, Any]) -> Path:
     return work_dir / fingerprint_of(shown_values(values))[:12]
 
 
-def train_finalist(job: SearchJob, values: Mapping[str, Any], trial_id: str, work_dir: Path, out: Path, deadline: float) -> dict[str, Any]:
+def schedule_that_fits(train: TrainParams, steps_per_epoch: int, epoch_s: float | None, seconds: float, fixed_epochs: int = 0) -> TrainParams:
+    """`train`, its schedule shortened to the epochs that fit in `seconds` at `epoch_s` each when the full one does not
+    (`fixed_epochs`: a later phase's, which stay): the learning rate then decays over the epochs there is time for.
+    A finalist stopped by the budget mid-schedule never decays it: on the proxy (2026-12-07) the best trial, twice as
+    slow as the base model, was found as the search ended and got 87 of its 100 epochs."""
+    if not epoch_s:
+        return train
+    full = schedule_epochs(train, steps_per_epoch)
+    fits = max(int((seconds - TRIAL_START_S) // epoch_s) - fixed_epochs, 1)
+    if fits >= full:
+        return train
+    if fits >= train.epochs:  # min_steps raised the epochs: lower it to what fits, so the patience still scales with them
+        return dataclasses.replace(train, min_steps=fits * steps_per_epoch)
+    return dataclasses.replace(train, epochs=fits, min_steps=0)
+
+
+def train_finalist(job: SearchJob, values: Mapping[str, Any], trial_id: str, work_dir: Path, out: Path, deadline: float,
+                   epoch_s: float | None = None) -> dict[str, Any]:
     """Train `values` (the best trial's) from scratch with the train stage's full schedule, into `out` laid out like a
     train-stage output (models/<name>_tuned/, train_summary.json), so that c06 evaluates it like a base model.
-    An interrupted run resumes in `finalist_work_dir`: only the same configuration resumes. Returns its train-stage record."""
+    When the full schedule at `epoch_s` (the best trial's epoch time) no longer fits before `deadline`, a shorter one
+    that does (`schedule_that_fits`). An interrupted run resumes in `finalist_work_dir`: only the same configuration
+    resumes. Returns its train-stage record, with `schedule_epochs` (the full schedule's) and `fitted_epochs`."""
     recipe = apply_hyperparameters(job.recipe, values)
     data = build_datasets(job.prepared, recipe.data_loader, recipe.base.seed)
     train = dataclasses.replace(recipe.train, models=[job.model_name])
-    train_models(data, recipe.base, recipe.model, recipe.callbacks, train, finalist_work_dir(work_dir, values), out,
+    steps = data.steps("train")
+    fixed = recipe.model.transfer.fine_tune_epochs if job.model_name != builder.CUSTOM else 0
+    full = schedule_epochs(train, steps)
+    train = schedule_that_fits(train, steps, epoch_s, deadline - time.time(), fixed)
+    fitted = schedule_epochs(train, steps)
+    if fitted < full:
+        log.info("tuning: the finalist's full schedule (%d epochs at ~%.1f s) does not fit the %.1f min left: %d epochs, the learning rate "
+                 "decaying over them", full, epoch_s, (deadline - time.time()) / 60, fitted)
+    # a shortened schedule is another training: it resumes only as itself
+    where = finalist_work_dir(work_dir, values if fitted == full else {**values, "fitted_epochs": fitted})
+    train_models(data, recipe.base, recipe.model, recipe.callbacks, train, where, out,
                  saved_suffix=TUNED_SUFFIX, deadline=deadline)
     summary = art.read_json(out / TRAIN_SUMMARY)
     name = job.model_name + TUNED_SUFFIX
-    summary["models"][name] |= {"trial_id": trial_id, "hyperparameters": shown_values(values),
+    summary["models"][name] |= {"trial_id": trial_id, "hyperparameters": shown_values(values), "schedule_epochs": full, "fitted_epochs": fitted,
                                 "schedule": f"{summary['models'][name]['schedule']}, the best trial's configuration retrained"}
     art.write_json_atomic(out / TRAIN_SUMMARY, summary)
     return summary["models"][name]
