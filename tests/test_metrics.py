@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from metal_defect import metrics
-from metal_defect.components.c06_evaluation.scores import choose_best
+from metal_defect.components.c06_evaluation.scores import calibrate, choose_best
+from metal_defect.config import load_config
 
 
 def test_wilson_interval_known_values():
@@ -57,3 +59,21 @@ def test_model_choice_uses_validation_only_and_breaks_ties_by_loss():
         "c": {"valid": {"macro_f1": 0.99, "accuracy": 0.99, "log_loss": 0.20}, "test": {"macro_f1": 0.80}},
     }
     assert choose_best(results, "macro_f1") == "c"
+
+
+def test_a_validation_split_without_errors_sets_the_temperature_by_the_rule_of_succession():
+    # NEU seed 44, 2026-12-07: every validation answer right, the fit ran to temperature_min (0.05) and the served
+    # model showed three of its five test errors at 100 % confidence
+    params = load_config(REPO).evaluation
+    y = np.array([0, 1, 2, 0, 1, 2] * 4)
+    right = np.array([[0.7, 0.2, 0.1], [0.2, 0.6, 0.2], [0.1, 0.3, 0.6]] * 8)
+    assert metrics.fit_temperature(y, right, params.temperature_min, params.temperature_max) == pytest.approx(params.temperature_min, rel=0.01)
+    temperature, info = calibrate(y, right, params)
+    assert params.temperature_min < temperature < 1 and info["used"] and "every validation answer is right" in info["reason"]
+    confidence = metrics.apply_temperature(right, temperature).max(axis=1).mean()
+    assert confidence == pytest.approx((len(y) + 1) / (len(y) + 2), abs=1e-3)  # 25/26: sure, not certain
+    one_wrong = right.copy()
+    one_wrong[0] = [0.2, 0.7, 0.1]  # one error bounds the likelihood's fit: calibrated as before
+    temperature, info = calibrate(y, one_wrong, params)
+    assert "reason" not in info and temperature == info["fitted_temperature"] > params.temperature_min
+    assert metrics.temperature_for_confidence(right, 0.99999, 0.5, 10.0) == 0.5  # out of reach: the bound

@@ -153,6 +153,21 @@ def fit_temperature(y_true: np.ndarray, probs: np.ndarray, lower: float, upper: 
     return float(math.exp(result.x))
 
 
+def temperature_for_confidence(probs: np.ndarray, confidence: float, lower: float, upper: float) -> float:
+    """The temperature in [lower, upper] at which the mean top probability of `probs` is `confidence` (a bound when
+    none is: the mean top probability only falls as the temperature rises)."""
+    from scipy.optimize import brentq
+
+    def gap(t: float) -> float:
+        return float(apply_temperature(probs, t).max(axis=1).mean()) - confidence
+
+    if gap(lower) <= 0:
+        return lower
+    if gap(upper) >= 0:
+        return upper
+    return float(brentq(gap, lower, upper, xtol=1e-4))
+
+
 def present_macro_f1(result: dict[str, Any]) -> float:
     """Macro F1 over the classes the set holds or the model answered (as sklearn does without `labels`): a class
     absent from both would count as 0 and pull a small slice's score down for nothing."""

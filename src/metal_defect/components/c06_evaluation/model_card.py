@@ -83,7 +83,7 @@ Per class ({'test' if test else 'validation'}):
 
 ## Calibration
 Temperature fitted on validation: T = {calibration['fitted_temperature']:.3f}
-({'stored with the model' if calibration['used'] else 'not stored: it did not lower validation NLL'});
+({'stored with the model' if calibration['used'] else 'not stored: it did not lower validation NLL'}{'; ' + calibration['reason'] if calibration.get('reason') else ''});
 validation NLL {calibration['valid_nll_before']:.4f} → {calibration['valid_nll_after']:.4f},
 validation ECE {calibration['valid_ece_before']:.4f} → {calibration['valid_ece_after']:.4f}.
 Test ECE above is with the stored temperature{'' if not test else f"; without it {test['calibration_uncalibrated']['ece']:.4f}"}.
