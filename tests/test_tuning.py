@@ -145,6 +145,8 @@ def test_served_only_when_strictly_better_on_validation():
     assert served == "base" and "equal" in reason and "ties keep the base model" in reason
     assert s6_select.choose_served(base, {"valid": {"macro_f1": 0.90}}, "macro_f1")[0] == "base"
     assert s6_select.choose_served(base, None, "macro_f1") == ("base", "no tuned model (tuning off, or no trial completed)")
+    skipped = "no configuration ranked above the recipe itself"
+    assert s6_select.choose_served(base, None, "macro_f1", why_no_tuned=skipped) == ("base", skipped)
 
 
 def test_a_tuned_model_ahead_within_the_noise_of_validation_is_not_served():
@@ -234,6 +236,7 @@ def test_the_recipe_itself_is_the_first_trial_when_it_is_a_point_of_the_space(tm
         first, second = oracle.create_trial("tuner0"), oracle.create_trial("tuner1")
         shown = space.shown_values(first.hyperparameters.values)
         assert (shown == point) == (tuner != "hyperband"), (tuner, shown)  # Hyperband keeps its own brackets
+        assert oracle.is_recipe(first.hyperparameters.values) == (tuner != "hyperband") and not oracle.is_recipe(second.hyperparameters.values)
         assert space.shown_values(second.hyperparameters.values) != point
 
 
@@ -331,11 +334,20 @@ def test_a_trial_started_before_a_brought_forward_deadline_stops_at_it_not_at_th
         return {"val_loss": [loss] * len(seconds), "epoch_seconds": seconds}
 
     monkeypatch.setattr(trials, "run_trial_process", run_trial_process)
-    tuner = trials.build_tuner(job, tmp_path / "tuning" / job.key, plan.search_deadline, plan)
+    tuner = trials.build_tuner(job, tmp_path / "tuning" / job.key, plan)
     tuner.search(verbose=0)
     assert len(stops) == 3 and stops[0] == stops[1] == plan.search_deadline
     assert stops[2] == plan.trial_deadline(25.0) == plan.end - (25.0 * 50 + finalist.TRIAL_START_S) < plan.search_deadline
     assert tuner.oracle.best_epoch_seconds() == 25.0  # the median after the first epoch, not the best epoch's 40 s
+
+
+def test_a_workers_trial_stops_at_the_deadline_its_chief_announced():
+    # a worker's oracle is a client of the chief's (no budget of its own): its plan holds the announced deadline only
+    announced = time.time() + 600.0
+    plan = finalist.BudgetPlan.until(announced)
+    assert abs(plan.search_deadline - announced) < 1e-6
+    assert trials.trial_stop(object(), plan) == plan.search_deadline and trials.trial_stop(object(), None) is None
+    assert finalist.BudgetPlan.until(time.time() - 5).search_deadline <= time.time()  # announced and already past: none starts
 
 
 def test_a_finalist_that_cannot_train_its_full_schedule_in_time_trains_a_shorter_one_that_fits(tmp_path, monkeypatch):

@@ -95,7 +95,7 @@ def write_results(io: Any, tuner: Any, job: SearchJob, project: Path, plan: Budg
     values = shown_values(best.hyperparameters.values)
     art.write_json_atomic(out / BEST_HP_FILE, {"trial_id": best.trial_id, "score": best.score, "objective": job.tuning.objective,
                                                "hyperparameters": values})
-    if values == getattr(tuner.oracle, "recipe_values", None):
+    if tuner.oracle.is_recipe(values):
         # retrained, the recipe's own point is the base model again: the finalist's minutes would buy nothing
         why = (f"no configuration ranked above the recipe itself (trial {best.trial_id}, {job.tuning.objective} {best.score:.5f}) in "
                f"{len(completed)} trials: nothing to retrain; the base model competes alone")

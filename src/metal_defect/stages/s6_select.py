@@ -31,14 +31,16 @@ log = logging.getLogger(__name__)
 
 TUNING_SUMMARY = "tuning_summary.json"
 
-def choose_served(base: Mapping[str, Any], tuned: Mapping[str, Any] | None, metric: str, samples: int = 1000) -> tuple[str, str]:
+def choose_served(base: Mapping[str, Any], tuned: Mapping[str, Any] | None, metric: str, samples: int = 1000,
+                  why_no_tuned: str | None = None) -> tuple[str, str]:
     """('tuned' or 'base', reason): the tuned model only when it is better on validation `metric`, and
     clearly so when both records hold their validation answers: the 95 % paired bootstrap interval of
     its lead starts above 0. A lead within what a resample of the validation images moves is noise
-    (on magnetic tiles a tuned model 0.019 ahead on 202 validation images was 0.059 behind on test)."""
+    (on magnetic tiles a tuned model 0.019 ahead on 202 validation images was 0.059 behind on test).
+    `why_no_tuned`: the search's own reason when it trained no tuned model (e.g. its best trial was the recipe)."""
     base_value = base["valid"][metric]
     if tuned is None:
-        return "base", "no tuned model (tuning off, or no trial completed)"
+        return "base", why_no_tuned or "no tuned model (tuning off, or no trial completed)"
     tuned_value = tuned["valid"][metric]
     against = f"{tuned_value:.4f} against the base model's {base_value:.4f}"
     if tuned_value <= base_value:
@@ -76,9 +78,7 @@ def select_stage(io: Any, *, evaluation: EvaluationParams) -> dict[str, Any]:
     tuned_record = tune_dir / EVALUATION_DIR / metrics_files("tuned")[1]
     tuned = art.read_json(tuned_record) if tuned_record.is_file() else None
     search_info = art.read_json(tune_dir / SEARCH_FILE) if (tune_dir / SEARCH_FILE).is_file() else {"enabled": False}
-    served, reason = choose_served(base, tuned, evaluation.select_metric, evaluation.bootstrap_samples)
-    if tuned is None and search_info.get("finalist_skipped"):
-        reason = search_info["finalist_skipped"]
+    served, reason = choose_served(base, tuned, evaluation.select_metric, evaluation.bootstrap_samples, search_info.get("finalist_skipped"))
     chosen_dir = tune_dir / EVALUATION_DIR if served == "tuned" else base_dir
     record = {key: value for key, value in (tuned if served == "tuned" else base).items() if key != "valid_answers"}
     bundle = io.out_dir / BUNDLE_DIR

@@ -79,12 +79,13 @@ def calibrate(y_valid: np.ndarray, probs: np.ndarray, params: EvaluationParams) 
         fitted = metrics.temperature_for_confidence(probs, (n + 1) / (n + 2), params.temperature_min, params.temperature_max)
     else:
         fitted = metrics.fit_temperature(y_valid, probs, params.temperature_min, params.temperature_max)
+    scaled = metrics.apply_temperature(probs, fitted)
     before = metrics.negative_log_likelihood(y_valid, probs)
-    after = metrics.negative_log_likelihood(y_valid, metrics.apply_temperature(probs, fitted))
+    after = metrics.negative_log_likelihood(y_valid, scaled)
     helps = perfect or after < before - 1e-4
     info = {"fitted_temperature": fitted, "used": helps, "valid_nll_before": before, "valid_nll_after": after,
             "valid_ece_before": metrics.expected_calibration_error(y_valid, probs, params.calibration_bins)[0],
-            "valid_ece_after": metrics.expected_calibration_error(y_valid, metrics.apply_temperature(probs, fitted), params.calibration_bins)[0]}
+            "valid_ece_after": metrics.expected_calibration_error(y_valid, scaled, params.calibration_bins)[0]}
     if perfect:
         info["reason"] = (f"every validation answer is right, so the likelihood has no best temperature: T set so that the mean confidence "
                           f"on validation is (n+1)/(n+2) = {(n + 1) / (n + 2):.4f}, the accuracy to expect after {n} right answers")

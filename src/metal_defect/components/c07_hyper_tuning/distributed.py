@@ -49,7 +49,7 @@ def search(job: SearchJob, project: Path, plan: BudgetPlan) -> Any:
     worker finished)."""
     role = distributed_role()
     deadline = plan.search_deadline
-    tuner = build_tuner(job, project, deadline, plan)
+    tuner = build_tuner(job, project, plan)
     finished = sum(t.status in ("COMPLETED", "FAILED", "INVALID") for t in tuner.oracle.trials.values())
     log.info("tuning %s (%s, %s): project %s; %d finished trial(s) kept; no trial starts after %s; %s", job.model_name, job.tuning.tuner,
              role, project, finished, time.strftime("%H:%M:%S", time.localtime(deadline)), space_text(job))
@@ -112,7 +112,7 @@ def take_trials(job: SearchJob, active: Mapping[str, Any], project: Path, chief:
     join_search(worker_id, address, "tune-worker --chief")
     runtime.import_tensorflow()
     log.info("tune-worker %s: taking trials from the chief at %s (project %s)", worker_id, address, project)
-    tuner = build_tuner(job, project, active.get("deadline"))
+    tuner = build_tuner(job, project, BudgetPlan.until(active["deadline"]) if active.get("deadline") else None)
     tuner.search(verbose=0)
     ran = [p.parent.name for p in project.glob(f"trial_*/{TRIAL_RECORD}") if art.read_json(p).get("worker") == worker_id]
     log.info("tune-worker %s: the chief has no more trials; this worker ran %d: %s", worker_id, len(ran), ", ".join(sorted(ran)) or "none")

@@ -39,6 +39,13 @@ class BudgetPlan:
     trial_s: float  # expected: one trial of tuning.epochs_per_trial epochs at the base model's epoch time
     finalist_epochs: int = 0  # the base model's epochs: the full schedule the finalist trains
 
+    @classmethod
+    def until(cls, deadline: float) -> BudgetPlan:
+        """A plan that holds only a search deadline: a worker's, from the one its chief announced (the chief's oracle
+        keeps the whole plan)."""
+        now = time.time()
+        return cls(now, max(deadline - now, 0.0), 0.0, 0.0)
+
     @property
     def search_deadline(self) -> float:
         return self.started + max(self.total_s - self.finalist_s, 0.0)

@@ -21,7 +21,6 @@ from metal_defect.plots import tuning_trials
 def trial_rows(tuner: Any, project: Path, objective: str) -> list[dict[str, Any]]:
     """Every trial: id, status, objective, duration, worker, error, whether it is the recipe itself, and hyperparameters
     (oracle + our trial records)."""
-    recipe_values = getattr(tuner.oracle, "recipe_values", None)  # a worker's oracle client has none
     rows = []
     for trial_id, trial in sorted(tuner.oracle.trials.items()):
         record_path = project / f"trial_{trial_id}" / TRIAL_RECORD
@@ -31,7 +30,7 @@ def trial_rows(tuner: Any, project: Path, objective: str) -> list[dict[str, Any]
                      "score": trial.score if trial.score is not None and status == "COMPLETED" else None,
                      "best_epoch": trial.best_step if status == "COMPLETED" else None, "duration_s": record.get("duration_s"),
                      "worker": record.get("worker"), "host": record.get("host"), "rss_mb": record.get("rss_mb"), "error": record.get("error", ""),
-                     "recipe": recipe_values is not None and shown_values(trial.hyperparameters.values) == recipe_values,
+                     "recipe": tuner.oracle.is_recipe(trial.hyperparameters.values),
                      **{f"hp_{k}": v for k, v in shown_values(trial.hyperparameters.values).items()}})
     return rows
 

@@ -101,6 +101,10 @@ class BudgetMixin:
         return deadline, (f" (brought forward: the best configuration so far trains an epoch in {epoch_s:.1f} s, so its full "
                           f"{self.plan.finalist_epochs} epochs need ~{(self.plan.end - deadline) / 60:.1f} min of the budget)")
 
+    def is_recipe(self, values: Mapping[str, Any]) -> bool:
+        """Whether a trial's `values` are the recipe's own point (retrained, that is the base model again)."""
+        return self.recipe_values is not None and shown_values(values) == self.recipe_values
+
     def populate_space(self, trial_id: str) -> dict[str, Any]:
         deadline, why = self.current_deadline()
         if deadline is not None and time.time() >= deadline:
@@ -188,10 +192,19 @@ def build_trial_model(model_name: str, recipe: Recipe, setup: TrialSetup, epochs
     return built.model
 
 
-def build_tuner(job: SearchJob, project: Path, deadline: float | None, plan: BudgetPlan | None = None) -> Any:
-    """A Keras Tuner over `job`, its project in `project` (resumed when it exists). With the budget's `plan` (a local
-    search or a chief's) the oracle keeps the budget, and a trial stops at the deadline in force when it started;
-    without one (a worker's, whose oracle is the chief's) a trial stops at `deadline`, the chief's announced one.
+def trial_stop(oracle: Any, plan: BudgetPlan | None) -> float | None:
+    """When a trial starting now must stop. Our own oracle's (a local search's or a chief's) deadline in force now, which
+    the best trial so far may have brought forward: a trial started just before it must not run on into the finalist's
+    share. A worker's oracle is a client of the chief's: its trials stop at its `plan`'s, the chief's announced deadline."""
+    if isinstance(oracle, BudgetMixin):
+        return oracle.current_deadline()[0]
+    return plan.search_deadline if plan is not None else None
+
+
+def build_tuner(job: SearchJob, project: Path, plan: BudgetPlan | None) -> Any:
+    """A Keras Tuner over `job`, its project in `project` (resumed when it exists), within the budget `plan` (None: no
+    deadline). A local search's or a chief's oracle keeps the plan; on a worker, whose oracle is the chief's, `plan` is
+    `BudgetPlan.until(the chief's announced deadline)`, and a trial stops there (`trial_stop`).
 
     Each trial trains in a child process (`python -m metal_defect.components.c07_hyper_tuning.trials`):
     TensorFlow keeps ~12 MB of every fitted graph for the life of a process (clear_session does
@@ -218,8 +231,7 @@ def build_tuner(job: SearchJob, project: Path, deadline: float | None, plan: Bud
         def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
             values = trial.hyperparameters.values
             trial_dir = Path(self.get_trial_dir(trial.trial_id))
-            # a trial started just before a brought-forward deadline must not run on into the finalist's share
-            stop = self.oracle.current_deadline()[0] if plan is not None else deadline
+            stop = trial_stop(self.oracle, plan)
             resume = values.get("tuner/trial_id")  # hyperband: continue from an earlier bracket's weights
             spec = {"model_name": job.model_name, "recipe": to_plain(job.recipe), "prepared": str(job.prepared), "values": shown_values(values),
                     "setup": dataclasses.asdict(setup),
