@@ -264,7 +264,7 @@ def test_an_interrupted_finalist_resumes_only_as_the_same_configuration(tmp_path
     def train_models(data, base, model, callbacks, train, work_dir, out, saved_suffix, deadline):
         trained_in.append(work_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / TRAIN_SUMMARY).write_text(json.dumps({"models": {"custom_cnn" + saved_suffix: {"schedule": "end_to_end"}}}))
+        (out / TRAIN_SUMMARY).write_text(json.dumps({"models": {"custom_cnn" + saved_suffix: {"schedule": "end_to_end", "epochs_run": 1}}}))
 
     monkeypatch.setattr(finalist, "train_models", train_models)
     monkeypatch.setattr(finalist, "build_datasets", lambda *args: types.SimpleNamespace(steps=lambda split: 10))
@@ -368,12 +368,16 @@ def test_a_finalist_that_cannot_train_its_full_schedule_in_time_trains_a_shorter
 
     config = load_config(REPO)
     job = space.SearchJob("custom_cnn", Recipe.of(config), config.tuning, tmp_path / "prepared", "data")
-    trained = []
+    trained, short_by = [], [0]
 
     def train_models(data, base, model, callbacks, train, work_dir, out, saved_suffix, deadline):
-        trained.append((c06_training.schedule_epochs(train, 15), work_dir))
+        epochs = c06_training.schedule_epochs(train, 15)
+        trained.append((epochs, work_dir))
         out.mkdir(parents=True, exist_ok=True)
-        (out / TRAIN_SUMMARY).write_text(json.dumps({"models": {"custom_cnn" + saved_suffix: {"schedule": "end_to_end"}}}))
+        (out / TRAIN_SUMMARY).write_text(json.dumps({"models": {"custom_cnn" + saved_suffix: {"schedule": "end_to_end",
+                                                                                             "epochs_run": epochs - short_by[0]}}}))
+        if deadline - time.time() < 5:  # a budget of a second: training ends just after it
+            time.sleep(max(deadline - time.time(), 0.0) + 0.05)
 
     monkeypatch.setattr(finalist, "train_models", train_models)
     monkeypatch.setattr(finalist, "build_datasets", lambda *args: types.SimpleNamespace(steps=lambda split: 15))
@@ -384,6 +388,14 @@ def test_a_finalist_that_cannot_train_its_full_schedule_in_time_trains_a_shorter
     record = finalist.train_finalist(job, values, "05", tmp_path / "work", tmp_path / "out2", time.time() + 10 * 60, epoch_s=17.0)
     assert trained[-1][0] == record["fitted_epochs"] < record["schedule_epochs"] == full
     assert trained[0][1] != trained[1][1]  # a shortened schedule does not resume the full one's state
+    assert not record["stopped_by_budget"]
+    # proxy, 2026-12-07: a finalist that trained all of its 72 fitted epochs, ending 1 s after the budget, was logged
+    # as "stopped by the budget"; only one that ends short of its fitted schedule is
+    record = finalist.train_finalist(job, values, "05", tmp_path / "work", tmp_path / "out3", time.time() + 1.0, epoch_s=17.0)
+    assert record["epochs_run"] == record["fitted_epochs"] and not record["stopped_by_budget"]
+    short_by[0] = 1
+    record = finalist.train_finalist(job, values, "05", tmp_path / "work", tmp_path / "out4", time.time() + 1.0, epoch_s=17.0)
+    assert record["stopped_by_budget"]
 
 
 @pytest.mark.slow

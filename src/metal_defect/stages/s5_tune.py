@@ -111,10 +111,11 @@ def write_results(io: Any, tuner: Any, job: SearchJob, project: Path, plan: Budg
     finalist_started = time.time()
     info = train_finalist(job, values, best.trial_id, io.work_dir / "finalist", out, plan.end, tuner.oracle.best_epoch_seconds())
     finalist_seconds = time.time() - finalist_started
-    log.info("tuning: the finalist %s trained %d epochs in %.1f min (planned ~%.1f)%s", info["name"], info["epochs_run"], finalist_seconds / 60,
-             plan.finalist_s / 60, "; stopped by the budget" if time.time() >= plan.end else "")
+    log.info("tuning: the finalist %s trained %d of its %d epochs in %.1f min (planned ~%.1f)%s", info["name"], info["epochs_run"],
+             info["fitted_epochs"], finalist_seconds / 60, plan.finalist_s / 60, "; stopped by the budget" if info["stopped_by_budget"] else "")
     summary |= {"best_hyperparameters": values, "best_trial": best.trial_id, "best_score": best.score, "tuned_model": info["name"],
-                "finalist_seconds": round(finalist_seconds, 1), "finalist_epochs": info["epochs_run"]}
+                "finalist_seconds": round(finalist_seconds, 1), "finalist_epochs": info["epochs_run"],
+                "finalist_stopped_by_budget": info["stopped_by_budget"]}
     art.write_json_atomic(out / SEARCH_FILE, summary)
     result = evaluate_models(art.read_json(io.inputs["data_ingestion"] / INGESTION_REPORT), job.prepared, out, evaluation, out / EVALUATION_DIR, run_id=io.run_id, limits=limits,
                              extensions=tuple(schema.extensions), kind="tuned")

@@ -131,7 +131,8 @@ def train_finalist(job: SearchJob, values: Mapping[str, Any], trial_id: str, wor
     train-stage output (models/<name>_tuned/, train_summary.json), so that c06 evaluates it like a base model.
     When the full schedule at `epoch_s` (the best trial's epoch time) no longer fits before `deadline`, a shorter one
     that does (`schedule_that_fits`). An interrupted run resumes in `finalist_work_dir`: only the same configuration
-    resumes. Returns its train-stage record, with `schedule_epochs` (the full schedule's) and `fitted_epochs`."""
+    resumes. Returns its train-stage record, with `schedule_epochs` (the full schedule's), `fitted_epochs` and
+    `stopped_by_budget`."""
     recipe = apply_hyperparameters(job.recipe, values)
     data = build_datasets(job.prepared, recipe.data_loader, recipe.base.seed)
     train = dataclasses.replace(recipe.train, models=[job.model_name])
@@ -149,7 +150,10 @@ def train_finalist(job: SearchJob, values: Mapping[str, Any], trial_id: str, wor
                  saved_suffix=TUNED_SUFFIX, deadline=deadline)
     summary = art.read_json(out / TRAIN_SUMMARY)
     name = job.model_name + TUNED_SUFFIX
+    # the budget stopped it only if it ended short of its schedule; one that trained every fitted epoch may end just after
+    stopped = summary["models"][name]["epochs_run"] < fitted and time.time() >= deadline
     summary["models"][name] |= {"trial_id": trial_id, "hyperparameters": shown_values(values), "schedule_epochs": full, "fitted_epochs": fitted,
+                                "stopped_by_budget": stopped,
                                 "schedule": f"{summary['models'][name]['schedule']}, the best trial's configuration retrained"}
     art.write_json_atomic(out / TRAIN_SUMMARY, summary)
     return summary["models"][name]
