@@ -18,7 +18,7 @@ from conftest import REPO, TINY_SCHEMA, _deep_merge, tiny_training_params, write
 
 from metal_defect import metrics, synthetic
 from metal_defect import served as served_model
-from metal_defect.artifacts import ArtifactStore, read_json
+from metal_defect.artifacts import ArtifactStore, read_json, write_json_atomic
 from metal_defect.components import c06_training
 from metal_defect.components.c07_hyper_tuning import distributed, finalist, report, space, trials
 from metal_defect.config import Recipe, load_config
@@ -341,13 +341,35 @@ def test_a_trial_started_before_a_brought_forward_deadline_stops_at_it_not_at_th
     assert tuner.oracle.best_epoch_seconds() == 25.0  # the median after the first epoch, not the best epoch's 40 s
 
 
-def test_a_workers_trial_stops_at_the_deadline_its_chief_announced():
-    # a worker's oracle is a client of the chief's (no budget of its own): its plan holds the announced deadline only
-    announced = time.time() + 600.0
-    plan = finalist.BudgetPlan.until(announced)
-    assert abs(plan.search_deadline - announced) < 1e-6
-    assert trials.trial_stop(object(), plan) == plan.search_deadline and trials.trial_stop(object(), None) is None
-    assert finalist.BudgetPlan.until(time.time() - 5).search_deadline <= time.time()  # announced and already past: none starts
+def test_a_workers_trial_stops_where_the_chiefs_would_brought_forward_by_the_best_trial(tmp_path):
+    # a worker's trials stopped at the chief's announced static deadline: one started just before the chief brought
+    # its deadline forward (a slow best trial) ran on into the finalist's share, as a chief's own trial once did
+    kt = pytest.importorskip("keras_tuner")
+    plan = finalist.BudgetPlan(started=time.time(), total_s=40 * 60.0, finalist_s=9.0 * 50 + finalist.TRIAL_START_S, trial_s=60.0,
+                               finalist_epochs=50)
+    write_json_atomic(tmp_path / "active.json", {"state": "running", "deadline": plan.search_deadline, "plan": dataclasses.asdict(plan)})
+    announced = finalist.BudgetPlan.announced(read_json(tmp_path / "active.json"))
+    assert announced == plan
+
+    class ChiefClient:  # what a worker's oracle answers: the chief's best trial, through Keras Tuner's protocol
+        def __init__(self, best_epoch_s: float | None) -> None:
+            self.best = []
+            if best_epoch_s is not None:
+                trial = kt.engine.trial.Trial(kt.HyperParameters(), trial_id="01", status="COMPLETED")
+                trial.metrics.register(trials.MEDIAN_EPOCH_SECONDS)
+                trial.metrics.update(trials.MEDIAN_EPOCH_SECONDS, best_epoch_s)
+                self.best = [kt.engine.trial.Trial.from_proto(trial.to_proto())]
+
+        def get_best_trials(self, num_trials: int = 1) -> list:
+            return self.best[:num_trials]
+
+    assert trials.trial_stop(ChiefClient(None), announced) == plan.search_deadline  # no trial finished yet
+    assert trials.trial_stop(ChiefClient(9.0), announced) == plan.search_deadline  # as fast as the base model
+    assert trials.trial_stop(ChiefClient(25.0), announced) == plan.trial_deadline(25.0) < plan.search_deadline  # brought forward
+    older = finalist.BudgetPlan.announced({"deadline": time.time() + 600.0})  # an older chief's announcement: its deadline only
+    assert abs(older.search_deadline - (time.time() + 600.0)) < 5 and trials.trial_stop(ChiefClient(25.0), older) == older.search_deadline
+    assert finalist.BudgetPlan.announced({"state": "running"}) is None and trials.trial_stop(ChiefClient(25.0), None) is None
+    assert finalist.BudgetPlan.announced({"deadline": time.time() - 5}).search_deadline <= time.time()  # already past: none starts
 
 
 def test_a_finalist_that_cannot_train_its_full_schedule_in_time_trains_a_shorter_one_that_fits(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -58,7 +59,7 @@ def search(job: SearchJob, project: Path, plan: BudgetPlan) -> Any:
         active = project.parent / ACTIVE_FILE
         art.write_json_atomic(active, {"state": "running", "project": project.name, "chief": address, "model": job.model_name,
                                        "recipe_fingerprint": job.recipe_fingerprint, "data_fingerprint": job.data_fingerprint,
-                                       "started": art.now_iso(), "deadline": deadline})
+                                       "started": art.now_iso(), "deadline": deadline, "plan": dataclasses.asdict(plan)})
         log.info("chief: serving the oracle on %s; start workers with `python main.py tune-worker --chief HOST:%s`",
                  address, os.environ["KERASTUNER_ORACLE_PORT"])
     try:
@@ -112,7 +113,7 @@ def take_trials(job: SearchJob, active: Mapping[str, Any], project: Path, chief:
     join_search(worker_id, address, "tune-worker --chief")
     runtime.import_tensorflow()
     log.info("tune-worker %s: taking trials from the chief at %s (project %s)", worker_id, address, project)
-    tuner = build_tuner(job, project, BudgetPlan.until(active["deadline"]) if active.get("deadline") else None)
+    tuner = build_tuner(job, project, BudgetPlan.announced(active))
     tuner.search(verbose=0)
     ran = [p.parent.name for p in project.glob(f"trial_*/{TRIAL_RECORD}") if art.read_json(p).get("worker") == worker_id]
     log.info("tune-worker %s: the chief has no more trials; this worker ran %d: %s", worker_id, len(ran), ", ".join(sorted(ran)) or "none")

@@ -40,11 +40,15 @@ class BudgetPlan:
     finalist_epochs: int = 0  # the base model's epochs: the full schedule the finalist trains
 
     @classmethod
-    def until(cls, deadline: float) -> BudgetPlan:
-        """A plan that holds only a search deadline: a worker's, from the one its chief announced (the chief's oracle
-        keeps the whole plan)."""
+    def announced(cls, active: Mapping[str, Any]) -> BudgetPlan | None:
+        """A worker's plan: the one its chief announced in `active` (None when the chief has no budget). An older
+        chief announced only its search deadline: then that, never brought forward."""
+        if active.get("plan"):
+            return cls(**active["plan"])
+        if not active.get("deadline"):
+            return None
         now = time.time()
-        return cls(now, max(deadline - now, 0.0), 0.0, 0.0)
+        return cls(now, max(active["deadline"] - now, 0.0), 0.0, 0.0)
 
     @property
     def search_deadline(self) -> float:

@@ -66,6 +66,20 @@ def _keras_tuner() -> Any:
     return keras_tuner
 
 
+def best_epoch_seconds(oracle: Any) -> float | None:
+    """The epoch time of `oracle`'s best trial so far: the median of its epochs after the first (None before one
+    completed). `oracle` is our own or a worker's client of the chief's: both answer get_best_trials. One epoch's
+    time misleads: on the proxy (2026-12-07) the best epoch of the best trial took 16.1 s, its epochs 16.1-22.9 s,
+    and its full training a median 16.9 s."""
+    best = oracle.get_best_trials(1)
+    if not best:
+        return None
+    for name in (MEDIAN_EPOCH_SECONDS, "epoch_seconds"):  # a trial of an older search has only its best epoch's
+        if best[0].metrics.exists(name) and best[0].metrics.get_history(name):
+            return float(best[0].metrics.get_history(name)[-1].value[0])
+    return None
+
+
 class BudgetMixin:
     """Oracle side of the wall-clock budget (`plan`): no trial starts after the search's deadline, brought forward
     when the best trial so far is slower than the base model, so that its full training still fits. When
@@ -78,16 +92,8 @@ class BudgetMixin:
     recipe_values: dict[str, Any] | None = None
 
     def best_epoch_seconds(self) -> float | None:
-        """The epoch time of the best trial so far: the median of its epochs after the first (None before one completed).
-        One epoch's time misleads: on the proxy (2026-12-07) the best epoch of the best trial took 16.1 s, its
-        epochs 16.1-22.9 s, and its full training a median 16.9 s."""
-        best = self.get_best_trials(1)  # type: ignore[attr-defined]
-        if not best:
-            return None
-        for name in (MEDIAN_EPOCH_SECONDS, "epoch_seconds"):  # a trial of an older search has only its best epoch's
-            if best[0].metrics.exists(name) and best[0].metrics.get_history(name):
-                return float(best[0].metrics.get_history(name)[-1].value[0])
-        return None
+        """The epoch time of the best trial so far (`best_epoch_seconds`)."""
+        return best_epoch_seconds(self)
 
     def current_deadline(self) -> tuple[float | None, str]:
         """The time after which no trial starts and a running one stops (None without a plan), and why it is
@@ -193,18 +199,19 @@ def build_trial_model(model_name: str, recipe: Recipe, setup: TrialSetup, epochs
 
 
 def trial_stop(oracle: Any, plan: BudgetPlan | None) -> float | None:
-    """When a trial starting now must stop. Our own oracle's (a local search's or a chief's) deadline in force now, which
-    the best trial so far may have brought forward: a trial started just before it must not run on into the finalist's
-    share. A worker's oracle is a client of the chief's: its trials stop at its `plan`'s, the chief's announced deadline."""
+    """When a trial starting now must stop: the deadline in force now, which the best trial so far may have brought
+    forward, so that a trial started just before it does not run on into the finalist's share. Our own oracle (a
+    local search's or a chief's) holds the plan; a worker's is a client of the chief's, and `plan` is the one its chief
+    announced: the same rule over the same best trial, asked of the chief."""
     if isinstance(oracle, BudgetMixin):
         return oracle.current_deadline()[0]
-    return plan.search_deadline if plan is not None else None
+    return plan.trial_deadline(best_epoch_seconds(oracle)) if plan is not None else None
 
 
 def build_tuner(job: SearchJob, project: Path, plan: BudgetPlan | None) -> Any:
     """A Keras Tuner over `job`, its project in `project` (resumed when it exists), within the budget `plan` (None: no
     deadline). A local search's or a chief's oracle keeps the plan; on a worker, whose oracle is the chief's, `plan` is
-    `BudgetPlan.until(the chief's announced deadline)`, and a trial stops there (`trial_stop`).
+    the one its chief announced (`BudgetPlan.announced`), and a trial stops where the chief's would (`trial_stop`).
 
     Each trial trains in a child process (`python -m metal_defect.components.c07_hyper_tuning.trials`):
     TensorFlow keeps ~12 MB of every fitted graph for the life of a process (clear_session does
