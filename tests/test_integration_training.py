@@ -75,7 +75,7 @@ def test_served_neu_model_answers_re_encoded_images_alike_and_litert_matches(tmp
         for variant in (bmp, png):  # the same pixels in another container: the same answer
             assert (variant.label, variant.flagged) == (answer.label, False), (answer.path, variant.path, variant.verdict, variant.reason)
         resized.append(jpeg)
-    # resized to 256 px, a second resampling (the default recipe trains with resampling blur):
+    # resized to 256 px, a second resampling (the five-block network needs no resampling blur for it, 2026-12-07):
     # the same label, and not flagged
     assert [(r.label, r.flagged) for r in resized] == [(a.label, False) for a in clear], [(r.path, r.label, r.verdict, r.reason) for r in resized]
     # their negatives are out of distribution (the polarity part: closer to the training images' negatives)
