@@ -201,10 +201,8 @@ def build_trial_model(model_name: str, recipe: Recipe, setup: TrialSetup, epochs
 def trial_stop(oracle: Any, plan: BudgetPlan | None) -> float | None:
     """When a trial starting now must stop: the deadline in force now, which the best trial so far may have brought
     forward, so that a trial started just before it does not run on into the finalist's share. Our own oracle (a
-    local search's or a chief's) holds the plan; a worker's is a client of the chief's, and `plan` is the one its chief
-    announced: the same rule over the same best trial, asked of the chief."""
-    if isinstance(oracle, BudgetMixin):
-        return oracle.current_deadline()[0]
+    local search's or a chief's) holds `plan` itself (`current_deadline` is this rule); a worker's is a client of the
+    chief's, and `plan` is the one its chief announced: the same rule over the same best trial, asked of the chief."""
     return plan.trial_deadline(best_epoch_seconds(oracle)) if plan is not None else None
 
 
