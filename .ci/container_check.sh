@@ -69,8 +69,8 @@ if [ -z "$bundle" ]; then
   bundle="$work/tiny/bundle"
 fi
 bundle="$(cd "$bundle" && pwd)"
-probe="$(ls "$work"/tiny/data/*/*.png 2> /dev/null | head -1 || true)"
-if [ -z "$probe" ]; then  # a bundle was given: any image will do for an answer
+probe="$(ls "$(dirname "$bundle")"/data/*/*.png 2> /dev/null | head -1 || true)"  # tiny_bundle.py's images
+if [ -z "$probe" ]; then  # another bundle: any image will do for an answer
   probe="$work/probe.png"
   "$repo/.venv/bin/python" -c "import sys; from PIL import Image; Image.radial_gradient('L').resize((200, 200)).save(sys.argv[1])" "$probe"
 fi

@@ -1,9 +1,9 @@
-"""Train a tiny model on synthetic images and export its bundle: `python .ci/tiny_bundle.py WORK [--search]`.
+"""Train a tiny model on synthetic images and export its bundle: `python .ci/tiny_bundle.py WORK`.
 
 Used by the CI checks that need a real bundle without the NEU run (the installed-package
 smoke test, the container check). WORK receives `data/` (the synthetic images, class folders),
-`cfg/` (the three YAML files, tiny settings) and `bundle/` (the exported bundle). With
-`--search` the tune stage runs a two-trial search, so the Keras Tuner install is exercised too.
+`cfg/` (the three YAML files, tiny settings) and `bundle/` (the exported bundle). No search:
+the tests run it, in the same venv.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", type=Path)
-    parser.add_argument("--search", action="store_true", help="run a two-trial search in the tune stage")
     args = parser.parse_args(argv)
 
     from metal_defect import synthetic
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     params["base"]["image_size"] = 32
     params["data_ingestion"]["source"] = str(data)
     params["train"].update(epochs=2, min_steps=0, verbose=0)
-    params["tuning"].update(enabled=args.search, max_trials=2, epochs_per_trial=2)
+    params["tuning"]["enabled"] = False
     params["evaluation"]["annotations"] = None
     (cfg / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     schema = yaml.safe_load((cfg / "schema.yaml").read_text())

@@ -118,14 +118,16 @@ def test_colour_image_for_a_grayscale_model_is_flagged_in_words(monkeypatch, tin
     assert any("Not like the training images" in e.value and "colour" in e.value for e in at.error)
 
 
-def test_memory_stays_flat_over_fifty_uploads(monkeypatch, tiny):
+def test_memory_stays_flat_over_many_uploads(monkeypatch, tiny):
+    # measured 2026-12-07: 920 -> 923 MB from the 10th to the 50th upload (0.09 MB an upload); the bound
+    # is 2 MB an upload over the last 15
     import psutil
 
     at = _app(monkeypatch, tiny["folder"])
     files = sorted(p for label in ("crazing", "inclusion", "patches") for p in (tiny["data"] / label).glob("*.png"))
     process = psutil.Process()
     rss = {}
-    for i in range(1, 51):
+    for i in range(1, 26):
         path = files[i % len(files)]
         # a different file each time (the same picture with one pixel changed), like a stream of new uploads
         pixels = np.asarray(Image.open(path)).copy()
@@ -134,9 +136,9 @@ def test_memory_stays_flat_over_fifty_uploads(monkeypatch, tiny):
         Image.fromarray(pixels).save(buffer, format="PNG")
         at.file_uploader[0].set_value((f"upload_{i}.png", buffer.getvalue(), "image/png")).run()
         assert not at.exception
-        if i in (10, 50):
+        if i in (10, 25):
             rss[i] = process.memory_info().rss / 1e6
-    assert rss[50] - rss[10] < 100, rss
+    assert rss[25] - rss[10] < 30, rss
 
 
 def _png_of(array: np.ndarray) -> bytes:

@@ -45,7 +45,7 @@ def _main(*args: str, env: dict | None = None, log: Path | None = None) -> subpr
 
 @pytest.mark.slow
 def test_a_killed_search_resumes_without_redoing_finished_trials(tmp_path):
-    folder = make_config(tmp_path, tiny_tuning_params(max_trials=3, epochs_per_trial=6))
+    folder = make_config(tmp_path, tiny_tuning_params(max_trials=2, epochs_per_trial=6))
     runner = _main("run", "--config", str(folder), log=tmp_path / "first.log")
     root = folder / "artifacts" / "tuning"
 
@@ -69,11 +69,11 @@ def test_a_killed_search_resumes_without_redoing_finished_trials(tmp_path):
         os.killpg(runner.pid, signal.SIGKILL)
         runner.wait()
     first = finished()
-    assert first and len(first) < 3, first
+    assert len(first) == 1, first  # the first finished, the second was running
     manifest = Runner(load_config(folder)).run()
     assert manifest["status"] == "succeeded"
     rows = read_trials(manifest)
-    assert len(rows) == 3 and all(r["status"] == "COMPLETED" for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "COMPLETED" for r in rows)
     after = {p.parent.name: read_json(p)["started"] for p in root.glob("*/trial_*/metal_defect_trial.json")}
     assert all(after[name] == started for name, started in first.items()), "a finished trial was run again"
 
@@ -86,7 +86,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_a_chief_and_two_workers_share_one_search(tmp_path):
-    folder = make_config(tmp_path, tiny_tuning_params(max_trials=6, epochs_per_trial=4))
+    folder = make_config(tmp_path, tiny_tuning_params(max_trials=4, epochs_per_trial=4))
     port = _free_port()
     logs = {name: tmp_path / f"{name}.log" for name in ("chief", "worker1", "worker2")}
     procs = []
@@ -110,11 +110,11 @@ def test_a_chief_and_two_workers_share_one_search(tmp_path):
     manifest = chief_runs[-1]
     assert manifest["status"] == "succeeded"
     rows = read_trials(manifest)
-    assert len(rows) == 6 and list(rows[0])[: len(TRIAL_COLUMNS)] == TRIAL_COLUMNS
+    assert len(rows) == 4 and list(rows[0])[: len(TRIAL_COLUMNS)] == TRIAL_COLUMNS
     assert {r["worker"] for r in rows} == {"worker1", "worker2"}, [r["worker"] for r in rows]
     assert all(r["status"] == "COMPLETED" for r in rows)
     summary = read_json(Path(manifest["stages"]["select"]["output"]) / s6_select.TUNING_SUMMARY)
-    assert summary["trials_completed"] == 6 and summary["served"] in ("tuned", "base")
+    assert summary["trials_completed"] == 4 and summary["served"] in ("tuned", "base")
     assert json.loads((folder / "artifacts" / "tuning" / distributed.ACTIVE_FILE).read_text())["state"] == "finished"
 
 
@@ -132,13 +132,15 @@ def test_a_worker_with_other_data_refuses_to_take_trials(tmp_path):
 
 
 @pytest.mark.slow
-def test_memory_stays_flat_over_a_dozen_trials(tmp_path):
-    # 12 trials (each a child process with its own TensorFlow start-up, ~12 s here): the search's own
-    # memory after the first few must not grow by a trial's worth (a kept model or graph is 100+ MB)
-    params = tiny_tuning_params(max_trials=12, epochs_per_trial=2, space={"width": [0.5, 0.75, 1.0], "batch_size": [8, 16]})
+def test_memory_stays_flat_over_many_trials(tmp_path):
+    # 6 trials (each a child process with its own TensorFlow start-up, ~12 s here): the search's own
+    # memory must not grow by 10 MB a trial over the last four (measured flat to the MB over 8 trials,
+    # 2026-12-07; a model or graph the search kept would be 100+ MB a trial, and TensorFlow's own
+    # ~12 MB a fit of this tiny model, which a trial trained in-process keeps, is over the bound)
+    params = tiny_tuning_params(max_trials=6, epochs_per_trial=2, space={"width": [0.5, 0.75, 1.0], "batch_size": [8, 16]})
     folder = make_config(tmp_path, params, per_class=10)
     manifest = Runner(load_config(folder), command="run").run("tune")
     rows = {int(r["trial_id"]): r for r in read_trials(manifest)}
-    assert len(rows) == 12 and all(r["status"] == "COMPLETED" for r in rows.values())
-    grown = float(rows[11]["rss_mb"]) - float(rows[3]["rss_mb"])
-    assert grown < 100, {i: rows[i]["rss_mb"] for i in sorted(rows)}
+    assert len(rows) == 6 and all(r["status"] == "COMPLETED" for r in rows.values())
+    grown = float(rows[5]["rss_mb"]) - float(rows[1]["rss_mb"])
+    assert grown < 40, {i: rows[i]["rss_mb"] for i in sorted(rows)}
