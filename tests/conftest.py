@@ -126,17 +126,3 @@ def tiny(tmp_path_factory):
     bundle = served_model.bundle_of_run(ArtifactStore(folder / "artifacts"), manifest["run_id"])
     return {"folder": folder, "data": data, "run_id": manifest["run_id"], "bundle": bundle, "predictor": Predictor.from_bundle(bundle)}
 
-
-# The test files that keep a worker longest, heaviest first (worker seconds in the clean-clone CI of
-# 2026-12-07, AMD EPYC: the two tuning files ~500 each, the NEU training ~400, the app ~350, the few-pixel
-# defect ~200, the four backbones ~200). `--dist loadscope` hands files out in collection order, one
-# at a time as a worker frees up; alphabetically the two tuning files came last, so the suite ended
-# with one worker busy on them while the other idled. Heaviest first, the light files fill the gaps.
-HEAVIEST_FILES = ("test_tuning_processes.py", "test_tuning.py", "test_integration_training.py", "test_app.py",
-                  "test_generalisation.py", "test_models.py", "test_dataset_loader.py", "test_learning_from_reviews.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the heaviest test files first (a stable sort: each file's tests keep their order)."""
-    rank = {name: i for i, name in enumerate(HEAVIEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVIEST_FILES)))
