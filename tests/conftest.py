@@ -125,4 +125,3 @@ def tiny(tmp_path_factory):
     manifest = Runner(load_config(folder)).run()
     bundle = served_model.bundle_of_run(ArtifactStore(folder / "artifacts"), manifest["run_id"])
     return {"folder": folder, "data": data, "run_id": manifest["run_id"], "bundle": bundle, "predictor": Predictor.from_bundle(bundle)}
-
