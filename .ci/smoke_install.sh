@@ -9,8 +9,9 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-tiny="${1:-$work/tiny}"
-if [ -z "${1:-}" ]; then
+tiny="${1:-}"
+if [ -z "$tiny" ]; then
+  tiny="$work/tiny"
   (cd "$repo" && "$repo/.venv/bin/python" .ci/tiny_bundle.py "$tiny")
 fi
 tiny="$(cd "$tiny" && pwd)"
