@@ -341,6 +341,49 @@ def test_a_trial_started_before_a_brought_forward_deadline_stops_at_it_not_at_th
     assert tuner.oracle.best_epoch_seconds() == 25.0  # the median after the first epoch, not the best epoch's 40 s
 
 
+def test_the_finalists_epoch_time_is_the_best_trials_scaled_by_the_base_model_against_the_recipes_trial():
+    # X-SDD, 2026-12-07: trials ran slower than the train stage on this shared machine (the recipe's own trial a median
+    # 14 s an epoch, the base model 10.2 s); the best trial's 19.1 s brought the deadline forward after 7 of ~18 planned
+    # trials and trimmed its finalist, which then trained at 10.6 s, to 45 of 50 epochs
+    kt = pytest.importorskip("keras_tuner")
+    plan = finalist.BudgetPlan(started=time.time(), total_s=40 * 60.0, finalist_s=10.2 * 50 + finalist.TRIAL_START_S, trial_s=60.0,
+                               finalist_epochs=50, base_epoch_s=10.2)
+
+    def finished(trial_id: str, epoch_s: float) -> object:
+        trial = kt.engine.trial.Trial(kt.HyperParameters(), trial_id=trial_id, status="COMPLETED")
+        trial.metrics.register(trials.MEDIAN_EPOCH_SECONDS)
+        trial.metrics.update(trials.MEDIAN_EPOCH_SECONDS, epoch_s)
+        return kt.engine.trial.Trial.from_proto(trial.to_proto())  # as a worker's client hands it over
+
+    class Oracle:  # our own oracle or a worker's client of the chief's: the best trial, and a trial by its id
+        def __init__(self, best: object, by_id: dict) -> None:
+            self.best, self.by_id = best, by_id
+
+        def get_best_trials(self, num_trials: int = 1) -> list:
+            return [self.best][:num_trials]
+
+        def get_trial(self, trial_id: str) -> object:
+            return self.by_id[trial_id]
+
+    recipe, best = finished("00", 14.0), finished("06", 19.1)
+    oracle = Oracle(best, {"00": recipe, "06": best})
+    assert trials.finalist_epoch_seconds(oracle, plan, "00") == pytest.approx(19.1 * 10.2 / 14.0)  # 13.9 s, not 19.1
+    stop = trials.trial_stop(oracle, plan, "00")
+    assert stop == pytest.approx(plan.trial_deadline(19.1 * 10.2 / 14.0), abs=1e-3) and stop > plan.trial_deadline(19.1) + 250  # 50 x 5.2 s later
+    assert trials.finalist_epoch_seconds(Oracle(recipe, {"00": recipe}), plan, "00") == pytest.approx(10.2)  # the recipe leads: the base model's
+    # without the recipe's trial (Hyperband, a recipe outside the space), its time or an older chief's plan: the trial's own
+    assert trials.finalist_epoch_seconds(oracle, plan, None) == pytest.approx(19.1)
+    assert trials.finalist_epoch_seconds(Oracle(best, {}), plan, "00") == pytest.approx(19.1)
+    assert trials.finalist_epoch_seconds(oracle, dataclasses.replace(plan, base_epoch_s=0.0), "00") == pytest.approx(19.1)
+    assert trials.finalist_epoch_seconds(Oracle(best, {"00": kt.engine.trial.Trial(kt.HyperParameters(), trial_id="00")}), plan, "00") == pytest.approx(19.1)
+    # the search starts with the recipe's own trial, numbered as Keras Tuner numbers it; Hyperband has none
+    tuning = load_config(REPO).tuning
+    assert trials.first_trial_id(12) == "00" and trials.first_trial_id(9) == "0" and trials.first_trial_id(100) == "000"
+    assert trials.make_oracle(dataclasses.replace(tuning, tuner="random", max_trials=12), plan, {"h": 1}).recipe_trial == "00"
+    assert trials.make_oracle(dataclasses.replace(tuning, tuner="hyperband"), plan, {"h": 1}).recipe_trial is None
+    assert finalist.plan_budget(tuning, {"median_epoch_seconds": 9.0, "epochs_run": 50}, started=time.time()).base_epoch_s == 9.0
+
+
 def test_a_workers_trial_stops_where_the_chiefs_would_brought_forward_by_the_best_trial(tmp_path):
     # a worker's trials stopped at the chief's announced static deadline: one started just before the chief brought
     # its deadline forward (a slow best trial) ran on into the finalist's share, as a chief's own trial once did

@@ -109,7 +109,7 @@ def write_results(io: Any, tuner: Any, job: SearchJob, project: Path, plan: Budg
              "(until %s at the latest)", len(completed), len(failed), search_seconds / 60, best.trial_id, job.tuning.objective, best.score,
              format_values(values), time.strftime("%H:%M:%S", time.localtime(plan.end)))
     finalist_started = time.time()
-    info = train_finalist(job, values, best.trial_id, io.work_dir / "finalist", out, plan.end, tuner.oracle.best_epoch_seconds())
+    info = train_finalist(job, values, best.trial_id, io.work_dir / "finalist", out, plan.end, tuner.oracle.finalist_epoch_seconds())
     finalist_seconds = time.time() - finalist_started
     log.info("tuning: the finalist %s trained %d of its %d epochs in %.1f min (planned ~%.1f)%s", info["name"], info["epochs_run"],
              info["fitted_epochs"], finalist_seconds / 60, plan.finalist_s / 60, "; stopped by the budget" if info["stopped_by_budget"] else "")

@@ -38,6 +38,7 @@ class BudgetPlan:
     finalist_s: float  # expected: as long as the base model's training took
     trial_s: float  # expected: one trial of tuning.epochs_per_trial epochs at the base model's epoch time
     finalist_epochs: int = 0  # the base model's epochs: the full schedule the finalist trains
+    base_epoch_s: float = 0.0  # the base model's median epoch in the train stage (0: unknown, e.g. an older chief's plan)
 
     @classmethod
     def announced(cls, active: Mapping[str, Any]) -> BudgetPlan | None:
@@ -56,7 +57,7 @@ class BudgetPlan:
 
     def trial_deadline(self, best_epoch_s: float | None) -> float:
         """No trial starts after this: the search deadline, brought forward when the best configuration so far trains
-        an epoch in `best_epoch_s` (its trial's) and so needs longer than the base model for the full schedule. On
+        an epoch in `best_epoch_s` (`finalist_epoch_seconds`) and so needs longer than the base model for the full schedule. On
         magnetic tiles (2026-12-07) a 1.5-times-wider finalist got the base model's 7.7 minutes and was stopped after
         26 of its 50 epochs, its learning rate not yet decayed."""
         if not best_epoch_s or not self.finalist_epochs:
@@ -87,7 +88,8 @@ def plan_budget(tuning: TuningParams, base_training: Mapping[str, Any], started:
     """The plan for a search around a base model whose train-stage record is `base_training`."""
     epoch_s = float(base_training.get("median_epoch_seconds") or 0.0)
     epochs = int(base_training.get("epochs_run") or 0)
-    return BudgetPlan(started, tuning.max_minutes * 60.0, epoch_s * epochs + TRIAL_START_S, epoch_s * tuning.epochs_per_trial + TRIAL_START_S, epochs)
+    return BudgetPlan(started, tuning.max_minutes * 60.0, epoch_s * epochs + TRIAL_START_S, epoch_s * tuning.epochs_per_trial + TRIAL_START_S, epochs,
+                      epoch_s)
 
 
 def search_needed(tuning: TuningParams, best: Mapping[str, Any], evaluation: EvaluationParams) -> tuple[bool, str]:

@@ -66,18 +66,44 @@ def _keras_tuner() -> Any:
     return keras_tuner
 
 
-def best_epoch_seconds(oracle: Any) -> float | None:
-    """The epoch time of `oracle`'s best trial so far: the median of its epochs after the first (None before one
-    completed). `oracle` is our own or a worker's client of the chief's: both answer get_best_trials. One epoch's
-    time misleads: on the proxy (2026-12-07) the best epoch of the best trial took 16.1 s, its epochs 16.1-22.9 s,
-    and its full training a median 16.9 s."""
-    best = oracle.get_best_trials(1)
-    if not best:
-        return None
+def trial_epoch_seconds(trial: Any) -> float | None:
+    """A finished trial's epoch time: the median of its epochs after the first (None when it recorded none). One
+    epoch's time misleads: on the proxy (2026-12-07) the best epoch of the best trial took 16.1 s, its epochs
+    16.1-22.9 s, and its full training a median 16.9 s."""
     for name in (MEDIAN_EPOCH_SECONDS, "epoch_seconds"):  # a trial of an older search has only its best epoch's
-        if best[0].metrics.exists(name) and best[0].metrics.get_history(name):
-            return float(best[0].metrics.get_history(name)[-1].value[0])
+        if trial.metrics.exists(name) and trial.metrics.get_history(name):
+            return float(trial.metrics.get_history(name)[-1].value[0])
     return None
+
+
+def best_epoch_seconds(oracle: Any) -> float | None:
+    """The epoch time of `oracle`'s best trial so far (None before one completed). `oracle` is our own or a worker's
+    client of the chief's: both answer get_best_trials and get_trial."""
+    best = oracle.get_best_trials(1)
+    return trial_epoch_seconds(best[0]) if best else None
+
+
+def first_trial_id(max_trials: int) -> str:
+    """The id Keras Tuner gives a search's first trial: 0, zero-padded to the digits of max_trials."""
+    return f"{0:0{len(str(max_trials))}d}"
+
+
+def finalist_epoch_seconds(oracle: Any, plan: BudgetPlan | None, recipe_trial: str | None) -> float | None:
+    """The best trial's configuration's expected epoch time in the train stage: its trial's, scaled by the base
+    model's epochs in the train stage against the recipe's own trial (`recipe_trial`, the same network as the base
+    model, trained under the trials' conditions). A trial's epochs ran 1.4-2 times the train stage's on this shared
+    machine (X-SDD, 2026-12-07: the recipe's trial a median 14 s, the base model 10.2 s; the best trial 19.1 s, its
+    finalist 10.6 s), so the trial's own time brought the deadline forward too early; the ratio of two trials is
+    steadier (the proxy: 20.7 / 8.5 x 8.0 = 19.5 s, its finalist 19.5 s). Without the recipe's trial, the base
+    model's epoch time or a plan, the best trial's own time."""
+    best_s = best_epoch_seconds(oracle)
+    if best_s is None or plan is None or not plan.base_epoch_s or recipe_trial is None:
+        return best_s
+    try:
+        recipe_s = trial_epoch_seconds(oracle.get_trial(recipe_trial))
+    except KeyError:  # our own oracle before the trial exists (a worker's client answers for the chief's)
+        return best_s
+    return best_s * plan.base_epoch_s / recipe_s if recipe_s else best_s
 
 
 class BudgetMixin:
@@ -90,22 +116,32 @@ class BudgetMixin:
 
     plan: BudgetPlan | None = None
     recipe_values: dict[str, Any] | None = None
+    recipe_trial: str | None = None  # the recipe's own trial's id, when the search starts with it
 
     def best_epoch_seconds(self) -> float | None:
         """The epoch time of the best trial so far (`best_epoch_seconds`)."""
         return best_epoch_seconds(self)
+
+    def finalist_epoch_seconds(self) -> float | None:
+        """The best configuration's expected epoch time in the train stage (`finalist_epoch_seconds`)."""
+        return finalist_epoch_seconds(self, self.plan, self.recipe_trial)
 
     def current_deadline(self) -> tuple[float | None, str]:
         """The time after which no trial starts and a running one stops (None without a plan), and why it is
         earlier than the plan's search deadline ('' when it is not)."""
         if self.plan is None:
             return None, ""
-        epoch_s = self.best_epoch_seconds()
+        epoch_s = self.finalist_epoch_seconds()
         deadline = self.plan.trial_deadline(epoch_s)
         if deadline >= self.plan.search_deadline:
             return deadline, ""
-        return deadline, (f" (brought forward: the best configuration so far trains an epoch in {epoch_s:.1f} s, so its full "
+        return deadline, (f" (brought forward: the best configuration so far trains an epoch in {epoch_s:.1f} s{self._scaled()}, so its full "
                           f"{self.plan.finalist_epochs} epochs need ~{(self.plan.end - deadline) / 60:.1f} min of the budget)")
+
+    def _scaled(self) -> str:
+        """How the epoch time in the log was reached, when it is not the best trial's own."""
+        own = self.best_epoch_seconds()
+        return "" if own == self.finalist_epoch_seconds() else f" in the train stage (its trial: {own:.1f} s, scaled by the base model's against the recipe's trial)"
 
     def is_recipe(self, values: Mapping[str, Any]) -> bool:
         """Whether a trial's `values` are the recipe's own point (retrained, that is the base model again)."""
@@ -146,6 +182,7 @@ def make_oracle(tuning: TuningParams, plan: BudgetPlan | None = None, recipe_val
     oracle = type(f"Budgeted{base.__name__}", (BudgetMixin, base), {})(**common, **extra)
     oracle.plan = plan
     oracle.recipe_values = recipe_values
+    oracle.recipe_trial = first_trial_id(tuning.max_trials) if recipe_values is not None else None
     return oracle
 
 
@@ -198,12 +235,13 @@ def build_trial_model(model_name: str, recipe: Recipe, setup: TrialSetup, epochs
     return built.model
 
 
-def trial_stop(oracle: Any, plan: BudgetPlan | None) -> float | None:
+def trial_stop(oracle: Any, plan: BudgetPlan | None, recipe_trial: str | None = None) -> float | None:
     """When a trial starting now must stop: the deadline in force now, which the best trial so far may have brought
     forward, so that a trial started just before it does not run on into the finalist's share. Our own oracle (a
     local search's or a chief's) holds `plan` itself (`current_deadline` is this rule); a worker's is a client of the
-    chief's, and `plan` is the one its chief announced: the same rule over the same best trial, asked of the chief."""
-    return plan.trial_deadline(best_epoch_seconds(oracle)) if plan is not None else None
+    chief's, and `plan` is the one its chief announced: the same rule over the same trials (the best and the recipe's
+    own, `recipe_trial`), asked of the chief."""
+    return plan.trial_deadline(finalist_epoch_seconds(oracle, plan, recipe_trial)) if plan is not None else None
 
 
 def build_tuner(job: SearchJob, project: Path, plan: BudgetPlan | None) -> Any:
@@ -236,7 +274,7 @@ def build_tuner(job: SearchJob, project: Path, plan: BudgetPlan | None) -> Any:
         def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
             values = trial.hyperparameters.values
             trial_dir = Path(self.get_trial_dir(trial.trial_id))
-            stop = trial_stop(self.oracle, plan)
+            stop = trial_stop(self.oracle, plan, recipe_trial)
             resume = values.get("tuner/trial_id")  # hyperband: continue from an earlier bracket's weights
             spec = {"model_name": job.model_name, "recipe": to_plain(job.recipe), "prepared": str(job.prepared), "values": shown_values(values),
                     "setup": dataclasses.asdict(setup),
@@ -272,7 +310,9 @@ def build_tuner(job: SearchJob, project: Path, plan: BudgetPlan | None) -> Any:
             return result
 
     recipe_values = recipe_point(job.recipe, job.tuning, job.model_name, setup.input_normalization)
-    return SearchTuner(oracle=make_oracle(job.tuning, plan, recipe_values), hypermodel=TrialModel(), directory=str(project.parent),
+    oracle = make_oracle(job.tuning, plan, recipe_values)
+    recipe_trial = oracle.recipe_trial  # kept here: on a worker Keras Tuner replaces the oracle with the chief's client
+    return SearchTuner(oracle=oracle, hypermodel=TrialModel(), directory=str(project.parent),
                        project_name=project.name, overwrite=False)
 
 
