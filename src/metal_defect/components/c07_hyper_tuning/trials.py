@@ -116,11 +116,15 @@ class BudgetMixin:
 
     plan: BudgetPlan | None = None
     recipe_values: dict[str, Any] | None = None
-    recipe_trial: str | None = None  # the recipe's own trial's id, when the search starts with it
 
     def best_epoch_seconds(self) -> float | None:
         """The epoch time of the best trial so far (`best_epoch_seconds`)."""
         return best_epoch_seconds(self)
+
+    @property
+    def recipe_trial(self) -> str | None:
+        """The recipe's own trial's id, when the search starts with it (None otherwise)."""
+        return first_trial_id(self.max_trials) if self.recipe_values is not None else None  # type: ignore[attr-defined]
 
     def finalist_epoch_seconds(self) -> float | None:
         """The best configuration's expected epoch time in the train stage (`finalist_epoch_seconds`)."""
@@ -135,13 +139,10 @@ class BudgetMixin:
         deadline = self.plan.trial_deadline(epoch_s)
         if deadline >= self.plan.search_deadline:
             return deadline, ""
-        return deadline, (f" (brought forward: the best configuration so far trains an epoch in {epoch_s:.1f} s{self._scaled()}, so its full "
-                          f"{self.plan.finalist_epochs} epochs need ~{(self.plan.end - deadline) / 60:.1f} min of the budget)")
-
-    def _scaled(self) -> str:
-        """How the epoch time in the log was reached, when it is not the best trial's own."""
         own = self.best_epoch_seconds()
-        return "" if own == self.finalist_epoch_seconds() else f" in the train stage (its trial: {own:.1f} s, scaled by the base model's against the recipe's trial)"
+        scaled = "" if own == epoch_s else f" in the train stage (its trial: {own:.1f} s, scaled by the base model's against the recipe's trial)"
+        return deadline, (f" (brought forward: the best configuration so far trains an epoch in {epoch_s:.1f} s{scaled}, so its full "
+                          f"{self.plan.finalist_epochs} epochs need ~{(self.plan.end - deadline) / 60:.1f} min of the budget)")
 
     def is_recipe(self, values: Mapping[str, Any]) -> bool:
         """Whether a trial's `values` are the recipe's own point (retrained, that is the base model again)."""
@@ -182,7 +183,6 @@ def make_oracle(tuning: TuningParams, plan: BudgetPlan | None = None, recipe_val
     oracle = type(f"Budgeted{base.__name__}", (BudgetMixin, base), {})(**common, **extra)
     oracle.plan = plan
     oracle.recipe_values = recipe_values
-    oracle.recipe_trial = first_trial_id(tuning.max_trials) if recipe_values is not None else None
     return oracle
 
 
